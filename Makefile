@@ -1,0 +1,39 @@
+# Two commands do all the set-up on a fresh machine:
+#   make quickstart   creates .venv, installs rhn, trains the offline quickstart
+#   make test         same set-up, then runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is pinned to the CPU wheel on the local disk; an unpinned torch would pull a
+# multi-GB CUDA build. Sacred 0.8.7 needs pkg_resources, gone in setuptools 82.
+TORCH ?= torch==2.13.0
+
+.PHONY: quickstart test lint format clean install
+
+install: $(VENV)/.installed
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/python -m pip install --quiet "$(TORCH)" "setuptools<82"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+quickstart: install
+	$(BIN)/rhn train --name quickstart
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

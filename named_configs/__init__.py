@@ -1,0 +1,1 @@
+"""Named configs shipped with rhn (YAML files; this file only makes the folder a package)."""

@@ -1,0 +1,3 @@
+from rhn_cli.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Datasets: the registry, corpora and reference batching. Never imports models."""

@@ -1,0 +1,186 @@
+"""Sacred glue: one Sacred experiment per command, its observers, and the run itself.
+
+The config has been resolved and validated (:mod:`rhn_cli.experiment.resolve`) before
+anything here runs, so a bad value never creates a run. Sacred then re-resolves the
+same named configs and updates, records the run with its observers (the file store,
+plus MongoDB when it answers) and calls :func:`main`, which hands the work to the
+engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import rhn_cli
+from rhn_cli.experiment.resolve import ResolvedConfig
+from rhn_cli.experiment.schema import defaults, validate
+from rhn_cli.tracking import quiet_sacred_import
+from rhn_cli.tracking.observers import (
+    file_store_observer,
+    mongo_observer,
+    mongo_problem,
+    redact,
+)
+
+EXPERIMENT_NAME = "rhn"
+MONGO_FAILURE_SUBDIR = "_mongo_failures"
+
+
+@dataclass
+class RunOutcome:
+    run_id: Any
+    status: str
+    result: Any
+    run_dir: Path | None
+    mongo_url: str | None  # redacted; None when the run was not recorded in MongoDB
+
+
+class RunFailed(Exception):
+    """Training raised; Sacred has recorded the run as FAILED (with the traceback)."""
+
+    def __init__(self, cause: BaseException, run_dir: Path | None) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.run_dir = run_dir
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C during training; Sacred has recorded the run as INTERRUPTED."""
+
+    def __init__(self, run_dir: Path | None) -> None:
+        super().__init__("interrupted")
+        self.run_dir = run_dir
+
+
+class SacredReporter:
+    """The engine's Reporter, backed by a Sacred run."""
+
+    def __init__(self, run) -> None:
+        self._run = run
+
+    def log_scalar(self, name: str, value: float, step: int) -> None:
+        self._run.log_scalar(name, float(value), int(step))
+
+    def set_info(self, key: str, value: Any) -> None:
+        self._run.info[key] = value
+
+
+def main(_config, _run, _seed):
+    """Sacred's main function: train on the resolved config, return best valid perplexity."""
+    import torch
+
+    from rhn_cli.data.registry import load_corpus
+    from rhn_cli.engine.train import train
+
+    config = validate(_config)  # plain, type-widened copy of Sacred's read-only config
+    torch.manual_seed(_seed)
+    where = [f"{obs.dir}" for obs in _run.observers if hasattr(obs, "dir") and obs.dir]
+    print(f"run {_run._id}" + (f": recording to {', '.join(where)}" if where else " (unobserved)"))
+    corpus = load_corpus(config)
+    summary = train(config, corpus, SacredReporter(_run))
+    return summary.best_valid_ppl
+
+
+def _logger() -> logging.Logger:
+    logger = logging.getLogger("rhn")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("rhn: %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    # Sacred's INFO lines ("Running command 'main'"...) only repeat what rhn prints.
+    logger.setLevel(logging.WARNING)
+    return logger
+
+
+def build_experiment(resolved: ResolvedConfig, observers: list) -> Any:
+    """A Sacred Experiment with rhn's defaults, the named configs used, and ``observers``."""
+    with quiet_sacred_import():
+        from sacred import Experiment
+        from sacred.utils import apply_backspaces_and_linefeeds
+
+    experiment = Experiment(
+        EXPERIMENT_NAME,
+        base_dir=str(Path(rhn_cli.__file__).parent),
+        save_git_info=False,
+    )
+    experiment.logger = _logger()
+    experiment.add_config(defaults())
+    for named in resolved.named:
+        if named.name.isidentifier():
+            experiment.add_named_config(named.name, str(named.path))
+    # Progress bars redraw with carriage returns; record only the final state of a line.
+    experiment.captured_out_filter = apply_backspaces_and_linefeeds
+    experiment.main(main)
+    experiment.observers.extend(observers)
+    return experiment
+
+
+def _named_config_arguments(resolved: ResolvedConfig) -> list[str]:
+    return [n.name if n.name.isidentifier() else str(n.path) for n in resolved.named]
+
+
+def make_observers(
+    runs_dir: Path, mongo_url: str | None, warn: Callable[[str], None]
+) -> tuple[list, str | None]:
+    """The file store, plus MongoDB if it answers; returns (observers, redacted Mongo URL)."""
+    observers = [file_store_observer(runs_dir)]
+    if not mongo_url:
+        return observers, None
+    problem = mongo_problem(mongo_url)
+    if problem is not None:
+        warn(
+            f"MongoDB at {redact(mongo_url)}: {problem}; "
+            f"recording this run to the file store {runs_dir} only"
+        )
+        return observers, None
+    observers.insert(0, mongo_observer(mongo_url, runs_dir / MONGO_FAILURE_SUBDIR))
+    return observers, redact(mongo_url)
+
+
+def run_training(
+    resolved: ResolvedConfig,
+    *,
+    runs_dir: str | os.PathLike,
+    mongo_url: str | None = None,
+    unobserved: bool = False,
+    name: str | None = None,
+    comment: str | None = None,
+    warn: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
+) -> RunOutcome:
+    """Run ``main`` as a Sacred run. Exceptions from training propagate after Sacred
+    has recorded the run as FAILED or INTERRUPTED."""
+    runs_dir = Path(runs_dir)
+    import rhn_cli.engine.train  # noqa: F401  (imported now so Sacred records its source)
+
+    if unobserved:
+        observers, mongo = [], None
+    else:
+        observers, mongo = make_observers(runs_dir, mongo_url, warn)
+    experiment = build_experiment(resolved, observers)
+    options: dict[str, Any] = {"--capture": "sys"}
+    if name:
+        options["--name"] = name
+    if comment:
+        options["--comment"] = comment
+
+    def run_dir() -> Path | None:
+        return next((Path(o.dir) for o in observers if getattr(o, "dir", None)), None)
+
+    try:
+        run = experiment.run(
+            config_updates=resolved.updates,
+            named_configs=_named_config_arguments(resolved),
+            options=options,
+        )
+    except KeyboardInterrupt:
+        raise RunInterrupted(run_dir()) from None
+    except Exception as error:
+        raise RunFailed(error, run_dir()) from error
+    return RunOutcome(run._id, run.status, run.result, run_dir(), mongo)

@@ -1,0 +1,222 @@
+"""Every config key rhn accepts: its default, type, allowed range and one-line doc.
+
+This table is the single source of truth for the default config (what ``rhn
+print-config`` shows with no arguments), for validation (run before anything is
+trained or recorded) and for the docs printed beside each value. Key names follow the
+reference RHN code (``depth``, ``lr_decay`` as a divisor, ``drop_*`` as drop rates...).
+The defaults are a small RHN on the built-in synthetic corpus that trains in well
+under a minute on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config value or key is not acceptable; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Option:
+    default: Any
+    kind: type | tuple[type, ...]
+    doc: str
+    check: Callable[[Any], str | None] | None = None  # returns what is allowed, or None if ok
+
+
+def _at_least(low: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= low else f"at least {low:g}"
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "more than 0"
+
+
+def _drop_rate(v: Any) -> str | None:
+    return None if 0.0 <= v < 1.0 else "a drop rate in [0, 1)"
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else "one of " + ", ".join(map(repr, choices))
+
+
+def _device(v: Any) -> str | None:
+    ok = re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v)
+    return None if ok else "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+
+
+# Names the registry layers provide; kept here as literals so validation needs no torch.
+MODELS = ("rhn",)
+DATASETS = ("synthetic",)
+
+SCHEMA: dict[str, Option] = {
+    "model": Option("rhn", str, "model family", _one_of(*MODELS)),
+    "dataset": Option("synthetic", str, "corpus to train on", _one_of(*DATASETS)),
+    "depth": Option(3, int, "recurrence depth D: highway micro-layers per time step", _at_least(1)),
+    "hidden_size": Option(128, int, "units H of each RHN layer", _at_least(1)),
+    "num_layers": Option(1, int, "stacked RHN layers", _at_least(1)),
+    "tied": Option(False, bool, "tie the output weights to the embedding"),
+    "init_scale": Option(0.1, float, "weights start uniform in +-init_scale", _at_least(0)),
+    "init_bias": Option(-1.0, float, "initial bias of every transform (T) gate"),
+    "learning_rate": Option(0.5, float, "SGD learning rate", _positive),
+    "lr_decay": Option(
+        1.5, float, "lr is divided by this after every epoch past max_epoch", _positive
+    ),
+    "max_epoch": Option(2, int, "last epoch at the full learning rate", _at_least(0)),
+    "max_max_epoch": Option(4, int, "number of training epochs", _at_least(1)),
+    "weight_decay": Option(
+        1e-7, float, "L2 penalty weight_decay * sum(p^2)/2 added to the loss", _at_least(0)
+    ),
+    "max_grad_norm": Option(10.0, float, "clip the global gradient norm to this", _positive),
+    "num_steps": Option(35, int, "truncated-BPTT window T", _at_least(1)),
+    "batch_size": Option(50, int, "parallel token streams B per minibatch", _at_least(1)),
+    "drop_x": Option(
+        0.0, float, "embedding dropout (whole word vectors, per word type)", _drop_rate
+    ),
+    "drop_i": Option(0.0, float, "dropout on each RHN layer's input", _drop_rate),
+    "drop_h": Option(0.0, float, "dropout on the recurrent state (not the carry path)", _drop_rate),
+    "drop_o": Option(0.0, float, "dropout on the last layer's output", _drop_rate),
+    "device": Option("auto", str, "'auto' picks cuda when available, else cpu", _device),
+    "synthetic": {
+        "alphabet_size": Option(12, int, "symbols of the synthetic source", _at_least(2)),
+        "order": Option(2, int, "Markov order: symbols of context", _at_least(1)),
+        "branching": Option(3, int, "possible next symbols in each context", _at_least(1)),
+        "train_tokens": Option(200_000, int, "length of the training split", _at_least(1)),
+        "valid_tokens": Option(20_000, int, "length of the validation split", _at_least(1)),
+        "test_tokens": Option(20_000, int, "length of the test split", _at_least(1)),
+        "source_seed": Option(1234, int, "seed of the source (fixed: runs share one corpus)"),
+    },
+    "seed": Option(None, int, "random seed of the run (chosen by Sacred when not given)"),
+}
+
+
+def defaults(schema: Mapping[str, Any] = SCHEMA) -> dict[str, Any]:
+    """The default config as a nested dict (``seed`` left out: Sacred adds it)."""
+    out: dict[str, Any] = {}
+    for key, opt in schema.items():
+        if isinstance(opt, Mapping):
+            out[key] = defaults(opt)
+        elif key != "seed":
+            out[key] = opt.default
+    return out
+
+
+def doc(path: str) -> str:
+    """The one-line doc of a dotted key, or '' if unknown."""
+    node: Any = SCHEMA
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return ""
+        node = node[part]
+    return node.doc if isinstance(node, Option) else ""
+
+
+def all_keys(schema: Mapping[str, Any] = SCHEMA, prefix: str = "") -> list[str]:
+    keys = []
+    for key, opt in schema.items():
+        keys.append(prefix + key)
+        if isinstance(opt, Mapping):
+            keys.extend(all_keys(opt, prefix + key + "."))
+    return keys
+
+
+# Names other codebases use for the same thing (awd-lstm-lm, pytorch/examples, zoneout).
+ALIASES = {
+    "lr": "learning_rate",
+    "bptt": "num_steps",
+    "seq_len": "num_steps",
+    "seq_length": "num_steps",
+    "nhid": "hidden_size",
+    "rnn_size": "hidden_size",
+    "units": "hidden_size",
+    "nlayers": "num_layers",
+    "layers": "num_layers",
+    "recurrence_depth": "depth",
+    "clip": "max_grad_norm",
+    "epochs": "max_max_epoch",
+    "wdecay": "weight_decay",
+    "tied_embeddings": "tied",
+    "init_T_bias": "init_bias",
+    "drop_s": "drop_h",
+}
+
+
+def suggest(key: str, candidates: list[str]) -> str:
+    """'; did you mean ...?' for the closest candidate, or ''."""
+    if ALIASES.get(key) in candidates:
+        return f"; did you mean {ALIASES[key]!r}?"
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    return {int: "an integer", float: "a number", bool: "True or False", str: "a string"}[kind]
+
+
+def _coerce(path: str, value: Any, opt: Option, origin: str) -> Any:
+    where = f" (from {origin})" if origin else ""
+    if opt.kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if value is None and opt.default is None:
+        return value
+    if (isinstance(value, bool) and opt.kind is not bool) or not isinstance(value, opt.kind):
+        raise ConfigError(f"{path}={value!r}{where}: expected {_type_name(opt.kind)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}={value!r}{where}: expected a finite number")
+    if opt.check is not None and (allowed := opt.check(value)) is not None:
+        raise ConfigError(f"{path}={value!r}{where}: expected {allowed}")
+    return value
+
+
+def validate(
+    config: Mapping[str, Any],
+    origins: Mapping[str, str] | None = None,
+    schema: Mapping[str, Any] = SCHEMA,
+    prefix: str = "",
+) -> dict[str, Any]:
+    """Check every key and value; return the config with ints widened to floats where due.
+
+    ``origins`` maps dotted keys to where their value came from (a named config or the
+    command line), so the message can say where to fix it. Raises :class:`ConfigError`.
+    """
+    origins = origins or {}
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        path = prefix + key
+        if key not in schema:
+            where = f" (from {origins[path]})" if path in origins else ""
+            hint = suggest(path, all_keys()) or suggest(key, list(schema))
+            raise ConfigError(
+                f"unknown config key {path!r}{where}{hint} ('rhn print-config' lists every key)"
+            )
+        opt = schema[key]
+        if isinstance(opt, Mapping):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{path}={value!r}: expected a group of keys ({', '.join(opt)})")
+            out[key] = validate(value, origins, opt, path + ".")
+        else:
+            out[key] = _coerce(path, value, opt, origins.get(path, ""))
+    if not prefix:
+        _check_consistency(out)
+    return out
+
+
+def _check_consistency(config: Mapping[str, Any]) -> None:
+    """Rules that involve several keys."""
+    synthetic = config.get("synthetic", {})
+    if synthetic and synthetic["branching"] > synthetic["alphabet_size"]:
+        raise ConfigError(
+            f"synthetic.branching={synthetic['branching']}: expected at most "
+            f"synthetic.alphabet_size={synthetic['alphabet_size']}"
+        )
+    if synthetic and synthetic["alphabet_size"] ** synthetic["order"] > 1_000_000:
+        raise ConfigError(
+            f"synthetic.order={synthetic['order']}: alphabet_size**order must be at most "
+            "1,000,000 contexts"
+        )

@@ -1,0 +1,1 @@
+"""Language models. Import torch; never import tracking, experiment or the CLI."""

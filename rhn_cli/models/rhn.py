@@ -1,0 +1,189 @@
+"""Recurrent Highway Network language model (Zilly et al. 2016), as the reference TF code.
+
+One RHN layer with recurrence depth D keeps a single state vector s (width H). At time
+step t it applies D highway micro-layers; the input x_t enters only the first one:
+
+    s^0 = s_{t-1}
+    for i = 0 .. D-1:
+        h^i = tanh   ( [i == 0] W_H x_t + R_H^i (s^i * m_h) + b_H^i )
+        t^i = sigmoid( [i == 0] W_T x_t + R_T^i (s^i * m_h) + b_T^i )
+        s^{i+1} = h^i * t^i + s^i * (1 - t^i)          (coupled carry gate c = 1 - t)
+    s_t = y_t = s^D
+
+x_t is the layer input times its dropout mask m_i; m_h drops the copy of the state
+that feeds the matrix products, never the carry path s^i * (1 - t^i). The masks are
+drawn once per minibatch and shared by the H and T transforms, all micro-layers and all
+time steps (:mod:`rhn_cli.models.dropout`).
+
+The language model is
+
+    e_t = E[w_t] * m_x(w_t)         embedding, whole word vectors dropped per word type
+    y_t = RHN layers (e_t)          each layer's outputs are the next layer's inputs
+    logits_t = (y_t * m_o) W_out + b_out,   W_out = E^T when ``tied``
+
+with the embedding width ``in_size = V`` if V < H and the model is untied, else H.
+
+Parameters and initialisation follow the reference exactly: per layer W_x = [W_H; W_T]
+(no bias of its own: micro-layer 0's bias is b^0), R^i = [R_H^i; R_T^i] and
+b^i = [b_H^i; b_T^i] for every micro-layer; everything is U(-init_scale, init_scale)
+except the T biases, which are the constant ``init_bias`` at every micro-layer.
+The output bias exists also when tied. For V=10000, H=830, D=10, tied this gives
+23,482,400 parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rhn_cli.models.dropout import variational_mask, word_type_mask
+
+
+@dataclass(frozen=True)
+class RHNConfig:
+    vocab_size: int
+    hidden_size: int
+    depth: int
+    num_layers: int = 1
+    tied: bool = True
+    init_scale: float = 0.04
+    init_bias: float = -2.0
+    drop_x: float = 0.0
+    drop_i: float = 0.0
+    drop_h: float = 0.0
+    drop_o: float = 0.0
+
+    @property
+    def in_size(self) -> int:
+        """Embedding width, by the reference rule."""
+        if self.vocab_size < self.hidden_size and not self.tied:
+            return self.vocab_size
+        return self.hidden_size
+
+
+class RHNLayer(nn.Module):
+    """One RHN layer of recurrence depth ``depth`` (see the module docstring)."""
+
+    def __init__(self, input_size: int, hidden_size: int, depth: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.depth = depth
+        # Rows [0:H] feed the H transform, rows [H:2H] the T transform.
+        self.input_weight = nn.Parameter(torch.empty(2 * hidden_size, input_size))
+        self.recurrent_weight = nn.Parameter(torch.empty(depth, 2 * hidden_size, hidden_size))
+        self.bias = nn.Parameter(torch.empty(depth, 2 * hidden_size))
+
+    def reset_parameters(self, init_scale: float, init_bias: float) -> None:
+        with torch.no_grad():
+            for p in (self.input_weight, self.recurrent_weight, self.bias):
+                p.uniform_(-init_scale, init_scale)
+            self.bias[:, self.hidden_size :] = init_bias
+
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        state: torch.Tensor,
+        input_mask: torch.Tensor | None = None,
+        state_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """inputs [B, T, in], state [B, H] -> (outputs [B, T, H], final state [B, H])."""
+        if input_mask is not None:
+            inputs = inputs * input_mask.unsqueeze(1)
+        # The input only enters micro-layer 0, so its projection for all steps is one product.
+        projected = inputs @ self.input_weight.t()
+        H = self.hidden_size
+        outputs = []
+        s = state
+        for t in range(inputs.shape[1]):
+            for i in range(self.depth):
+                s_in = s if state_mask is None else s * state_mask
+                pre = torch.addmm(self.bias[i], s_in, self.recurrent_weight[i].t())
+                if i == 0:
+                    pre = pre + projected[:, t]
+                h = torch.tanh(pre[:, :H])
+                gate = torch.sigmoid(pre[:, H:])
+                s = (h - s) * gate + s
+            outputs.append(s)
+        return torch.stack(outputs, dim=1), s
+
+
+class RHNLanguageModel(nn.Module):
+    """Embedding -> RHN layer(s) -> (tied) softmax output, with variational dropout."""
+
+    def __init__(self, config: RHNConfig) -> None:
+        super().__init__()
+        self.config = config
+        V, H, in_size = config.vocab_size, config.hidden_size, config.in_size
+        self.embedding = nn.Embedding(V, in_size)
+        self.layers = nn.ModuleList(
+            RHNLayer(in_size if layer == 0 else H, H, config.depth)
+            for layer in range(config.num_layers)
+        )
+        self.output_weight = None if config.tied else nn.Parameter(torch.empty(V, H))
+        self.output_bias = nn.Parameter(torch.empty(V))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        scale = self.config.init_scale
+        with torch.no_grad():
+            self.embedding.weight.uniform_(-scale, scale)
+            if self.output_weight is not None:
+                self.output_weight.uniform_(-scale, scale)
+            self.output_bias.uniform_(-scale, scale)
+        for layer in self.layers:
+            layer.reset_parameters(scale, self.config.init_bias)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def initial_state(self, batch_size: int) -> torch.Tensor:
+        """Zero state, [num_layers, B, H]."""
+        weight = self.output_bias
+        return weight.new_zeros(self.config.num_layers, batch_size, self.config.hidden_size)
+
+    def draw_masks(self, tokens: torch.Tensor) -> dict:
+        """Fresh dropout masks for one minibatch (None entries mean 'no dropout')."""
+        c, like, B = self.config, self.output_bias, tokens.shape[0]
+        return {
+            "x": word_type_mask(tokens, c.vocab_size, c.drop_x, like=like),
+            "i": [
+                variational_mask(
+                    (B, c.in_size if layer == 0 else c.hidden_size), c.drop_i, like=like
+                )
+                for layer in range(c.num_layers)
+            ],
+            "h": [
+                variational_mask((B, c.hidden_size), c.drop_h, like=like)
+                for _ in range(c.num_layers)
+            ],
+            "o": variational_mask((B, c.hidden_size), c.drop_o, like=like),
+        }
+
+    def forward(
+        self, tokens: torch.Tensor, state: torch.Tensor, masks: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [B, T], state [L, B, H] -> (logits [B, T, V], new state [L, B, H]).
+
+        In training mode fresh masks are drawn unless ``masks`` is given; in eval mode
+        nothing is dropped.
+        """
+        if not self.training:
+            masks = None
+        elif masks is None:
+            masks = self.draw_masks(tokens)
+        x = self.embedding(tokens)
+        if masks is not None and masks["x"] is not None:
+            x = x * masks["x"]
+        final_states = []
+        for layer_index, layer in enumerate(self.layers):
+            input_mask = masks["i"][layer_index] if masks is not None else None
+            state_mask = masks["h"][layer_index] if masks is not None else None
+            x, s = layer(x, state[layer_index], input_mask, state_mask)
+            final_states.append(s)
+        if masks is not None and masks["o"] is not None:
+            x = x * masks["o"].unsqueeze(1)
+        weight = self.embedding.weight if self.output_weight is None else self.output_weight
+        logits = x @ weight.t() + self.output_bias
+        return logits, torch.stack(final_states)

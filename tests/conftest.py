@@ -1,0 +1,30 @@
+"""Shared fixtures: every test runs in its own directory, with no user config leaking in."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+# A run that takes about a second: used wherever a test needs a real training run.
+FAST_RUN = [
+    "depth=2",
+    "hidden_size=16",
+    "max_max_epoch=2",
+    "max_epoch=1",
+    "synthetic.train_tokens=20000",
+    "synthetic.valid_tokens=4000",
+    "synthetic.test_tokens=4000",
+]
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("RHN_CONFIG_PATH", "RHN_RUNS_DIR", "RHN_MONGO_URL"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
