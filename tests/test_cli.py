@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -184,3 +185,19 @@ def test_configs_lists_shipped_and_user_configs_with_descriptions(runner, tmp_pa
     assert any(line.startswith("tiny ") and "smoke test" in line for line in lines)
     assert any(line.startswith("mine ") and "My own deeper run" in line for line in lines)
     assert runner.invoke(cli, ["print-config", "with", "mine"]).exit_code == 0
+
+
+def test_progress_bar_goes_to_the_terminal_not_to_the_recorded_output(
+    runner, tmp_path, monkeypatch
+):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr("rhn_cli.experiment.sacred_app._terminal", lambda: terminal)
+    assert runner.invoke(cli, ["train", "with", *FAST_RUN]).exit_code == 0
+    assert "epoch 1:" in terminal.getvalue() and "batch" in terminal.getvalue()
+    captured = (tmp_path / "runs" / "1" / "cout.txt").read_text()
+    assert "batch" not in captured and "\r" not in captured
+    assert "epoch   1/2" in captured

@@ -145,12 +145,19 @@ def closed_port() -> Iterator[int]:
 
 
 @pytest.fixture
-def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Work in ``tmp_path`` with no rhn environment variables leaking in."""
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Work in ``tmp_path`` with no rhn environment variables leaking in, and train on one
+    thread: the model is tiny, and torch's spinning worker threads make a run 10-20x slower
+    when the machine's cores are busy with anything else."""
+    import torch
+
     monkeypatch.chdir(tmp_path)
     for name in ("RHN_MONGO_URL", "RHN_RUNS_DIR"):
         monkeypatch.delenv(name, raising=False)
-    return tmp_path
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tmp_path
+    torch.set_num_threads(threads)
 
 
 def _runner() -> CliRunner:
@@ -171,6 +178,7 @@ def _invoke(args: list[str], env: dict[str, str] | None = None):
 
 def _run_subprocess(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
     env = {k: v for k, v in os.environ.items() if k not in ("RHN_MONGO_URL", "RHN_RUNS_DIR")}
+    env["OMP_NUM_THREADS"] = "1"  # see `isolated`
     start = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "rhn_cli", "train", *TINY, *args],
@@ -319,12 +327,18 @@ def test_mongo_problem_invalid_url() -> None:
 
 
 def test_mongo_observer_uses_database_from_url(tmp_path: Path, mongo_url: str) -> None:
-    # MongoClient is lazy: building the observer contacts nothing.
-    observer = mongo_observer(f"{mongo_url}/some_db", tmp_path / "fail")
-    assert observer.runs.database.name == "some_db"
-    assert observer.metrics.name == "metrics"
-    assert observer.failure_dir == str(tmp_path / "fail")
-    assert mongo_observer(mongo_url, tmp_path).runs.database.name == DEFAULT_DATABASE
+    # MongoClient is lazy: building the observer writes nothing.
+    named = mongo_observer(f"{mongo_url}/some_db", tmp_path / "fail")
+    default = mongo_observer(mongo_url, tmp_path)
+    try:
+        assert named.runs.database.name == "some_db"
+        assert named.metrics.database.name == "some_db"
+        assert named.metrics.name == "metrics"
+        assert named.failure_dir == str(tmp_path / "fail")
+        assert default.runs.database.name == DEFAULT_DATABASE
+    finally:
+        named.runs.database.client.close()
+        default.runs.database.client.close()
     assert MONGO_TIMEOUT_S <= 5  # "a few seconds"
 
 

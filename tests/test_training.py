@@ -132,7 +132,7 @@ def test_one_training_step_is_clipped_sgd_on_loss_plus_l2():
     reference = copy.deepcopy(model)
 
     optimizer = torch.optim.SGD(model.parameters(), lr=config["learning_rate"])
-    train_epoch(model, tokens, optimizer, config, torch.device("cpu"), epoch=1, progress=False)
+    train_epoch(model, tokens, optimizer, config, torch.device("cpu"), epoch=1)
 
     rows = tokens.reshape(2, 4)
     x, y = torch.as_tensor(rows[:, :3]), torch.as_tensor(rows[:, 1:])
@@ -160,7 +160,7 @@ def test_divergence_stops_training_with_epoch_and_step():
     config = small_config(learning_rate=float("1e30"), max_grad_norm=1e30, max_max_epoch=3)
     torch.manual_seed(0)
     with pytest.raises(TrainingDiverged, match=r"epoch 1, step \d+/\d+.*learning_rate"):
-        train(config, corpus, Recorder(), echo=lambda _: None, progress=False)
+        train(config, corpus, Recorder(), echo=lambda _: None)
 
 
 def test_train_records_reference_info_and_metrics_per_epoch():
@@ -171,9 +171,7 @@ def test_train_records_reference_info_and_metrics_per_epoch():
     )
     recorder = Recorder()
     torch.manual_seed(0)
-    summary = train(
-        small_config(max_max_epoch=3), corpus, recorder, echo=lambda _: None, progress=False
-    )
+    summary = train(small_config(max_max_epoch=3), corpus, recorder, echo=lambda _: None)
     valid = [v for _, v in recorder.scalars["valid.ppl"]]
     assert [s for s, _ in recorder.scalars["valid.ppl"]] == [1, 2, 3]
     assert summary.best_valid_ppl == min(valid)

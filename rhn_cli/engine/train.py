@@ -14,11 +14,10 @@ The engine knows nothing about Sacred: it reports through a :class:`Reporter`.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 import numpy as np
 import torch
@@ -90,9 +89,12 @@ def train_epoch(
     config: Mapping[str, Any],
     device: torch.device,
     epoch: int,
-    progress: bool,
+    progress: TextIO | None = None,
 ) -> float:
-    """One pass of stateful truncated BPTT; returns the training perplexity."""
+    """One pass of stateful truncated BPTT; returns the training perplexity.
+
+    ``progress`` is the stream for a progress bar (a terminal), or None for no bar.
+    """
     B, T = config["batch_size"], config["num_steps"]
     parameters = list(model.parameters())
     model.train()
@@ -104,8 +106,8 @@ def train_epoch(
         desc=f"epoch {epoch}",
         unit="batch",
         leave=False,
-        disable=not progress,
-        file=sys.stderr,
+        disable=progress is None,
+        file=progress,
         mininterval=1.0,
     )
     with bar:
@@ -158,12 +160,13 @@ def train(
     corpus: Corpus,
     reporter: Reporter,
     echo=print,
-    progress: bool | None = None,
+    progress: TextIO | None = None,
 ) -> TrainingSummary:
-    """Train and evaluate a model on ``corpus`` as ``config`` says; returns the best epoch."""
+    """Train and evaluate a model on ``corpus`` as ``config`` says; returns the best epoch.
+
+    Epoch summaries go to ``echo``; a per-epoch progress bar goes to ``progress`` if given.
+    """
     device = pick_device(config["device"])
-    if progress is None:
-        progress = sys.stderr.isatty()
     B, T = config["batch_size"], config["num_steps"]
     # Fail on a too-short split now, not after the first training epoch.
     for split in ("train", "valid", "test"):

@@ -3,7 +3,7 @@
 The config has been resolved and validated (:mod:`rhn_cli.experiment.resolve`) before
 anything here runs, so a bad value never creates a run. Sacred then re-resolves the
 same named configs and updates, records the run with its observers (the file store,
-plus MongoDB when it answers) and calls :func:`main`, which hands the work to the
+plus MongoDB when it answers) and calls its main function, which hands the work to the
 engine.
 """
 
@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import rhn_cli
 from rhn_cli.experiment.resolve import ResolvedConfig
@@ -71,26 +71,45 @@ class SacredReporter:
         self._run.info[key] = value
 
 
-def main(_config, _run, _seed):
+def _main_function(progress: TextIO | None):
     """Sacred's main function: train on the resolved config, return best valid perplexity."""
-    import torch
 
-    from rhn_cli.data.registry import load_corpus
-    from rhn_cli.engine.train import train
+    def main(_config, _run, _seed):
+        import torch
 
-    config = validate(_config)  # plain, type-widened copy of Sacred's read-only config
-    torch.manual_seed(_seed)
-    where = [f"{obs.dir}" for obs in _run.observers if hasattr(obs, "dir") and obs.dir]
-    print(f"run {_run._id}" + (f": recording to {', '.join(where)}" if where else " (unobserved)"))
-    corpus = load_corpus(config)
-    summary = train(config, corpus, SacredReporter(_run))
-    return summary.best_valid_ppl
+        from rhn_cli.data.registry import load_corpus
+        from rhn_cli.engine.train import train
+
+        config = validate(_config)  # plain, type-widened copy of Sacred's read-only config
+        torch.manual_seed(_seed)
+        where = [str(obs.dir) for obs in _run.observers if getattr(obs, "dir", None)]
+        print(f"run {_run._id}" + (f": recording to {', '.join(where)}" if where else ""))
+        corpus = load_corpus(config)
+        summary = train(config, corpus, SacredReporter(_run), progress=progress)
+        return summary.best_valid_ppl
+
+    return main
+
+
+def _terminal() -> TextIO | None:
+    """The real stderr when it is a terminal: progress bars go there, bypassing Sacred's
+    capture, so redraws never reach the recorded output."""
+    stream = sys.__stderr__
+    return stream if stream is not None and stream.isatty() else None
+
+
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each message."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
 
 
 def _logger() -> logging.Logger:
     logger = logging.getLogger("rhn")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("rhn: %(levelname)s: %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
@@ -117,7 +136,7 @@ def build_experiment(resolved: ResolvedConfig, observers: list) -> Any:
             experiment.add_named_config(named.name, str(named.path))
     # Progress bars redraw with carriage returns; record only the final state of a line.
     experiment.captured_out_filter = apply_backspaces_and_linefeeds
-    experiment.main(main)
+    experiment.main(_main_function(_terminal()))
     experiment.observers.extend(observers)
     return experiment
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from rhn_cli.tracking import quiet_sacred_import
 
@@ -18,15 +18,21 @@ MONGO_TIMEOUT_S = 3.0
 
 
 def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``, safe to print or record."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """``url`` with any password replaced by ``***``, safe to print or record.
+
+    Works on the raw text (no host or port parsing), so multi-host and IPv6 URLs
+    come out intact.
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator:
         return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username}:***@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    netloc, tail = rest[:end], rest[end:]
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{hosts}{tail}"
 
 
 def database_name(url: str) -> str:
@@ -38,7 +44,12 @@ def database_name(url: str) -> str:
 def mongo_problem(url: str, timeout_s: float = MONGO_TIMEOUT_S) -> str | None:
     """None if the MongoDB server at ``url`` answers a ping in time, else why not."""
     import pymongo
-    from pymongo.errors import ConfigurationError, InvalidURI, PyMongoError
+    from pymongo.errors import (
+        ConfigurationError,
+        InvalidURI,
+        OperationFailure,
+        PyMongoError,
+    )
 
     try:
         client = pymongo.MongoClient(
@@ -50,6 +61,9 @@ def mongo_problem(url: str, timeout_s: float = MONGO_TIMEOUT_S) -> str | None:
         return f"invalid MongoDB URL: {error}"
     try:
         client.admin.command("ping")
+    except OperationFailure as error:
+        reason = (error.details or {}).get("errmsg") or "command failed"
+        return f"the server refused the connection ({reason})"
     except PyMongoError:
         return f"no answer within {timeout_s:g} s"
     finally:
