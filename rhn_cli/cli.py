@@ -105,13 +105,14 @@ def train(updates, name, comment, seed, runs_dir, mongo_url, unobserved) -> None
     except RunFailed as failure:
         where = f" (traceback recorded in {failure.run_dir}/run.json)" if failure.run_dir else ""
         _fail(f"{failure.cause}{where}", code=1)
+    result = f"result (best valid ppl) {outcome.result:.4f}"
+    if outcome.run_id is None:
+        click.echo(f"{outcome.status} (unobserved: not recorded); {result}")
+        return
     where = f" in {outcome.run_dir}" if outcome.run_dir else ""
     if outcome.mongo_url:
         where += f" and in MongoDB {outcome.mongo_url}"
-    click.echo(
-        f"run {outcome.run_id} {outcome.status}{where}; result (best valid ppl) "
-        f"{outcome.result:.4f}"
-    )
+    click.echo(f"run {outcome.run_id} {outcome.status}{where}; {result}")
 
 
 @cli.command("print-config", epilog=WITH_HELP)

@@ -201,3 +201,18 @@ def test_progress_bar_goes_to_the_terminal_not_to_the_recorded_output(
     captured = (tmp_path / "runs" / "1" / "cout.txt").read_text()
     assert "batch" not in captured and "\r" not in captured
     assert "epoch   1/2" in captured
+
+
+def test_sacred_resolves_the_same_config_that_was_validated(runner, tmp_path, monkeypatch):
+    """rhn validates its own resolution; Sacred must end up with exactly that config."""
+    from rhn_cli.experiment.resolve import resolve
+
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "cfgs" / "deeper.yaml").write_text("# d\ndepth: 3\nsynthetic:\n  order: 1\n")
+    monkeypatch.setenv("RHN_CONFIG_PATH", str(tmp_path / "cfgs"))
+    tokens = ["tiny", "deeper", "max_max_epoch=1", "synthetic.branching=2", "learning_rate=1"]
+    assert runner.invoke(cli, ["train", "with", *tokens, "--seed", "5"]).exit_code == 0
+    recorded = json.loads((tmp_path / "runs" / "1" / "config.json").read_text())
+    assert recorded == resolve(tokens, {"seed": 5}).config
+    run = json.loads((tmp_path / "runs" / "1" / "run.json").read_text())
+    assert run["meta"]["named_configs"] == ["tiny", "deeper"]

@@ -83,7 +83,10 @@ def _main_function(progress: TextIO | None):
         config = validate(_config)  # plain, type-widened copy of Sacred's read-only config
         torch.manual_seed(_seed)
         where = [str(obs.dir) for obs in _run.observers if getattr(obs, "dir", None)]
-        print(f"run {_run._id}" + (f": recording to {', '.join(where)}" if where else ""))
+        if where:
+            print(f"run {_run._id}: recording to {', '.join(where)}")
+        else:
+            print("unobserved run: nothing will be recorded")
         corpus = load_corpus(config)
         summary = train(config, corpus, SacredReporter(_run), progress=progress)
         return summary.best_valid_ppl
@@ -183,6 +186,8 @@ def run_training(
     else:
         observers, mongo = make_observers(runs_dir, mongo_url, warn)
     experiment = build_experiment(resolved, observers)
+    if unobserved:  # Sacred would warn that no observers were added; that is the point
+        experiment.logger.setLevel(logging.ERROR)
     options: dict[str, Any] = {"--capture": "sys"}
     if name:
         options["--name"] = name
