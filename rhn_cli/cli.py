@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -21,8 +22,15 @@ dataset="synthetic"; nested keys use dots: synthetic.order=3.
 """
 
 
+def _stderr(message: str, color: str | None = None) -> None:
+    # Always the current sys.stderr: click's err=True caches a wrapper per stream, and
+    # Sacred's capture proxy compares equal to the real stream, so the cache would hand
+    # back a wrapper of the proxy after Sacred has closed it.
+    click.secho(message, fg=color, file=sys.stderr)
+
+
 def _fail(message: str, code: int = 2) -> None:
-    click.secho(f"Error: {message}", fg="red", err=True)
+    _stderr(f"Error: {message}", "red")
     sys.exit(code)
 
 
@@ -75,18 +83,48 @@ def cli() -> None:
     "If it does not answer within 3 s the run goes on, recorded in the file store only.",
 )
 @click.option("--unobserved", is_flag=True, help="Record nothing (a quick try).")
-def train(updates, name, comment, seed, runs_dir, mongo_url, unobserved) -> None:
+@click.option(
+    "--resume",
+    "resume_target",
+    metavar="RUN_ID|PATH",
+    help="Continue a stopped run (a run id in --runs-dir, its directory, or a checkpoint "
+    "file) from its last checkpoint, under the same run id and with its recorded config.",
+)
+@click.option(
+    "--deterministic",
+    is_flag=True,
+    help="Only deterministic torch kernels (reproducible GPU runs; sets deterministic=True).",
+)
+def train(
+    updates, name, comment, seed, runs_dir, mongo_url, unobserved, resume_target, deterministic
+) -> None:
     """Train a model; per epoch, print and record train/valid perplexity and bits.
 
     With no arguments it trains the quickstart: a small RHN on the built-in
     synthetic corpus, whose true entropy rate is printed for comparison.
+
+    Checkpoints are written into the run directory at every epoch end, every
+    checkpoint_every minutes, and on Ctrl-C or SIGTERM (which stop after the current
+    step; press Ctrl-C twice to stop at once). Continue with --resume RUN_ID.
     """
     from rhn_cli.experiment.sacred_app import RunFailed, RunInterrupted, run_training
 
-    resolved = _resolve(updates, {"seed": seed} if seed is not None else None)
-
     def warn(message: str) -> None:
-        click.secho(f"Warning: {message}", fg="yellow", err=True)
+        _stderr(f"Warning: {message}", "yellow")
+
+    plan = None
+    if resume_target is not None:
+        if updates or seed is not None or deterministic or unobserved:
+            _fail(
+                f"--resume {resume_target} continues the run with its recorded config; "
+                "drop the config updates, --seed, --deterministic and --unobserved"
+            )
+        resolved, plan = _plan_resume(resume_target, runs_dir)
+    else:
+        extra = {"seed": seed} if seed is not None else {}
+        if deterministic:
+            extra["deterministic"] = True
+        resolved = _resolve(updates, extra)
 
     try:
         outcome = run_training(
@@ -96,12 +134,11 @@ def train(updates, name, comment, seed, runs_dir, mongo_url, unobserved) -> None
             unobserved=unobserved,
             name=name,
             comment=comment,
+            resume=plan,
             warn=warn,
         )
     except RunInterrupted as stop:
-        where = f"; recorded in {stop.run_dir}" if stop.run_dir else ""
-        click.secho(f"Interrupted{where}", fg="yellow", err=True)
-        sys.exit(130)
+        _report_stop(stop)
     except RunFailed as failure:
         where = f" (traceback recorded in {failure.run_dir}/run.json)" if failure.run_dir else ""
         _fail(f"{failure.cause}{where}", code=1)
@@ -113,6 +150,40 @@ def train(updates, name, comment, seed, runs_dir, mongo_url, unobserved) -> None
     if outcome.mongo_url:
         where += f" and in MongoDB {outcome.mongo_url}"
     click.echo(f"run {outcome.run_id} {outcome.status}{where}; {result}")
+
+
+def _plan_resume(target: str, runs_dir: str):
+    from rhn_cli.engine.checkpoint import CheckpointError
+    from rhn_cli.experiment.resolve import ResolvedConfig
+    from rhn_cli.experiment.resume import ResumeError, plan_resume
+
+    try:
+        plan = plan_resume(target, Path(runs_dir))
+    except ResumeError as error:
+        _fail(str(error))
+    except CheckpointError as error:
+        _fail(str(error), code=1)
+    return ResolvedConfig(plan.config, updates=plan.config), plan
+
+
+def _report_stop(stop) -> None:
+    """Say where training stopped and how to continue; exit 128+signal (0 for max_time)."""
+    import signal
+
+    what = "Stopped" if stop.status == "TIMEOUT" else "Interrupted"
+    message = f"{what} ({stop.status})"
+    if stop.where:
+        message += f": {stop.where}"
+    if stop.checkpoint_path:
+        message += f"; checkpoint saved in {stop.checkpoint_path}"
+    _stderr(message, "yellow")
+    if stop.run_dir is not None and (stop.run_dir / "checkpoint.pt").exists():
+        runs_dir = stop.run_dir.parent
+        option = "" if runs_dir == Path("runs") else f" --runs-dir {runs_dir}"
+        _stderr(f"Resume with: rhn train --resume {stop.run_dir.name}{option}")
+    if stop.status == "TIMEOUT":
+        sys.exit(0)
+    sys.exit(128 + (stop.signal_number or signal.SIGINT))
 
 
 @cli.command("print-config", epilog=WITH_HELP)

@@ -16,7 +16,7 @@ import torch
 from rhn_cli.data.batching import SplitTooShortError, minibatches, num_minibatches
 from rhn_cli.data.corpus import Corpus
 from rhn_cli.engine.objective import l2_penalty, learning_rate_at, sequence_loss
-from rhn_cli.engine.train import TrainingDiverged, build_model, train, train_epoch
+from rhn_cli.engine.train import Trainer, TrainingDiverged, build_model, train
 from rhn_cli.experiment.schema import defaults
 
 
@@ -127,12 +127,12 @@ def test_one_training_step_is_clipped_sgd_on_loss_plus_l2():
     """Replay the first minibatch by hand: loss + wd*sum(p^2)/2, global clip, p -= lr*g."""
     config = small_config(max_grad_norm=0.05, weight_decay=0.01, learning_rate=0.7)
     tokens = np.random.default_rng(0).integers(0, 5, size=2 * 4)  # exactly one minibatch
+    corpus = Corpus("toy", tokens, tokens, tokens, vocab=list("abcde"))
     torch.manual_seed(0)
-    model = build_model(config, vocab_size=5)
-    reference = copy.deepcopy(model)
-
-    optimizer = torch.optim.SGD(model.parameters(), lr=config["learning_rate"])
-    train_epoch(model, tokens, optimizer, config, torch.device("cpu"), epoch=1)
+    trainer = Trainer(config, corpus, Recorder(), echo=lambda _: None)
+    reference = copy.deepcopy(trainer.model)
+    trainer.train_epoch(lr=0.7)
+    model = trainer.model
 
     rows = tokens.reshape(2, 4)
     x, y = torch.as_tensor(rows[:, :3]), torch.as_tensor(rows[:, 1:])

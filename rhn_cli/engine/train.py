@@ -1,4 +1,4 @@
-"""The reference RHN training loop (``rhn_train.py`` of the original code).
+"""The reference RHN training loop (``rhn_train.py`` of the original code), resumable.
 
 Per epoch: set the scheduled learning rate, one pass of stateful truncated BPTT over
 the training streams (fresh dropout masks per minibatch, the state carried and
@@ -8,15 +8,25 @@ a split starts from a zero state. Perplexity is exp(mean NLL per token); bits ar
 log2(perplexity). As in the reference, the training perplexity is computed from the
 full cost, so it includes the (tiny) L2 term.
 
+Beyond the reference, the complete training state (model, optimiser, epoch and step,
+carried hidden state, running sums, every RNG, metric history, best so far) is
+checkpointed at the end of every epoch, every ``checkpoint_every`` minutes, and when a
+stop is requested (a signal, ``max_time``). Resuming from any of these checkpoints
+reproduces the uninterrupted run bit for bit on the CPU.
+
 The engine knows nothing about Sacred: it reports through a :class:`Reporter`.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 import numpy as np
@@ -25,8 +35,12 @@ from tqdm import tqdm
 
 from rhn_cli.data.batching import minibatches, num_minibatches
 from rhn_cli.data.corpus import Corpus
+from rhn_cli.engine import checkpoint
 from rhn_cli.engine.objective import l2_penalty, learning_rate_at, sequence_loss
+from rhn_cli.engine.timing import parse_duration
 from rhn_cli.models.rhn import RHNConfig, RHNLanguageModel
+
+PLAIN_PROGRESS_LINES_PER_EPOCH = 10
 
 
 class Reporter(Protocol):
@@ -41,11 +55,58 @@ class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became NaN or infinite."""
 
 
+class TrainingStopped(KeyboardInterrupt):
+    """Training stopped early on request, after writing a checkpoint.
+
+    A KeyboardInterrupt so that run recorders (Sacred) mark the run as stopped rather
+    than failed; ``STATUS`` is the status to record.
+    """
+
+    STATUS = "INTERRUPTED"
+
+    def __init__(self, message: str, checkpoint_path: Path | None, signal: int | None = None):
+        super().__init__(message)
+        self.checkpoint_path = checkpoint_path
+        self.signal = signal
+
+
+class TimeLimitReached(TrainingStopped):
+    STATUS = "TIMEOUT"
+
+
+@dataclass
+class StopRequest:
+    """Set (typically from a signal handler); the trainer stops after the current step."""
+
+    signal: int | None = None
+
+    def request(self, signal: int) -> None:
+        self.signal = signal
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+
 @dataclass
 class TrainingSummary:
     best_epoch: int  # 1-based
     best_valid_ppl: float
     history: dict[str, list[float]] = field(default_factory=dict)
+
+
+def configure_determinism(enabled: bool) -> None:
+    """Only deterministic kernels (and cuBLAS workspace settings) when ``enabled``.
+
+    CPU runs are reproducible without it; on GPUs some kernels (scatter/index_add in
+    backward passes, cuBLAS split-K reductions) are not unless this is set.
+    """
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
 
 
 def pick_device(name: str) -> torch.device:
@@ -82,57 +143,8 @@ def _as_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)).to(device)
 
 
-def train_epoch(
-    model: RHNLanguageModel,
-    tokens: np.ndarray,
-    optimizer: torch.optim.Optimizer,
-    config: Mapping[str, Any],
-    device: torch.device,
-    epoch: int,
-    progress: TextIO | None = None,
-) -> float:
-    """One pass of stateful truncated BPTT; returns the training perplexity.
-
-    ``progress`` is the stream for a progress bar (a terminal), or None for no bar.
-    """
-    B, T = config["batch_size"], config["num_steps"]
-    parameters = list(model.parameters())
-    model.train()
-    state = model.initial_state(B)
-    costs, iters = 0.0, 0
-    steps = num_minibatches(len(tokens), B, T)
-    bar = tqdm(
-        total=steps,
-        desc=f"epoch {epoch}",
-        unit="batch",
-        leave=False,
-        disable=progress is None,
-        file=progress,
-        mininterval=1.0,
-    )
-    with bar:
-        for step, (inputs, targets) in enumerate(minibatches(tokens, B, T, "train"), start=1):
-            logits, state = model(_as_tensor(inputs, device), state)
-            state = state.detach()
-            cost = sequence_loss(logits, _as_tensor(targets, device))
-            cost = cost + l2_penalty(parameters, config["weight_decay"])
-            optimizer.zero_grad(set_to_none=True)
-            cost.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config["max_grad_norm"])
-            cost_value = cost.item()
-            if not (math.isfinite(cost_value) and math.isfinite(grad_norm.item())):
-                raise TrainingDiverged(
-                    f"training diverged at epoch {epoch}, step {step}/{steps}: loss {cost_value}, "
-                    f"gradient norm {grad_norm.item()}; try a lower learning_rate or "
-                    "max_grad_norm, or a smaller init_scale"
-                )
-            optimizer.step()
-            costs += cost_value
-            iters += T
-            bar.update()
-            if bar.n % 10 == 0:
-                bar.set_postfix(ppl=f"{math.exp(costs / iters):.2f}", refresh=False)
-    return math.exp(costs / iters)
+def _clock(seconds: float) -> str:
+    return str(timedelta(seconds=round(max(seconds, 0.0))))
 
 
 @torch.no_grad()
@@ -155,29 +167,307 @@ def evaluate(
     return math.exp(total_nll / count)
 
 
+class Trainer:
+    """Owns the model, the optimiser and the position in training; can save and restore all."""
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        corpus: Corpus,
+        reporter: Reporter,
+        *,
+        echo=print,
+        progress: TextIO | None = None,
+        run_dir: Path | None = None,
+        stop: StopRequest | None = None,
+    ) -> None:
+        self.config = config
+        self.corpus = corpus
+        self.reporter = reporter
+        self.echo = echo
+        self.progress = progress
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.stop = stop or StopRequest()
+        self.device = pick_device(config["device"])
+        self.model = build_model(config, corpus.vocab_size).to(self.device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config["learning_rate"])
+        self.batch_size, self.num_steps = config["batch_size"], config["num_steps"]
+        self.steps_per_epoch = num_minibatches(len(corpus.train), self.batch_size, self.num_steps)
+        self.max_time = parse_duration(config["max_time"]) if config["max_time"] else None
+        self.started = time.monotonic()
+        self.last_checkpoint = time.monotonic()
+        # Position in training: epoch in progress (0-based) and minibatches done in it.
+        self.epoch_index = 0
+        self.step = 0
+        self.costs, self.iters = 0.0, 0
+        self.state = self.model.initial_state(self.batch_size)
+        self.history: dict[str, list[float]] = {"train": [], "valid": [], "test": [], "lr": []}
+        self.best_valid = math.inf
+        self.best_epoch = 0
+        self.epochs_without_improvement = 0
+
+    # -- checkpoints -------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch_index": self.epoch_index,
+            "step": self.step,
+            "costs": self.costs,
+            "iters": self.iters,
+            "hidden_state": self.state.detach().cpu(),
+            "rng": checkpoint.rng_state(),
+            "history": {k: list(v) for k, v in self.history.items()},
+            "best_valid": self.best_valid,
+            "best_epoch": self.best_epoch,
+            "epochs_without_improvement": self.epochs_without_improvement,
+            "config": dict(self.config),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch_index, self.step = state["epoch_index"], state["step"]
+        self.costs, self.iters = state["costs"], state["iters"]
+        self.state = state["hidden_state"].to(self.device)
+        self.history = {k: list(v) for k, v in state["history"].items()}
+        self.best_valid, self.best_epoch = state["best_valid"], state["best_epoch"]
+        self.epochs_without_improvement = state["epochs_without_improvement"]
+        checkpoint.restore_rng_state(state["rng"])
+
+    def save_checkpoint(self) -> Path | None:
+        if self.run_dir is None:
+            return None
+        path = self.run_dir / checkpoint.LAST
+        checkpoint.save(path, self.state_dict())
+        self.last_checkpoint = time.monotonic()
+        return path
+
+    def _save_best_model(self, epoch: int, valid_ppl: float) -> None:
+        if self.run_dir is not None:
+            checkpoint.save(
+                self.run_dir / checkpoint.BEST,
+                {
+                    "model": self.model.state_dict(),
+                    "epoch": epoch,
+                    "valid_ppl": valid_ppl,
+                    "config": dict(self.config),
+                },
+            )
+
+    def _where(self) -> str:
+        return f"epoch {self.epoch_index + 1}, step {self.step}/{self.steps_per_epoch}"
+
+    def _stop_if_requested(self) -> None:
+        if self.stop.requested:
+            path = self.save_checkpoint()
+            raise TrainingStopped(f"stopped at {self._where()}", path, self.stop.signal)
+        if self.max_time is not None and time.monotonic() - self.started >= self.max_time:
+            path = self.save_checkpoint()
+            raise TimeLimitReached(
+                f"max_time={self.config['max_time']} reached at {self._where()}", path
+            )
+        every = self.config["checkpoint_every"]
+        if every and time.monotonic() - self.last_checkpoint >= every * 60:
+            self.save_checkpoint()
+
+    # -- one epoch ---------------------------------------------------------------------
+
+    def train_epoch(self, lr: float) -> float:
+        """Continue (or start) the current epoch; returns its training perplexity."""
+        config, model = self.config, self.model
+        parameters = list(model.parameters())
+        model.train()
+        epoch = self.epoch_index + 1
+        first_step = self.step
+        batches = itertools.islice(
+            minibatches(self.corpus.train, self.batch_size, self.num_steps, "train"),
+            first_step,
+            None,
+        )
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=first_step,
+            desc=f"epoch {epoch}",
+            unit="batch",
+            leave=False,
+            disable=self.progress is None,
+            file=self.progress,
+            mininterval=1.0,
+        )
+        line_every = max(self.steps_per_epoch // PLAIN_PROGRESS_LINES_PER_EPOCH, 1)
+        started = time.monotonic()
+        with bar:
+            for inputs, targets in batches:
+                logits, state = model(_as_tensor(inputs, self.device), self.state)
+                cost = sequence_loss(logits, _as_tensor(targets, self.device))
+                cost = cost + l2_penalty(parameters, config["weight_decay"])
+                self.optimizer.zero_grad(set_to_none=True)
+                cost.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config["max_grad_norm"])
+                cost_value = cost.item()
+                if not (math.isfinite(cost_value) and math.isfinite(grad_norm.item())):
+                    raise TrainingDiverged(
+                        f"training diverged at {self._where()}: loss {cost_value}, "
+                        f"gradient norm {grad_norm.item()}; the last good checkpoint is kept. "
+                        "Try a lower learning_rate or max_grad_norm, or a smaller init_scale"
+                    )
+                self.optimizer.step()
+                self.state = state.detach()
+                self.costs += cost_value
+                self.iters += self.num_steps
+                self.step += 1
+                done = self.step - first_step
+                per_step = (time.monotonic() - started) / done
+                if self.progress is not None:
+                    bar.update()
+                    if done % 10 == 0 or self.step == self.steps_per_epoch:
+                        bar.set_postfix_str(self._status(lr, per_step), refresh=False)
+                elif self.step % line_every == 0 and self.step < self.steps_per_epoch:
+                    self.echo(
+                        f"  epoch {epoch} {100 * self.step / self.steps_per_epoch:3.0f}%  "
+                        + self._status(lr, per_step)
+                    )
+                self._stop_if_requested()
+        return math.exp(self.costs / self.iters)
+
+    def _status(self, lr: float, per_step: float) -> str:
+        tokens_per_s = self.batch_size * self.num_steps / per_step
+        left_in_epoch = (self.steps_per_epoch - self.step) * per_step
+        epochs_after = self.config["max_max_epoch"] - self.epoch_index - 1
+        left_in_run = left_in_epoch + epochs_after * self.steps_per_epoch * per_step
+        return (
+            f"ppl {math.exp(self.costs / self.iters):.2f}  lr {lr:.4g}  {tokens_per_s:,.0f} tok/s  "
+            f"ETA epoch {_clock(left_in_epoch)}, run {_clock(left_in_run)}"
+        )
+
+    # -- the whole run -----------------------------------------------------------------
+
+    def fit(self) -> TrainingSummary:
+        config, corpus, reporter = self.config, self.corpus, self.reporter
+        B, T = self.batch_size, self.num_steps
+        entropy = corpus.entropy_rate_bits
+        if entropy is not None:
+            reporter.set_info("source_entropy_bits", entropy)
+        reporter.set_info("nr_parameters", self.model.num_parameters())
+
+        while self.epoch_index < config["max_max_epoch"]:
+            epoch = self.epoch_index + 1
+            lr = learning_rate_at(
+                self.epoch_index, config["learning_rate"], config["lr_decay"], config["max_epoch"]
+            )
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            started = time.perf_counter()
+            first_step = self.step
+            train_ppl = self.train_epoch(lr)
+            train_seconds = time.perf_counter() - started
+            tokens_per_s = (self.steps_per_epoch - first_step) * B * T / max(train_seconds, 1e-9)
+            valid_ppl = evaluate(self.model, corpus.valid, B, T, self.device, "valid")
+            test_ppl = evaluate(self.model, corpus.test, B, T, self.device, "test")
+
+            for split, ppl in (("train", train_ppl), ("valid", valid_ppl), ("test", test_ppl)):
+                self.history[split].append(ppl)
+                reporter.log_scalar(f"{split}.ppl", ppl, epoch)
+                reporter.log_scalar(f"{split}.bpc", _bits(ppl), epoch)
+            self.history["lr"].append(lr)
+            reporter.log_scalar("lr", lr, epoch)
+            reporter.log_scalar("tokens_per_s", tokens_per_s, epoch)
+            self._record_info(epoch)
+
+            improved = valid_ppl < self.best_valid
+            if improved:
+                self.best_valid, self.best_epoch = valid_ppl, epoch
+                self.epochs_without_improvement = 0
+                self._save_best_model(epoch, valid_ppl)
+            else:
+                self.epochs_without_improvement += 1
+
+            line = (
+                f"epoch {epoch:>3}/{config['max_max_epoch']}  lr {lr:.4g}  "
+                f"train ppl {train_ppl:8.3f} bits {_bits(train_ppl):.4f}  "
+                f"valid ppl {valid_ppl:8.3f} bits {_bits(valid_ppl):.4f}"
+            )
+            if entropy is not None:
+                line += f"  (source entropy {entropy:.4f})"
+            self.echo(line + f"  {tokens_per_s:,.0f} tok/s  {time.perf_counter() - started:.1f}s")
+
+            # The next epoch starts from a zero state (reference run_epoch).
+            self.epoch_index += 1
+            self.step, self.costs, self.iters = 0, 0.0, 0
+            self.state = self.model.initial_state(B)
+            self.save_checkpoint()
+
+            patience = config["early_stopping"]
+            if patience and self.epochs_without_improvement >= patience:
+                self.echo(f"early stopping: no better valid perplexity for {patience} epochs")
+                break
+            if self.epoch_index < config["max_max_epoch"]:
+                self._stop_if_requested()
+        return self._summary()
+
+    def _record_info(self, epoch: int) -> None:
+        self.reporter.set_info("epoch_nr", epoch)
+        self.reporter.set_info(
+            "logs",
+            {
+                "train_perplexity": list(self.history["train"]),
+                "valid_perplexity": list(self.history["valid"]),
+                "test_perplexity": list(self.history["test"]),
+            },
+        )
+
+    def _summary(self) -> TrainingSummary:
+        history = self.history
+        best_index = int(np.argmin(history["valid"]))
+        summary = TrainingSummary(best_index + 1, history["valid"][best_index], history)
+        self.reporter.set_info("best_val_epoch", summary.best_epoch)
+        self.reporter.set_info("best_valid_perplexity", summary.best_valid_ppl)
+        best_bits = _bits(summary.best_valid_ppl)
+        message = (
+            f"best valid: epoch {summary.best_epoch}, ppl {summary.best_valid_ppl:.3f}, "
+            f"{best_bits:.4f} bits; test ppl {history['test'][best_index]:.3f}"
+        )
+        entropy = self.corpus.entropy_rate_bits
+        if entropy:
+            message += (
+                f"; source entropy {entropy:.4f} bits, "
+                f"model {100 * (best_bits - entropy) / entropy:+.1f}% above it"
+            )
+        self.echo(message)
+        return summary
+
+
 def train(
     config: Mapping[str, Any],
     corpus: Corpus,
     reporter: Reporter,
+    *,
     echo=print,
     progress: TextIO | None = None,
+    run_dir: Path | None = None,
+    resume_from: Mapping[str, Any] | None = None,
+    stop: StopRequest | None = None,
 ) -> TrainingSummary:
     """Train and evaluate a model on ``corpus`` as ``config`` says; returns the best epoch.
 
-    Epoch summaries go to ``echo``; a per-epoch progress bar goes to ``progress`` if given.
+    Epoch summaries go to ``echo``; a per-epoch progress bar goes to ``progress`` if
+    given, else a plain line every tenth of an epoch. Checkpoints are written into
+    ``run_dir`` (none if it is None); ``resume_from`` is a loaded checkpoint to continue.
     """
-    device = pick_device(config["device"])
     B, T = config["batch_size"], config["num_steps"]
     # Fail on a too-short split now, not after the first training epoch.
     for split in ("train", "valid", "test"):
         next(minibatches(corpus.split(split), B, T, split))
 
-    model = build_model(config, corpus.vocab_size).to(device)
-    n_params = model.num_parameters()
-    reporter.set_info("nr_parameters", n_params)
+    trainer = Trainer(
+        config, corpus, reporter, echo=echo, progress=progress, run_dir=run_dir, stop=stop
+    )
     echo(
         f"model: RHN depth {config['depth']} x {config['hidden_size']} units x "
-        f"{config['num_layers']} layer(s), {n_params:,} parameters, on {device}"
+        f"{config['num_layers']} layer(s), {trainer.model.num_parameters():,} parameters, "
+        f"on {trainer.device}"
     )
     entropy = corpus.entropy_rate_bits
     echo(
@@ -185,62 +475,12 @@ def train(
         f"{len(corpus.train):,}/{len(corpus.valid):,}/{len(corpus.test):,} tokens"
         + (f", source entropy rate {entropy:.4f} bits/symbol" if entropy is not None else "")
     )
-    if entropy is not None:
-        reporter.set_info("source_entropy_bits", entropy)
-
-    optimizer = torch.optim.SGD(model.parameters(), lr=config["learning_rate"])
-    history: dict[str, list[float]] = {"train": [], "valid": [], "test": []}
-    for epoch_index in range(config["max_max_epoch"]):
-        epoch = epoch_index + 1
-        lr = learning_rate_at(
-            epoch_index, config["learning_rate"], config["lr_decay"], config["max_epoch"]
-        )
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        started = time.perf_counter()
-        train_ppl = train_epoch(model, corpus.train, optimizer, config, device, epoch, progress)
-        train_seconds = time.perf_counter() - started
-        tokens_per_s = num_minibatches(len(corpus.train), B, T) * B * T / train_seconds
-        valid_ppl = evaluate(model, corpus.valid, B, T, device, "valid")
-        test_ppl = evaluate(model, corpus.test, B, T, device, "test")
-
-        for split, ppl in (("train", train_ppl), ("valid", valid_ppl), ("test", test_ppl)):
-            history[split].append(ppl)
-            reporter.log_scalar(f"{split}.ppl", ppl, epoch)
-            reporter.log_scalar(f"{split}.bpc", _bits(ppl), epoch)
-        reporter.log_scalar("lr", lr, epoch)
-        reporter.log_scalar("tokens_per_s", tokens_per_s, epoch)
-        reporter.set_info("epoch_nr", epoch)
-        reporter.set_info(
-            "logs",
-            {
-                "train_perplexity": list(history["train"]),
-                "valid_perplexity": list(history["valid"]),
-                "test_perplexity": list(history["test"]),
-            },
-        )
-        line = (
-            f"epoch {epoch:>3}/{config['max_max_epoch']}  lr {lr:.4g}  "
-            f"train ppl {train_ppl:8.3f} bits {_bits(train_ppl):.4f}  "
-            f"valid ppl {valid_ppl:8.3f} bits {_bits(valid_ppl):.4f}"
-        )
-        if entropy is not None:
-            line += f"  (source entropy {entropy:.4f})"
-        echo(line + f"  {tokens_per_s:,.0f} tok/s  {time.perf_counter() - started:.1f}s")
-
-    best_index = int(np.argmin(history["valid"]))
-    summary = TrainingSummary(best_index + 1, history["valid"][best_index], history)
-    reporter.set_info("best_val_epoch", summary.best_epoch)
-    reporter.set_info("best_valid_perplexity", summary.best_valid_ppl)
-    best_bits = _bits(summary.best_valid_ppl)
-    message = (
-        f"best valid: epoch {summary.best_epoch}, ppl {summary.best_valid_ppl:.3f}, "
-        f"{best_bits:.4f} bits; test ppl {history['test'][best_index]:.3f}"
-    )
-    if entropy:
-        message += (
-            f"; source entropy {entropy:.4f} bits, "
-            f"model {100 * (best_bits - entropy) / entropy:+.1f}% above it"
-        )
-    echo(message)
-    return summary
+    if resume_from is not None:
+        trainer.load_state_dict(resume_from)
+        echo(f"resumed at {trainer._where()} from the last checkpoint")
+        if trainer.history["valid"]:
+            trainer._record_info(len(trainer.history["valid"]))
+    if trainer.epoch_index >= config["max_max_epoch"]:
+        echo("nothing left to train: the checkpoint is past max_max_epoch")
+        return trainer._summary()
+    return trainer.fit()

@@ -4,21 +4,24 @@ The config has been resolved and validated (:mod:`rhn_cli.experiment.resolve`) b
 anything here runs, so a bad value never creates a run. Sacred then re-resolves the
 same named configs and updates, records the run with its observers (the file store,
 plus MongoDB when it answers) and calls its main function, which hands the work to the
-engine.
+engine. A resumed run re-opens its own run directory under the same id.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import rhn_cli
 from rhn_cli.experiment.resolve import ResolvedConfig
+from rhn_cli.experiment.resume import ResumePlan
 from rhn_cli.experiment.schema import defaults, validate
 from rhn_cli.tracking import quiet_sacred_import
 from rhn_cli.tracking.observers import (
@@ -51,11 +54,22 @@ class RunFailed(Exception):
 
 
 class RunInterrupted(Exception):
-    """Ctrl-C during training; Sacred has recorded the run as INTERRUPTED."""
+    """Training stopped early (a signal, Ctrl-C, max_time); Sacred has recorded it."""
 
-    def __init__(self, run_dir: Path | None) -> None:
-        super().__init__("interrupted")
+    def __init__(
+        self,
+        run_dir: Path | None,
+        status: str = "INTERRUPTED",
+        signal_number: int | None = None,
+        checkpoint_path: Path | None = None,
+        where: str = "",
+    ) -> None:
+        super().__init__(status)
         self.run_dir = run_dir
+        self.status = status
+        self.signal_number = signal_number
+        self.checkpoint_path = checkpoint_path
+        self.where = where
 
 
 class SacredReporter:
@@ -71,24 +85,34 @@ class SacredReporter:
         self._run.info[key] = value
 
 
-def _main_function(progress: TextIO | None):
+def _main_function(progress: TextIO | None, stop, resume: ResumePlan | None):
     """Sacred's main function: train on the resolved config, return best valid perplexity."""
 
     def main(_config, _run, _seed):
         import torch
 
         from rhn_cli.data.registry import load_corpus
-        from rhn_cli.engine.train import train
+        from rhn_cli.engine.train import configure_determinism, train
 
         config = validate(_config)  # plain, type-widened copy of Sacred's read-only config
+        configure_determinism(config["deterministic"])
         torch.manual_seed(_seed)
-        where = [str(obs.dir) for obs in _run.observers if getattr(obs, "dir", None)]
-        if where:
-            print(f"run {_run._id}: recording to {', '.join(where)}")
+        run_dir = next((Path(o.dir) for o in _run.observers if getattr(o, "dir", None)), None)
+        if run_dir is None:
+            print("unobserved run: nothing will be recorded, no checkpoints written")
         else:
-            print("unobserved run: nothing will be recorded")
+            verb = "resuming in" if resume is not None else "recording to"
+            print(f"run {_run._id}: {verb} {run_dir}")
         corpus = load_corpus(config)
-        summary = train(config, corpus, SacredReporter(_run), progress=progress)
+        summary = train(
+            config,
+            corpus,
+            SacredReporter(_run),
+            progress=progress,
+            run_dir=run_dir,
+            resume_from=resume.state if resume is not None else None,
+            stop=stop,
+        )
         return summary.best_valid_ppl
 
     return main
@@ -121,7 +145,13 @@ def _logger() -> logging.Logger:
     return logger
 
 
-def build_experiment(resolved: ResolvedConfig, observers: list) -> Any:
+def build_experiment(
+    resolved: ResolvedConfig,
+    observers: list,
+    *,
+    stop=None,
+    resume: ResumePlan | None = None,
+) -> Any:
     """A Sacred Experiment with rhn's defaults, the named configs used, and ``observers``."""
     with quiet_sacred_import():
         from sacred import Experiment
@@ -139,7 +169,7 @@ def build_experiment(resolved: ResolvedConfig, observers: list) -> Any:
             experiment.add_named_config(named.name, str(named.path))
     # Progress bars redraw with carriage returns; record only the final state of a line.
     experiment.captured_out_filter = apply_backspaces_and_linefeeds
-    experiment.main(_main_function(_terminal()))
+    experiment.main(_main_function(_terminal(), stop, resume))
     experiment.observers.extend(observers)
     return experiment
 
@@ -166,29 +196,66 @@ def make_observers(
     return observers, redact(mongo_url)
 
 
+@contextlib.contextmanager
+def graceful_stop(stop, warn: Callable[[str], None]) -> Iterator[None]:
+    """SIGINT/SIGTERM ask training to stop after the current step (checkpointed);
+    a second SIGINT stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signal_number, frame):
+        if stop.requested:
+            if signal_number == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        stop.request(signal_number)
+        warn(
+            f"{signal.Signals(signal_number).name}: stopping after the current step and "
+            "saving a checkpoint (Ctrl-C again to stop at once)"
+        )
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signal_number, handler in previous.items():
+            signal.signal(signal_number, handler)
+
+
 def run_training(
     resolved: ResolvedConfig,
     *,
-    runs_dir: str | os.PathLike,
+    runs_dir: str | Path,
     mongo_url: str | None = None,
     unobserved: bool = False,
     name: str | None = None,
     comment: str | None = None,
+    resume: ResumePlan | None = None,
     warn: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
 ) -> RunOutcome:
     """Run ``main`` as a Sacred run. Exceptions from training propagate after Sacred
     has recorded the run as FAILED or INTERRUPTED."""
-    runs_dir = Path(runs_dir)
-    import rhn_cli.engine.train  # noqa: F401  (imported now so Sacred records its source)
+    from rhn_cli.engine.train import StopRequest, TrainingStopped
 
-    if unobserved:
+    runs_dir = Path(runs_dir)
+    options: dict[str, Any] = {"--capture": "sys"}
+    if resume is not None:
+        observers = [file_store_observer(resume.runs_dir, resume.completed_epochs)]
+        options["--id"] = resume.run_id
+        mongo = None
+        if mongo_url:
+            warn(
+                "a resumed run is recorded in the file store only; MongoDB keeps its earlier record"
+            )
+    elif unobserved:
         observers, mongo = [], None
     else:
         observers, mongo = make_observers(runs_dir, mongo_url, warn)
-    experiment = build_experiment(resolved, observers)
+    stop = StopRequest()
+    experiment = build_experiment(resolved, observers, stop=stop, resume=resume)
     if unobserved:  # Sacred would warn that no observers were added; that is the point
         experiment.logger.setLevel(logging.ERROR)
-    options: dict[str, Any] = {"--capture": "sys"}
     if name:
         options["--name"] = name
     if comment:
@@ -198,13 +265,18 @@ def run_training(
         return next((Path(o.dir) for o in observers if getattr(o, "dir", None)), None)
 
     try:
-        run = experiment.run(
-            config_updates=resolved.updates,
-            named_configs=_named_config_arguments(resolved),
-            options=options,
-        )
+        with graceful_stop(stop, warn):
+            run = experiment.run(
+                config_updates=resolved.updates,
+                named_configs=_named_config_arguments(resolved),
+                options=options,
+            )
+    except TrainingStopped as stopped:
+        raise RunInterrupted(
+            run_dir(), stopped.STATUS, stopped.signal, stopped.checkpoint_path, str(stopped)
+        ) from None
     except KeyboardInterrupt:
-        raise RunInterrupted(run_dir()) from None
+        raise RunInterrupted(run_dir(), signal_number=signal.SIGINT) from None
     except Exception as error:
         raise RunFailed(error, run_dir()) from error
     return RunOutcome(run._id, run.status, run.result, run_dir(), mongo)

@@ -46,6 +46,18 @@ def _one_of(*choices: str) -> Callable[[Any], str | None]:
     return lambda v: None if v in choices else "one of " + ", ".join(map(repr, choices))
 
 
+def _duration(v: Any) -> str | None:
+    from rhn_cli.engine.timing import parse_duration
+
+    if v is None:
+        return None
+    try:
+        parse_duration(v)
+    except ValueError:
+        return "a duration such as '3.5h', '90m', '45s' or a number of seconds"
+    return None
+
+
 def _device(v: Any) -> str | None:
     ok = re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v)
     return None if ok else "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
@@ -83,6 +95,27 @@ SCHEMA: dict[str, Option] = {
     "drop_h": Option(0.0, float, "dropout on the recurrent state (not the carry path)", _drop_rate),
     "drop_o": Option(0.0, float, "dropout on the last layer's output", _drop_rate),
     "device": Option("auto", str, "'auto' picks cuda when available, else cpu", _device),
+    "checkpoint_every": Option(
+        30.0,
+        float,
+        "minutes between checkpoints inside an epoch (0: only at epoch ends)",
+        _at_least(0),
+    ),
+    "max_time": Option(
+        None,
+        object,
+        "stop cleanly, checkpointed, after this wall time ('3.5h', '90m', seconds)",
+        _duration,
+    ),
+    "early_stopping": Option(
+        0,
+        int,
+        "stop after this many epochs without a better valid perplexity (0: off)",
+        _at_least(0),
+    ),
+    "deterministic": Option(
+        False, bool, "use only deterministic torch kernels (GPU reproducibility)"
+    ),
     "synthetic": {
         "alphabet_size": Option(12, int, "symbols of the synthetic source", _at_least(2)),
         "order": Option(2, int, "Markov order: symbols of context", _at_least(1)),

@@ -7,7 +7,9 @@ run when MongoDB is down at start, and rhn must never lose a run to that.
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -71,21 +73,81 @@ def mongo_problem(url: str, timeout_s: float = MONGO_TIMEOUT_S) -> str | None:
     return None
 
 
-def file_store_observer(runs_dir: str | os.PathLike):
-    """A FileStorageObserver under ``runs_dir`` that never clashes with an existing run."""
+def file_store_observer(runs_dir: str | os.PathLike, continue_after_epoch: int | None = None):
+    """A FileStorageObserver under ``runs_dir`` with atomic JSON writes.
+
+    It never clashes with an existing run directory. With ``continue_after_epoch`` it
+    instead re-opens the directory of the run id Sacred hands it (a resumed run): the
+    original start time is kept, the resumption is noted in ``meta.resumed_at``, and
+    metrics after that epoch (logged but not checkpointed) are dropped so no step is
+    recorded twice. ``cout.txt`` and ``metrics.json`` are appended to.
+    """
     with quiet_sacred_import():
         from sacred.observers import FileStorageObserver
+        from sacred.serializer import flatten
 
     class RunDirectoryObserver(FileStorageObserver):
-        # With MongoDB attached, Sacred hands MongoDB's run id to the file store too. A
-        # directory of that name may already hold an offline run: take the next free one
-        # instead of failing the run.
+        previous_run: dict | None = None
+
         def _make_run_dir(self, _id):
+            if continue_after_epoch is not None:
+                self.dir = os.path.join(self.basedir, str(_id))
+                with open(os.path.join(self.dir, "run.json")) as handle:
+                    self.previous_run = json.load(handle)
+                _drop_metrics_after(Path(self.dir), continue_after_epoch, self.save_json)
+                return
+            # With MongoDB attached, Sacred hands MongoDB's run id to the file store too.
+            # A directory of that name may already hold an offline run: take the next
+            # free one instead of failing the run.
             if _id is not None and os.path.exists(os.path.join(self.basedir, str(_id))):
                 _id = None
             super()._make_run_dir(_id)
 
+        def started_event(self, ex_info, command, host_info, start_time, config, meta_info, _id):
+            _id = super().started_event(
+                ex_info, command, host_info, start_time, config, meta_info, _id
+            )
+            if self.previous_run is not None:
+                previous = self.previous_run
+                self.run_entry["start_time"] = previous.get("start_time")
+                resumed = previous.get("meta", {}).get("resumed_at", [])
+                self.run_entry["meta"]["resumed_at"] = [*resumed, start_time.isoformat()]
+                self.save_json(self.run_entry, "run.json")
+            return _id
+
+        def save_json(self, obj, filename):
+            # Readers (rhn runs, a crash mid-write) must never see half a file.
+            write_text_atomically(
+                Path(self.dir) / filename, json.dumps(flatten(obj), sort_keys=True, indent=2)
+            )
+
     return RunDirectoryObserver(str(Path(runs_dir)))
+
+
+def _drop_metrics_after(run_dir: Path, epoch: int, save_json) -> None:
+    path = run_dir / "metrics.json"
+    if not path.exists():
+        return
+    metrics = json.loads(path.read_text())
+    for series in metrics.values():
+        keep = [i for i, step in enumerate(series["steps"]) if step <= epoch]
+        for key in ("steps", "values", "timestamps"):
+            series[key] = [series[key][i] for i in keep]
+    save_json(metrics, "metrics.json")
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` via a temporary file in the same directory."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def mongo_observer(url: str, failure_dir: str | os.PathLike):

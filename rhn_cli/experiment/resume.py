@@ -1,0 +1,76 @@
+"""Finding the run a ``rhn train --resume`` continues, and checking it can be continued."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rhn_cli.experiment.schema import ConfigError, validate
+
+# Omniboard calls a RUNNING run dead after two minutes without a heartbeat; so do we.
+STALE_HEARTBEAT_S = 120
+
+
+class ResumeError(ConfigError):
+    """The run cannot be resumed (not found, already completed, still running)."""
+
+
+@dataclass
+class ResumePlan:
+    runs_dir: Path  # the file store the run lives in
+    run_id: str
+    config: dict[str, Any]
+    checkpoint_path: Path
+    state: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.runs_dir / self.run_id
+
+    @property
+    def completed_epochs(self) -> int:
+        return int(self.state["epoch_index"])
+
+
+def plan_resume(target: str, runs_dir: Path, now: datetime | None = None) -> ResumePlan:
+    """The run named by ``target`` (a run id in ``runs_dir``, a run directory or a
+    checkpoint file), its recorded config and its last checkpoint, loaded and verified.
+
+    Raises ResumeError, or CheckpointError for a damaged checkpoint.
+    """
+    from rhn_cli.engine import checkpoint
+
+    path = Path(target)
+    if target.isdigit() and (runs_dir / target).is_dir():
+        run_dir, checkpoint_path = runs_dir / target, runs_dir / target / checkpoint.LAST
+    elif path.is_file():
+        run_dir, checkpoint_path = path.parent, path
+    elif path.is_dir():
+        run_dir, checkpoint_path = path, path / checkpoint.LAST
+    else:
+        raise ResumeError(f"--resume {target}: no run {target!r} in {runs_dir} and no such file")
+    try:
+        run = json.loads((run_dir / "run.json").read_text())
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ResumeError(f"--resume {target}: {run_dir} holds no readable run record") from error
+    status = run.get("status")
+    if status == "COMPLETED":
+        raise ResumeError(f"--resume {target}: run {run_dir.name} is already COMPLETED")
+    if status == "RUNNING" and run.get("heartbeat"):
+        age = ((now or datetime.now()) - datetime.fromisoformat(run["heartbeat"])).total_seconds()
+        if age < STALE_HEARTBEAT_S:
+            raise ResumeError(
+                f"--resume {target}: run {run_dir.name} looks alive (heartbeat {age:.0f} s ago); "
+                f"stop it first, or wait {STALE_HEARTBEAT_S} s if it died"
+            )
+    if not checkpoint_path.is_file():
+        raise ResumeError(
+            f"--resume {target}: run {run_dir.name} has no checkpoint ({checkpoint_path.name}); "
+            "it stopped before its first one"
+        )
+    state = checkpoint.load(checkpoint_path)
+    return ResumePlan(run_dir.parent, run_dir.name, validate(config), checkpoint_path, state)
