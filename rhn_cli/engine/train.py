@@ -256,8 +256,9 @@ class Trainer:
                 },
             )
 
-    def _where(self) -> str:
-        return f"epoch {self.epoch_index + 1}, step {self.step}/{self.steps_per_epoch}"
+    def _where(self, step: int | None = None) -> str:
+        step = self.step if step is None else step
+        return f"epoch {self.epoch_index + 1}, step {step}/{self.steps_per_epoch}"
 
     def _stop_if_requested(self) -> None:
         if self.stop.requested:
@@ -309,7 +310,7 @@ class Trainer:
                 cost_value = cost.item()
                 if not (math.isfinite(cost_value) and math.isfinite(grad_norm.item())):
                     raise TrainingDiverged(
-                        f"training diverged at {self._where()}: loss {cost_value}, "
+                        f"training diverged at {self._where(self.step + 1)}: loss {cost_value}, "
                         f"gradient norm {grad_norm.item()}; the last good checkpoint is kept. "
                         "Try a lower learning_rate or max_grad_norm, or a smaller init_scale"
                     )
