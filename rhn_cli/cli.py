@@ -114,12 +114,12 @@ def train(
 
     plan = None
     if resume_target is not None:
-        if updates or seed is not None or deterministic or unobserved:
+        if seed is not None or deterministic or unobserved:
             _fail(
                 f"--resume {resume_target} continues the run with its recorded config; "
-                "drop the config updates, --seed, --deterministic and --unobserved"
+                "drop --seed, --deterministic and --unobserved"
             )
-        resolved, plan = _plan_resume(resume_target, runs_dir)
+        resolved, plan = _plan_resume(resume_target, runs_dir, updates)
     else:
         extra = {"seed": seed} if seed is not None else {}
         if deterministic:
@@ -152,18 +152,23 @@ def train(
     click.echo(f"run {outcome.run_id} {outcome.status}{where}; {result}")
 
 
-def _plan_resume(target: str, runs_dir: str):
+def _plan_resume(target: str, runs_dir: str, updates: tuple[str, ...]):
     from rhn_cli.engine.checkpoint import CheckpointError
-    from rhn_cli.experiment.resolve import ResolvedConfig
-    from rhn_cli.experiment.resume import ResumeError, plan_resume
+    from rhn_cli.experiment.resolve import ResolvedConfig, parse_with
+    from rhn_cli.experiment.resume import ResumeError, plan_resume, with_run_control_updates
+    from rhn_cli.experiment.schema import ConfigError
 
     try:
         plan = plan_resume(target, Path(runs_dir))
-    except ResumeError as error:
+        overrides, named = parse_with(updates)
+        if named:
+            raise ResumeError(f"--resume takes no named configs ({', '.join(named)})")
+        config = with_run_control_updates(plan, overrides)
+    except ConfigError as error:
         _fail(str(error))
     except CheckpointError as error:
         _fail(str(error), code=1)
-    return ResolvedConfig(plan.config, updates=plan.config), plan
+    return ResolvedConfig(config, updates=config), plan
 
 
 def _report_stop(stop) -> None:

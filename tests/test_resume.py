@@ -230,8 +230,9 @@ def test_resume_refuses_what_it_cannot_continue(runner, tmp_path):
     assert runner.invoke(cli, ["train", "with", "tiny", "max_max_epoch=1"]).exit_code == 0
     done = runner.invoke(cli, ["train", "--resume", "1"])
     assert done.exit_code == 2 and "already COMPLETED" in done.output
-    mixed = runner.invoke(cli, ["train", "--resume", "1", "with", "depth=4"])
-    assert mixed.exit_code == 2 and "recorded config" in mixed.output
+    assert runner.invoke(cli, ["train", "with", "tiny", "max_time=0.001"]).exit_code == 0
+    mixed = runner.invoke(cli, ["train", "--resume", "2", "with", "depth=4"])
+    assert mixed.exit_code == 2 and "'depth' cannot change" in mixed.output
 
 
 def test_resume_from_a_truncated_checkpoint_is_a_clear_error(runner, tmp_path):
@@ -281,3 +282,51 @@ def test_max_time_through_the_cli_records_timeout_and_exits_0(runner, tmp_path):
     assert "Resume with: rhn train --resume 1" in result.output
     run = json.loads((tmp_path / "runs" / "1" / "run.json").read_text())
     assert run["status"] == "TIMEOUT"
+
+
+def test_out_of_memory_is_one_line_with_the_remedy(runner, tmp_path, monkeypatch):
+    import rhn_cli.engine.train as engine
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore")
+
+    monkeypatch.setattr(engine, "sequence_loss", no_memory)
+    result = runner.invoke(cli, ["train", "with", "tiny"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("Error: out of memory on cpu at epoch 1, step 1/17; reduce")
+    run = json.loads((tmp_path / "runs" / "1" / "run.json").read_text())
+    assert run["status"] == "FAILED" and "OutOfMemoryError" in "".join(run["fail_trace"])
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    from rhn_cli.experiment.sacred_app import graceful_stop
+
+    stop, warnings = StopRequest(), []
+    with graceful_stop(stop, warnings.append):
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.signal == signal.SIGINT
+        assert "Ctrl-C again" in warnings[0]
+        os.kill(os.getpid(), signal.SIGTERM)  # a later SIGTERM changes nothing
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_resume_by_checkpoint_path_and_deterministic_flag(runner, tmp_path):
+    result = runner.invoke(cli, ["train", "with", "tiny", "max_time=0.001", "--deterministic"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "runs" / "1" / "config.json").read_text())
+    assert config["deterministic"] is True
+    # The recorded max_time applies again (one budget per job) unless changed on resume.
+    again = runner.invoke(cli, ["train", "--resume", "runs/1/checkpoint.pt"])
+    assert again.exit_code == 0 and "TIMEOUT" in again.output
+    resumed = runner.invoke(
+        cli,
+        ["train", "--resume", "runs/1/checkpoint.pt", "with", "max_time=None", "max_max_epoch=3"],
+    )
+    assert resumed.exit_code == 0, resumed.output
+    assert "run 1 COMPLETED" in resumed.output
+    metrics = json.loads((tmp_path / "runs" / "1" / "metrics.json").read_text())
+    assert metrics["valid.ppl"]["steps"] == [1, 2, 3]
+    assert json.loads((tmp_path / "runs" / "1" / "config.json").read_text())["max_max_epoch"] == 3

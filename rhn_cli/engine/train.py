@@ -55,6 +55,10 @@ class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became NaN or infinite."""
 
 
+class TrainingOutOfMemory(RuntimeError):
+    """A step needed more memory than the device has."""
+
+
 class TrainingStopped(KeyboardInterrupt):
     """Training stopped early on request, after writing a checkpoint.
 
@@ -362,7 +366,13 @@ class Trainer:
                 group["lr"] = lr
             started = time.perf_counter()
             first_step = self.step
-            train_ppl = self.train_epoch(lr)
+            try:
+                train_ppl = self.train_epoch(lr)
+            except (torch.OutOfMemoryError, MemoryError) as error:
+                raise TrainingOutOfMemory(
+                    f"out of memory on {self.device} at {self._where(self.step + 1)}; reduce "
+                    "batch_size, num_steps or hidden_size (the last checkpoint is kept)"
+                ) from error
             train_seconds = time.perf_counter() - started
             tokens_per_s = (self.steps_per_epoch - first_step) * B * T / max(train_seconds, 1e-9)
             valid_ppl = evaluate(self.model, corpus.valid, B, T, self.device, "valid")

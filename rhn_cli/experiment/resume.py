@@ -10,6 +10,10 @@ from typing import Any
 
 from rhn_cli.experiment.schema import ConfigError, validate
 
+# Keys that steer how long and how safely a run goes on, not what it computes: a resumed
+# run may change them (e.g. more epochs, another job's time budget).
+RUN_CONTROL_KEYS = ("max_max_epoch", "max_time", "checkpoint_every", "early_stopping")
+
 # Omniboard calls a RUNNING run dead after two minutes without a heartbeat; so do we.
 STALE_HEARTBEAT_S = 120
 
@@ -74,3 +78,14 @@ def plan_resume(target: str, runs_dir: Path, now: datetime | None = None) -> Res
         )
     state = checkpoint.load(checkpoint_path)
     return ResumePlan(run_dir.parent, run_dir.name, validate(config), checkpoint_path, state)
+
+
+def with_run_control_updates(plan: ResumePlan, updates: dict[str, Any]) -> dict[str, Any]:
+    """The recorded config with ``updates`` applied; only RUN_CONTROL_KEYS may change."""
+    for key in updates:
+        if key not in RUN_CONTROL_KEYS:
+            raise ResumeError(
+                f"--resume continues the run with its recorded config; {key!r} cannot change "
+                f"(allowed: {', '.join(RUN_CONTROL_KEYS)})"
+            )
+    return validate({**plan.config, **updates}, dict.fromkeys(updates, "the command line"))
