@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # multi-GB CUDA build. Sacred 0.8.7 needs pkg_resources, gone in setuptools 82.
 TORCH ?= torch==2.13.0
 
-.PHONY: quickstart test lint format clean install
+.PHONY: quickstart test lint format clean install bench
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,12 @@ quickstart: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# Each script in benchmarks/ prints its own figures (wall time, peak memory).
+bench: install
+	@for script in benchmarks/*.py; do \
+		echo "== $$script"; $(BIN)/python $$script || exit 1; \
+	done
 
 lint: install
 	$(BIN)/ruff check .

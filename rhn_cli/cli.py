@@ -6,8 +6,10 @@ answers at once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -191,6 +193,72 @@ def _report_stop(stop) -> None:
     sys.exit(128 + (stop.signal_number or signal.SIGINT))
 
 
+@cli.command()
+@click.argument("target", metavar="RUN_ID|CHECKPOINT")
+@click.option(
+    "--split",
+    type=click.Choice(["valid", "test", "both"]),
+    default="both",
+    show_default=True,
+    help="Which split(s) to evaluate.",
+)
+@click.option(
+    "--mc-steps",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="MC-dropout samples (the reference evaluate_mc); 0 for none.",
+)
+@click.option(
+    "--runs-dir",
+    envvar="RHN_RUNS_DIR",
+    default="runs",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="File store of the runs [env: RHN_RUNS_DIR].",
+)
+@click.option(
+    "--mongo",
+    "mongo_url",
+    envvar="RHN_MONGO_URL",
+    metavar="URL",
+    help="Also record in MongoDB [env: RHN_MONGO_URL].",
+)
+def evaluate(target, split, mc_steps, runs_dir, mongo_url) -> None:
+    """Evaluate a run's best model: batched and full (B = 1) perplexity, MC dropout.
+
+    TARGET is a run id (its best_model.pt), a run directory or a checkpoint file.
+    The evaluation is recorded as a run of its own, linked to the evaluated run.
+    """
+    from rhn_cli.engine.checkpoint import CheckpointError
+    from rhn_cli.experiment.resolve import ResolvedConfig
+    from rhn_cli.experiment.resume import plan_evaluation
+    from rhn_cli.experiment.sacred_app import RunFailed, RunInterrupted, run_evaluation
+    from rhn_cli.experiment.schema import ConfigError
+
+    try:
+        config, evaluated_run = plan_evaluation(target, Path(runs_dir), mc_steps)
+    except ConfigError as error:
+        _fail(str(error))
+    except CheckpointError as error:
+        _fail(str(error), code=1)
+    splits = ("valid", "test") if split == "both" else (split,)
+    try:
+        outcome = run_evaluation(
+            ResolvedConfig(config, updates=config),
+            splits,
+            evaluated_run,
+            runs_dir=runs_dir,
+            mongo_url=mongo_url,
+            warn=lambda message: _stderr(f"Warning: {message}", "yellow"),
+        )
+    except RunInterrupted as stop:
+        _report_stop(stop)
+    except RunFailed as failure:
+        _fail(f"{failure.cause}", code=1)
+    click.echo(f"run {outcome.run_id} {outcome.status} in {outcome.run_dir}")
+
+
 @cli.command("print-config", epilog=WITH_HELP)
 @click.argument("updates", nargs=-1, metavar="[with] [NAMED_CONFIG|FILE.yaml|KEY=VALUE]...")
 def print_config(updates) -> None:
@@ -225,6 +293,157 @@ def configs() -> None:
         click.echo(
             f"\nAdd your own: put NAME.yaml files in a directory listed in {CONFIG_PATH_ENV}."
         )
+
+
+@cli.group()
+def data() -> None:
+    """Fetch, check and remove the datasets rhn trains on.
+
+    Datasets are downloaded, verified against their published checksums and
+    tokenised once, into RHN_DATA_DIR (default ./data); 'rhn train with
+    dataset=NAME' fetches a missing one itself. Offline, point --from at a copy.
+
+    \b
+    Examples:
+      rhn data ls                                  # every dataset and its statistics
+      rhn data fetch ptb                           # download, verify, prepare
+      rhn data fetch ptb --from simple-examples.tgz
+      rhn data fetch ptb_char --from /mnt/ptb/     # a directory of the raw files
+      rhn data verify ptb                          # re-check checksums and statistics
+    """
+
+
+@contextlib.contextmanager
+def _dataset_errors() -> Iterator[None]:
+    """Data errors as one line on stderr: exit 2 for an unknown name, else 1."""
+    from rhn_cli.data.errors import DatasetError, UnknownDatasetError
+
+    try:
+        yield
+    except UnknownDatasetError as error:
+        _fail(str(error), code=2)
+    except DatasetError as error:
+        _fail(str(error), code=1)
+
+
+def _terminal_stderr():
+    """stderr when it is a terminal (for progress bars), else None."""
+    return sys.stderr if sys.stderr.isatty() else None
+
+
+def _human_size(size: int) -> str:
+    if size <= 0:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return ""  # unreachable
+
+
+@data.command()
+@click.argument("name")
+@click.option(
+    "--from",
+    "source",
+    metavar="PATH_OR_URL",
+    help="Where to get it instead of the published URL: the archive (e.g. "
+    "simple-examples.tgz, enwik8.zip), a directory holding the raw files or the "
+    "archive, or a mirror URL (a directory URL ends in '/'). Checked all the same.",
+)
+@click.option("--force", is_flag=True, help="Prepare it again even if the cache is complete.")
+def fetch(name, source, force) -> None:
+    """Download (or copy), verify and prepare dataset NAME."""
+    from rhn_cli.data.store import fetch_dataset
+
+    with _dataset_errors():
+        outcome = fetch_dataset(name, source, force, echo=click.echo, progress=_terminal_stderr())
+    if not outcome.prepared:
+        click.echo(
+            f"{outcome.name} is already prepared in {outcome.directory} "
+            "('rhn data verify' checks it, --force prepares it again)"
+        )
+
+
+@data.command("ls")
+def list_datasets() -> None:
+    """List every dataset: cached or not, size on disk, split statistics."""
+    from rhn_cli.data.cache import data_dir
+    from rhn_cli.data.store import dataset_rows
+
+    rows = dataset_rows()
+    header = ("DATASET", "LEVEL", "STATUS", "ON DISK", "TRAIN", "VALID", "TEST", "VOCAB")
+    table = []
+    for row in rows:
+        numbers = [*(row.tokens or ()), row.vocab] if row.tokens else [None] * 4
+        shown = ["" if n is None else (f"({n:,})" if row.published else f"{n:,}") for n in numbers]
+        table.append((row.name, row.level, row.status, _human_size(row.size), *shown))
+    widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header))]
+    click.echo(f"Cache: {data_dir().absolute()} (RHN_DATA_DIR)")
+    for line in [header, *table]:
+        left = [cell.ljust(width) for cell, width in zip(line[:3], widths[:3], strict=True)]
+        right = [cell.rjust(width) for cell, width in zip(line[3:], widths[3:], strict=True)]
+        click.echo("  ".join(left + right).rstrip())
+    for row in rows:
+        if row.reason:
+            click.echo(f"{row.name}: {row.reason}; 'rhn data fetch {row.name}' rebuilds it")
+    if any(row.published for row in rows):
+        click.echo("(n): the published statistics; 'rhn data fetch NAME' prepares the dataset")
+
+
+@data.command()
+@click.argument("name")
+def verify(name) -> None:
+    """Re-check dataset NAME's checksums and statistics.
+
+    Checks the arrays and the vocabulary against the checksums recorded when they were
+    written, recomputes the statistics from the arrays and compares them with
+    meta.json and the published ones, and compares the source checksums recorded at
+    fetch time with the published ones (the raw files are not kept).
+    """
+    from rhn_cli.data.store import verify_dataset
+
+    with _dataset_errors():
+        results = verify_dataset(name, echo=click.echo)
+    failed = 0
+    for result in results:
+        click.echo(f"{result.name}: {result.directory}")
+        for check in result.checks:
+            mark = "ok  " if check.ok else "FAIL"
+            click.secho(f"  {mark}  {check.what}", fg=None if check.ok else "red")
+        failed += sum(not check.ok for check in result.checks)
+    total = sum(len(result.checks) for result in results)
+    if failed:
+        _fail(f"{name}: {failed} of {total} checks failed", code=1)
+    click.echo(f"{name}: verified ({total} checks passed)")
+
+
+@data.command()
+@click.argument("name")
+def path(name) -> None:
+    """Print the cache directory of dataset NAME."""
+    from rhn_cli.data.store import dataset_path
+
+    with _dataset_errors():
+        click.echo(dataset_path(name).absolute())
+
+
+@data.command()
+@click.argument("name")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def rm(name, yes) -> None:
+    """Delete the cached dataset NAME (it can be fetched again)."""
+    from rhn_cli.data.store import cached_size, dataset_path, remove_dataset
+
+    with _dataset_errors():
+        directory = dataset_path(name)
+        if not directory.exists():
+            click.echo(f"{name} is not in the cache ({directory}); nothing to remove")
+            return
+        if not yes:
+            click.confirm(f"Remove {directory} ({_human_size(cached_size(name))})?", abort=True)
+        freed = remove_dataset(name, echo=click.echo)
+    click.echo(f"removed {directory} ({_human_size(freed)})")
 
 
 def main() -> None:

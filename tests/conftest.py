@@ -20,7 +20,7 @@ FAST_RUN = [
 @pytest.fixture(autouse=True)
 def isolated_environment(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for name in ("RHN_CONFIG_PATH", "RHN_RUNS_DIR", "RHN_MONGO_URL"):
+    for name in ("RHN_CONFIG_PATH", "RHN_RUNS_DIR", "RHN_MONGO_URL", "RHN_DATA_DIR"):
         monkeypatch.delenv(name, raising=False)
     return tmp_path
 

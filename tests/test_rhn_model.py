@@ -80,19 +80,23 @@ def reference_forward(
         W_T0 = np.concatenate([Wx[H:].T, R[0, H:].T], axis=0)
         assert W_H0.shape == W_T0.shape == (in_size + H, H)
         m_i, m_h = masks["i"][layer], masks["h"][layer]
+        # Shared masks are [B, w]; separate ones (tied_noise=False) [B, 2, w]: H then T.
+        m_iH, m_iT = (m_i[:, 0], m_i[:, 1]) if m_i.ndim == 3 else (m_i, m_i)
+        m_hH, m_hT = (m_h[:, 0], m_h[:, 1]) if m_h.ndim == 3 else (m_h, m_h)
         s = state[layer].copy()
         outputs = []
         for t in range(T):
-            x_t = x[:, t, :] * m_i
             for i in range(D):
-                s_dropped = s * m_h  # only the copy that feeds the matmul is dropped
+                # only the copies that feed the matmuls are dropped
+                s_H, s_T = s * m_hH, s * m_hT
                 if i == 0:
-                    z = np.concatenate([x_t, s_dropped], axis=1)
-                    h = np.tanh(z @ W_H0 + b[0, :H])
-                    g = _sigmoid(z @ W_T0 + b[0, H:])
+                    z_H = np.concatenate([x[:, t, :] * m_iH, s_H], axis=1)
+                    z_T = np.concatenate([x[:, t, :] * m_iT, s_T], axis=1)
+                    h = np.tanh(z_H @ W_H0 + b[0, :H])
+                    g = _sigmoid(z_T @ W_T0 + b[0, H:])
                 else:
-                    h = np.tanh(s_dropped @ R[i, :H].T + b[i, :H])
-                    g = _sigmoid(s_dropped @ R[i, H:].T + b[i, H:])
+                    h = np.tanh(s_H @ R[i, :H].T + b[i, :H])
+                    g = _sigmoid(s_T @ R[i, H:].T + b[i, H:])
                 s = h * g + s * (1.0 - g)  # coupled carry gate, undropped s on the carry
             outputs.append(s)
         x = np.stack(outputs, axis=1)  # [B, T, H]: next layer's input
@@ -785,3 +789,62 @@ def test_gradcheck_small_model():
         return ce / B + final.sum()
 
     assert torch.autograd.gradcheck(loss_fn, params, eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_separate_h_and_t_masks_match_reference_equations(num_layers):
+    """tied_noise=False (Torch7, Theano option): H and T each get their own m_i and m_h."""
+    cfg = RHNConfig(
+        vocab_size=4,
+        hidden_size=6,
+        depth=3,
+        num_layers=num_layers,
+        tied=False,
+        tied_noise=False,
+        drop_x=0.2,
+        drop_i=0.4,
+        drop_h=0.3,
+        drop_o=0.3,
+    )
+    model = _make_model(cfg).double().train()
+    rng = np.random.default_rng(3)
+    B, T = 3, 4
+    widths = [cfg.in_size] + [cfg.hidden_size] * (num_layers - 1)
+    masks = {
+        "x": _inverted_dropout(rng, (B, T, 1), 0.2),
+        "i": [_inverted_dropout(rng, (B, 2, w), 0.4) for w in widths],
+        "h": [_inverted_dropout(rng, (B, 2, cfg.hidden_size), 0.3) for _ in widths],
+        "o": _inverted_dropout(rng, (B, cfg.hidden_size), 0.3),
+    }
+    assert not np.array_equal(masks["h"][0][:, 0], masks["h"][0][:, 1])
+    tokens = rng.integers(0, 4, (B, T))
+    state = rng.normal(size=(num_layers, B, cfg.hidden_size))
+    expected_logits, expected_state = reference_forward(
+        _np_params(model),
+        hidden_size=6,
+        depth=3,
+        num_layers=num_layers,
+        tied=False,
+        tokens=tokens,
+        state=state,
+        masks=masks,
+    )
+    logits, final = model(torch.as_tensor(tokens), torch.as_tensor(state), _to_torch(masks))
+    np.testing.assert_allclose(logits.detach().numpy(), expected_logits, atol=1e-10)
+    np.testing.assert_allclose(final.detach().numpy(), expected_state, atol=1e-10)
+    drawn = model.draw_masks(torch.as_tensor(tokens))
+    assert [m.shape for m in drawn["i"]] == [(B, 2, w) for w in widths]
+    assert drawn["h"][0].shape == (B, 2, cfg.hidden_size)
+
+
+def test_init_other_bias_sets_every_non_t_bias():
+    """Theano's init_other_bias: H biases and the output bias constant, T biases init_bias."""
+    model = _make_model(
+        RHNConfig(
+            vocab_size=9, hidden_size=5, depth=3, tied=True, init_bias=-2.0, init_other_bias=0.0
+        )
+    )
+    bias = model.layers[0].bias.detach()
+    assert torch.all(bias[:, :5] == 0.0) and torch.all(bias[:, 5:] == -2.0)
+    assert torch.all(model.output_bias.detach() == 0.0)
+    assert model.layers[0].recurrent_weight.detach().abs().max() > 0  # weights still uniform

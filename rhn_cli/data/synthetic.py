@@ -40,7 +40,8 @@ class MarkovSource:
     def __post_init__(self) -> None:
         if not 1 <= self.branching <= self.alphabet_size:
             raise ValueError(
-                f"branching={self.branching} must be between 1 and alphabet_size={self.alphabet_size}"
+                f"branching={self.branching} must be between 1 and "
+                f"alphabet_size={self.alphabet_size}"
             )
         # In the rare case the chain comes out periodic it has no limiting distribution:
         # redraw from a derived seed, so the result stays a function of source_seed.

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from rhn_cli.atomic import write_atomically
 
 FORMAT_VERSION = 1
 LAST = "checkpoint.pt"
@@ -26,26 +26,6 @@ BEST = "best_model.pt"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated, corrupted or from another format."""
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
@@ -61,6 +41,7 @@ def save(path: Path, state: dict[str, Any]) -> None:
         },
         envelope,
     )
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, envelope.getvalue())
 
 

@@ -97,6 +97,7 @@ class TrainingSummary:
     best_epoch: int  # 1-based
     best_valid_ppl: float
     history: dict[str, list[float]] = field(default_factory=dict)
+    final: dict[str, float] = field(default_factory=dict)  # full / MC-dropout perplexities
 
 
 def configure_determinism(enabled: bool) -> None:
@@ -135,6 +136,8 @@ def build_model(config: Mapping[str, Any], vocab_size: int) -> RHNLanguageModel:
             drop_i=config["drop_i"],
             drop_h=config["drop_h"],
             drop_o=config["drop_o"],
+            tied_noise=config["tied_noise"],
+            init_other_bias=config["init_other_bias"],
         )
     )
 
@@ -209,6 +212,7 @@ class Trainer:
         self.best_valid = math.inf
         self.best_epoch = 0
         self.epochs_without_improvement = 0
+        self.best_weights: dict | None = None
 
     # -- checkpoints -------------------------------------------------------------------
 
@@ -249,7 +253,9 @@ class Trainer:
         return path
 
     def _save_best_model(self, epoch: int, valid_ppl: float) -> None:
-        if self.run_dir is not None:
+        if self.run_dir is None:  # unobserved: keep the best weights in memory instead
+            self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        else:
             checkpoint.save(
                 self.run_dir / checkpoint.BEST,
                 {
@@ -429,6 +435,48 @@ class Trainer:
             },
         )
 
+    def final_evaluation(self) -> dict[str, float]:
+        """The reference's closing numbers, from the best-valid model: non-batched
+        ("full") valid and test perplexity and, with ``mc_steps``, MC-dropout test."""
+        from rhn_cli.engine.evaluation import full_perplexity, mc_dropout_perplexity
+
+        if self.run_dir is not None and (self.run_dir / checkpoint.BEST).exists():
+            weights = checkpoint.load(self.run_dir / checkpoint.BEST)["model"]
+        else:
+            weights = self.best_weights
+        if weights is not None:
+            self.model.load_state_dict(weights)
+        epoch = self.best_epoch or len(self.history["valid"])
+        results = {}
+        for split, tokens in (("valid", self.corpus.valid), ("test", self.corpus.test)):
+            results[f"full_{split}"] = full_perplexity(self.model, tokens)
+        mc_steps = self.config["mc_steps"]
+        if mc_steps:
+            mc = mc_dropout_perplexity(
+                self.model,
+                self.corpus.test,
+                mc_steps,
+                progress=lambda done, bad: None,
+            )
+            results["mc_test"] = mc.perplexity
+            self.reporter.set_info("mc_rejected_samples", mc.rejected)
+        for name, ppl in results.items():
+            self.reporter.log_scalar(f"{name}.ppl", ppl, epoch)
+            self.reporter.log_scalar(f"{name}.bpc", _bits(ppl), epoch)
+        self.reporter.set_info("full_best_valid_perplexity", results["full_valid"])
+        self.reporter.set_info("full_test_perplexity", results["full_test"])
+        if "mc_test" in results:
+            self.reporter.set_info("mc_test_perplexity", results["mc_test"])
+        message = (
+            f"full (non-batched) evaluation of the epoch-{epoch} model: valid ppl "
+            f"{results['full_valid']:.3f} bits {_bits(results['full_valid']):.4f}, test ppl "
+            f"{results['full_test']:.3f} bits {_bits(results['full_test']):.4f}"
+        )
+        if "mc_test" in results:
+            message += f"; MC dropout ({mc_steps} samples) test ppl {results['mc_test']:.3f}"
+        self.echo(message)
+        return results
+
     def _summary(self) -> TrainingSummary:
         history = self.history
         best_index = int(np.argmin(history["valid"]))
@@ -467,6 +515,11 @@ def train(
     given, else a plain line every tenth of an epoch. Checkpoints are written into
     ``run_dir`` (none if it is None); ``resume_from`` is a loaded checkpoint to continue.
     """
+    if config["vocab_size"] is not None and config["vocab_size"] != corpus.vocab_size:
+        raise ValueError(
+            f"vocab_size={config['vocab_size']} but dataset {corpus.name!r} has "
+            f"{corpus.vocab_size} symbols; drop vocab_size or use the matching dataset"
+        )
     B, T = config["batch_size"], config["num_steps"]
     # Fail on a too-short split now, not after the first training epoch.
     for split in ("train", "valid", "test"):
@@ -486,6 +539,9 @@ def train(
         f"{len(corpus.train):,}/{len(corpus.valid):,}/{len(corpus.test):,} tokens"
         + (f", source entropy rate {entropy:.4f} bits/symbol" if entropy is not None else "")
     )
+    if config["load_model"] and resume_from is None:
+        trainer.model.load_state_dict(checkpoint.load(Path(config["load_model"]))["model"])
+        echo(f"weights loaded from {config['load_model']}")
     if resume_from is not None:
         trainer.load_state_dict(resume_from)
         echo(f"resumed at {trainer._where()} from the last checkpoint")
@@ -493,5 +549,8 @@ def train(
             trainer._record_info(len(trainer.history["valid"]))
     if trainer.epoch_index >= config["max_max_epoch"]:
         echo("nothing left to train: the checkpoint is past max_max_epoch")
-        return trainer._summary()
-    return trainer.fit()
+        summary = trainer._summary()
+    else:
+        summary = trainer.fit()
+    summary.final = trainer.final_evaluation()
+    return summary

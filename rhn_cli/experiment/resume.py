@@ -89,3 +89,30 @@ def with_run_control_updates(plan: ResumePlan, updates: dict[str, Any]) -> dict[
                 f"(allowed: {', '.join(RUN_CONTROL_KEYS)})"
             )
     return validate({**plan.config, **updates}, dict.fromkeys(updates, "the command line"))
+
+
+def plan_evaluation(
+    target: str, runs_dir: Path, mc_steps: int
+) -> tuple[dict[str, Any], str | None]:
+    """(config to evaluate with, evaluated run id or None) for ``rhn evaluate TARGET``.
+
+    TARGET is a run id in ``runs_dir`` or a run directory (its best_model.pt is
+    evaluated), or a checkpoint file (best_model.pt or checkpoint.pt, which carry their
+    training config).
+    """
+    from rhn_cli.engine import checkpoint
+
+    path = Path(target)
+    if target.isdigit() and (runs_dir / target).is_dir():
+        path = runs_dir / target / checkpoint.BEST
+    elif path.is_dir():
+        path = path / checkpoint.BEST
+    if not path.is_file():
+        raise ResumeError(
+            f"evaluate {target}: no run {target!r} with a {checkpoint.BEST} in {runs_dir}, "
+            "and no such checkpoint file"
+        )
+    saved = checkpoint.load(path)
+    evaluated_run = path.parent.name if (path.parent / "run.json").exists() else None
+    config = {**saved["config"], "load_model": str(path), "mc_steps": mc_steps}
+    return validate(config), evaluated_run

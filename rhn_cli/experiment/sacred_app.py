@@ -103,7 +103,9 @@ def _main_function(progress: TextIO | None, stop, resume: ResumePlan | None):
         else:
             verb = "resuming in" if resume is not None else "recording to"
             print(f"run {_run._id}: {verb} {run_dir}")
-        corpus = load_corpus(config)
+        corpus = load_corpus(config, progress=progress)  # fetched and prepared on first use
+        if corpus.description:  # the vocabulary convention and sources, with the run
+            _run.info["dataset"] = corpus.description
         summary = train(
             config,
             corpus,
@@ -116,6 +118,28 @@ def _main_function(progress: TextIO | None, stop, resume: ResumePlan | None):
         return summary.best_valid_ppl
 
     return main
+
+
+def _evaluate_function(splits: tuple[str, ...], evaluated_run: str | None):
+    """Sacred's ``evaluate`` command: the reference evaluate / evaluate_mc."""
+
+    def evaluate(_config, _run, _seed):
+        import torch
+
+        from rhn_cli.data.registry import load_corpus
+        from rhn_cli.engine.evaluation import evaluate_saved_model
+
+        config = validate(_config)
+        torch.manual_seed(_seed)
+        if evaluated_run is not None:
+            _run.info["evaluated_run"] = evaluated_run
+        _run.info["checkpoint"] = config["load_model"]
+        print(f"evaluating {config['load_model']} on {', '.join(splits)}")
+        corpus = load_corpus(config)
+        results = evaluate_saved_model(config, corpus, SacredReporter(_run), splits)
+        return results[f"full_{splits[-1]}.ppl"]
+
+    return evaluate
 
 
 def _terminal() -> TextIO | None:
@@ -151,6 +175,7 @@ def build_experiment(
     *,
     stop=None,
     resume: ResumePlan | None = None,
+    evaluation: tuple[tuple[str, ...], str | None] | None = None,
 ) -> Any:
     """A Sacred Experiment with rhn's defaults, the named configs used, and ``observers``."""
     with quiet_sacred_import():
@@ -170,6 +195,8 @@ def build_experiment(
     # Progress bars redraw with carriage returns; record only the final state of a line.
     experiment.captured_out_filter = apply_backspaces_and_linefeeds
     experiment.main(_main_function(_terminal(), stop, resume))
+    if evaluation is not None:
+        experiment.command(_evaluate_function(*evaluation))
     experiment.observers.extend(observers)
     return experiment
 
@@ -275,6 +302,36 @@ def run_training(
         raise RunInterrupted(
             run_dir(), stopped.STATUS, stopped.signal, stopped.checkpoint_path, str(stopped)
         ) from None
+    except KeyboardInterrupt:
+        raise RunInterrupted(run_dir(), signal_number=signal.SIGINT) from None
+    except Exception as error:
+        raise RunFailed(error, run_dir()) from error
+    return RunOutcome(run._id, run.status, run.result, run_dir(), mongo)
+
+
+def run_evaluation(
+    resolved: ResolvedConfig,
+    splits: tuple[str, ...],
+    evaluated_run: str | None,
+    *,
+    runs_dir: str | Path,
+    mongo_url: str | None = None,
+    warn: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
+) -> RunOutcome:
+    """Evaluate ``resolved.config['load_model']`` as a run of its own (command 'evaluate')."""
+    runs_dir = Path(runs_dir)
+    observers, mongo = make_observers(runs_dir, mongo_url, warn)
+    experiment = build_experiment(resolved, observers, evaluation=(splits, evaluated_run))
+    comment = f"evaluation of run {evaluated_run}" if evaluated_run else None
+    options: dict[str, Any] = {"--capture": "sys", "--comment": comment}
+
+    def run_dir() -> Path | None:
+        return next((Path(o.dir) for o in observers if getattr(o, "dir", None)), None)
+
+    try:
+        run = experiment.run(
+            "evaluate", config_updates=resolved.updates, named_configs=[], options=options
+        )
     except KeyboardInterrupt:
         raise RunInterrupted(run_dir(), signal_number=signal.SIGINT) from None
     except Exception as error:

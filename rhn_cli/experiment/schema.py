@@ -17,6 +17,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from rhn_cli.data.errors import DatasetError
+from rhn_cli.data.registry import DATASETS as DATASET_REGISTRY
+from rhn_cli.data.textfile import DATA_PATH_FORMS, TEXT_LEVELS, textfile_paths
+
 
 class ConfigError(ValueError):
     """A config value or key is not acceptable; the message is one line for the user."""
@@ -63,13 +67,33 @@ def _device(v: Any) -> str | None:
     return None if ok else "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
 
 
-# Names the registry layers provide; kept here as literals so validation needs no torch.
+# Model names are a literal so that validation needs no torch. Dataset names come from
+# the data registry, which imports nothing heavy, at check time (so datasets registered
+# later are known too).
 MODELS = ("rhn",)
-DATASETS = ("synthetic",)
+
+
+def _known_dataset(v: Any) -> str | None:
+    return None if v in DATASET_REGISTRY else "one of " + ", ".join(map(repr, DATASET_REGISTRY))
+
 
 SCHEMA: dict[str, Option] = {
     "model": Option("rhn", str, "model family", _one_of(*MODELS)),
-    "dataset": Option("synthetic", str, "corpus to train on", _one_of(*DATASETS)),
+    "dataset": Option(
+        "synthetic", str, "corpus to train on ('rhn data ls' lists them)", _known_dataset
+    ),
+    "data_path": Option(
+        None,
+        str,
+        "dataset='textfile': a UTF-8 file (split 90/5/5), a directory of "
+        "train/valid/test.txt, or a {split} pattern",
+    ),
+    "text_level": Option(
+        "char",
+        str,
+        "dataset='textfile': 'char' or 'word' (split on whitespace, <eos> per line)",
+        _one_of(*TEXT_LEVELS),
+    ),
     "depth": Option(3, int, "recurrence depth D: highway micro-layers per time step", _at_least(1)),
     "hidden_size": Option(128, int, "units H of each RHN layer", _at_least(1)),
     "num_layers": Option(1, int, "stacked RHN layers", _at_least(1)),
@@ -94,7 +118,22 @@ SCHEMA: dict[str, Option] = {
     "drop_i": Option(0.0, float, "dropout on each RHN layer's input", _drop_rate),
     "drop_h": Option(0.0, float, "dropout on the recurrent state (not the carry path)", _drop_rate),
     "drop_o": Option(0.0, float, "dropout on the last layer's output", _drop_rate),
+    "tied_noise": Option(
+        True, bool, "one dropout mask for both H and T transforms (TF); False: one each"
+    ),
+    "init_other_bias": Option(
+        None, (int, float), "constant init of the H and output biases (Theano); None: uniform"
+    ),
     "device": Option("auto", str, "'auto' picks cuda when available, else cpu", _device),
+    "vocab_size": Option(
+        None, int, "expected vocabulary size; None: whatever the dataset has", _at_least(1)
+    ),
+    "load_model": Option(
+        "", str, "start from the weights of this checkpoint (best_model.pt or checkpoint.pt)"
+    ),
+    "mc_steps": Option(
+        0, int, "MC-dropout samples for a final test evaluation (0: none)", _at_least(0)
+    ),
     "checkpoint_every": Option(
         30.0,
         float,
@@ -189,6 +228,8 @@ def suggest(key: str, candidates: list[str]) -> str:
 
 
 def _type_name(kind: type | tuple[type, ...]) -> str:
+    if kind == (int, float):
+        return "a number or None"
     return {int: "an integer", float: "a number", bool: "True or False", str: "a string"}[kind]
 
 
@@ -242,6 +283,7 @@ def validate(
 
 def _check_consistency(config: Mapping[str, Any]) -> None:
     """Rules that involve several keys."""
+    _check_data_path(config.get("dataset"), config.get("data_path"))
     synthetic = config.get("synthetic", {})
     if synthetic and synthetic["branching"] > synthetic["alphabet_size"]:
         raise ConfigError(
@@ -253,3 +295,20 @@ def _check_consistency(config: Mapping[str, Any]) -> None:
             f"synthetic.order={synthetic['order']}: alphabet_size**order must be at most "
             "1,000,000 contexts"
         )
+
+
+def _check_data_path(dataset: Any, data_path: Any) -> None:
+    """``textfile`` needs an existing ``data_path``; other datasets must not be given one."""
+    if dataset != "textfile":
+        if data_path is not None:
+            raise ConfigError(
+                f"data_path={data_path!r}: only used with dataset='textfile' "
+                f"(dataset={dataset!r}); drop it or set dataset='textfile'"
+            )
+        return
+    if data_path is None:
+        raise ConfigError(f"dataset='textfile' needs data_path: {DATA_PATH_FORMS}")
+    try:
+        textfile_paths(data_path)
+    except DatasetError as error:
+        raise ConfigError(str(error)) from None

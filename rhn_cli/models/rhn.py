@@ -12,8 +12,10 @@ step t it applies D highway micro-layers; the input x_t enters only the first on
 
 x_t is the layer input times its dropout mask m_i; m_h drops the copy of the state
 that feeds the matrix products, never the carry path s^i * (1 - t^i). The masks are
-drawn once per minibatch and shared by the H and T transforms, all micro-layers and all
-time steps (:mod:`rhn_cli.models.dropout`).
+drawn once per minibatch and reused at all micro-layers and all time steps
+(:mod:`rhn_cli.models.dropout`). With ``tied_noise`` (the TF default) the H and T
+transforms share one m_i and one m_h; without it each transform gets its own pair, as
+in the Torch7 code and Theano's ``tied_noise=False``.
 
 The language model is
 
@@ -27,6 +29,8 @@ Parameters and initialisation follow the reference exactly: per layer W_x = [W_H
 (no bias of its own: micro-layer 0's bias is b^0), R^i = [R_H^i; R_T^i] and
 b^i = [b_H^i; b_T^i] for every micro-layer; everything is U(-init_scale, init_scale)
 except the T biases, which are the constant ``init_bias`` at every micro-layer.
+Theano's ``init_other_bias`` option sets every other bias (H biases and the output bias)
+to a constant instead.
 The output bias exists also when tied. For V=10000, H=830, D=10, tied this gives
 23,482,400 parameters.
 """
@@ -54,6 +58,8 @@ class RHNConfig:
     drop_i: float = 0.0
     drop_h: float = 0.0
     drop_o: float = 0.0
+    tied_noise: bool = True
+    init_other_bias: float | None = None  # None: uniform like the weights (TF)
 
     @property
     def in_size(self) -> int:
@@ -75,10 +81,14 @@ class RHNLayer(nn.Module):
         self.recurrent_weight = nn.Parameter(torch.empty(depth, 2 * hidden_size, hidden_size))
         self.bias = nn.Parameter(torch.empty(depth, 2 * hidden_size))
 
-    def reset_parameters(self, init_scale: float, init_bias: float) -> None:
+    def reset_parameters(
+        self, init_scale: float, init_bias: float, other_bias: float | None = None
+    ) -> None:
         with torch.no_grad():
             for p in (self.input_weight, self.recurrent_weight, self.bias):
                 p.uniform_(-init_scale, init_scale)
+            if other_bias is not None:
+                self.bias[:, : self.hidden_size] = other_bias
             self.bias[:, self.hidden_size :] = init_bias
 
     def forward(
@@ -88,18 +98,30 @@ class RHNLayer(nn.Module):
         input_mask: torch.Tensor | None = None,
         state_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """inputs [B, T, in], state [B, H] -> (outputs [B, T, H], final state [B, H])."""
-        if input_mask is not None:
-            inputs = inputs * input_mask.unsqueeze(1)
-        # The input only enters micro-layer 0, so its projection for all steps is one product.
-        projected = inputs @ self.input_weight.t()
+        """inputs [B, T, in], state [B, H] -> (outputs [B, T, H], final state [B, H]).
+
+        Masks are [B, width] when shared by the H and T transforms, or [B, 2, width]
+        with separate masks for H (index 0) and T (index 1).
+        """
         H = self.hidden_size
+        # The input only enters micro-layer 0, so its projection for all steps is one product.
+        if input_mask is None:
+            projected = inputs @ self.input_weight.t()
+        elif input_mask.dim() == 2:
+            projected = (inputs * input_mask.unsqueeze(1)) @ self.input_weight.t()
+        else:
+            projected = torch.cat(
+                [
+                    (inputs * input_mask[:, 0].unsqueeze(1)) @ self.input_weight[:H].t(),
+                    (inputs * input_mask[:, 1].unsqueeze(1)) @ self.input_weight[H:].t(),
+                ],
+                dim=-1,
+            )
         outputs = []
         s = state
         for t in range(inputs.shape[1]):
             for i in range(self.depth):
-                s_in = s if state_mask is None else s * state_mask
-                pre = torch.addmm(self.bias[i], s_in, self.recurrent_weight[i].t())
+                pre = self._recurrent(i, s, state_mask)
                 if i == 0:
                     pre = pre + projected[:, t]
                 h = torch.tanh(pre[:, :H])
@@ -107,6 +129,19 @@ class RHNLayer(nn.Module):
                 s = (h - s) * gate + s
             outputs.append(s)
         return torch.stack(outputs, dim=1), s
+
+    def _recurrent(self, i: int, s: torch.Tensor, state_mask: torch.Tensor | None):
+        """b^i + R^i (s * m_h), for shared or separate H/T state masks."""
+        weight, bias = self.recurrent_weight[i], self.bias[i]
+        if state_mask is None:
+            return torch.addmm(bias, s, weight.t())
+        if state_mask.dim() == 2:
+            return torch.addmm(bias, s * state_mask, weight.t())
+        H = self.hidden_size
+        return bias + torch.cat(
+            [(s * state_mask[:, 0]) @ weight[:H].t(), (s * state_mask[:, 1]) @ weight[H:].t()],
+            dim=-1,
+        )
 
 
 class RHNLanguageModel(nn.Module):
@@ -131,9 +166,12 @@ class RHNLanguageModel(nn.Module):
             self.embedding.weight.uniform_(-scale, scale)
             if self.output_weight is not None:
                 self.output_weight.uniform_(-scale, scale)
-            self.output_bias.uniform_(-scale, scale)
+            if self.config.init_other_bias is None:
+                self.output_bias.uniform_(-scale, scale)
+            else:
+                self.output_bias.fill_(self.config.init_other_bias)
         for layer in self.layers:
-            layer.reset_parameters(scale, self.config.init_bias)
+            layer.reset_parameters(scale, self.config.init_bias, self.config.init_other_bias)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -146,16 +184,19 @@ class RHNLanguageModel(nn.Module):
     def draw_masks(self, tokens: torch.Tensor) -> dict:
         """Fresh dropout masks for one minibatch (None entries mean 'no dropout')."""
         c, like, B = self.config, self.output_bias, tokens.shape[0]
+        per_transform = () if c.tied_noise else (2,)  # one mask for H and T, or one each
         return {
             "x": word_type_mask(tokens, c.vocab_size, c.drop_x, like=like),
             "i": [
                 variational_mask(
-                    (B, c.in_size if layer == 0 else c.hidden_size), c.drop_i, like=like
+                    (B, *per_transform, c.in_size if layer == 0 else c.hidden_size),
+                    c.drop_i,
+                    like=like,
                 )
                 for layer in range(c.num_layers)
             ],
             "h": [
-                variational_mask((B, c.hidden_size), c.drop_h, like=like)
+                variational_mask((B, *per_transform, c.hidden_size), c.drop_h, like=like)
                 for _ in range(c.num_layers)
             ],
             "o": variational_mask((B, c.hidden_size), c.drop_o, like=like),

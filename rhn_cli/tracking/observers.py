@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from rhn_cli.atomic import write_atomically
 from rhn_cli.tracking import quiet_sacred_import
 
 DEFAULT_DATABASE = "rhn"
@@ -117,9 +117,8 @@ def file_store_observer(runs_dir: str | os.PathLike, continue_after_epoch: int |
 
         def save_json(self, obj, filename):
             # Readers (rhn runs, a crash mid-write) must never see half a file.
-            write_text_atomically(
-                Path(self.dir) / filename, json.dumps(flatten(obj), sort_keys=True, indent=2)
-            )
+            text = json.dumps(flatten(obj), sort_keys=True, indent=2)
+            write_atomically(Path(self.dir) / filename, text.encode("utf-8"))
 
     return RunDirectoryObserver(str(Path(runs_dir)))
 
@@ -134,20 +133,6 @@ def _drop_metrics_after(run_dir: Path, epoch: int, save_json) -> None:
         for key in ("steps", "values", "timestamps"):
             series[key] = [series[key][i] for i in keep]
     save_json(metrics, "metrics.json")
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` via a temporary file in the same directory."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def mongo_observer(url: str, failure_dir: str | os.PathLike):

@@ -1,0 +1,527 @@
+"""Everything ``rhn data`` does, and fetch-on-first-use for training.
+
+``open_dataset`` is what ``load_corpus`` calls: it uses the cache when it is complete
+and current, and otherwise fetches, verifies and prepares the dataset first. The other
+functions back the ``rhn data`` commands; they return data for the CLI to print.
+
+Every operation on a dataset directory holds that dataset's lock, so a second process
+waits for the first and then finds a complete cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from rhn_cli import __version__
+from rhn_cli.data import cache
+from rhn_cli.data.errors import DatasetError
+from rhn_cli.data.registry import DATASETS, SPLITS, DatasetSpec, SourceFile, get_spec
+from rhn_cli.data.textfile import TEXT_LEVELS, textfile_paths
+
+if TYPE_CHECKING:
+    from rhn_cli.data.corpus import Corpus
+    from rhn_cli.data.fetch import RawSources
+    from rhn_cli.data.prepare import Prepared
+
+Echo = Callable[[str], None]
+TEXTFILE = "textfile"
+
+
+# --- fetching and opening ----------------------------------------------------------------
+
+
+@dataclass
+class FetchOutcome:
+    name: str
+    prepared: bool  # False: the cache was already complete and current
+    directory: Path
+    meta: dict[str, Any]
+
+
+def fetch_dataset(
+    name: str,
+    source: str | None = None,
+    force: bool = False,
+    echo: Echo = print,
+    progress: TextIO | None = None,
+) -> FetchOutcome:
+    """Fetch, verify and prepare ``name`` from ``source`` (None: the published URLs).
+
+    A complete, current cache is kept unless ``force``; a stale one is rebuilt.
+    """
+    spec = _downloadable(name)
+    directory = cache.dataset_dir(spec.name)
+    with cache.locked(spec.name, echo):
+        state = inspect_dataset(spec)
+        if state.ready and not force:
+            return FetchOutcome(spec.name, False, directory, state.meta or {})
+        if state.status == "stale":
+            echo(f"{spec.name}: the cache in {directory} is stale ({state.reason}); rebuilding it")
+        meta = _build(spec, source, directory, echo, progress)
+    return FetchOutcome(spec.name, True, directory, meta)
+
+
+def open_dataset(spec: DatasetSpec, echo: Echo = print, progress: TextIO | None = None) -> Corpus:
+    """The cached corpus of ``spec``, fetched from its published URLs if need be."""
+    directory = cache.dataset_dir(spec.name)
+    with cache.locked(spec.name, echo):
+        state = inspect_dataset(spec)
+        if not state.ready:
+            source = _local_origin(state)
+            if state.status == "stale":
+                where = f" from {source}" if source else ""
+                echo(
+                    f"{spec.name}: the cache in {directory} is stale ({state.reason}); "
+                    f"rebuilding it{where}"
+                )
+            else:
+                echo(f"{spec.name}: not in the cache ({directory}) yet; fetching it")
+            _build(spec, source, directory, echo, progress)
+            state = inspect_dataset(spec)
+        return _corpus(spec, state)
+
+
+def _local_origin(state: cache.CacheState) -> str | None:
+    """The local file or directory a stale cache was built from, if it is still there:
+    an air-gapped machine can then rebuild without the network."""
+    from rhn_cli.data.fetch import is_url
+
+    origin = ((state.meta or {}).get("source") or {}).get("origin")
+    if isinstance(origin, str) and not is_url(origin) and Path(origin).exists():
+        return origin
+    return None
+
+
+def inspect_dataset(spec: DatasetSpec, directory: Path | None = None) -> cache.CacheState:
+    directory = directory or cache.dataset_dir(spec.name)
+    return cache.inspect(directory, lambda meta: _spec_mismatch(spec, meta))
+
+
+def _spec_mismatch(spec: DatasetSpec, meta: dict[str, Any]) -> str | None:
+    """Why a cache (whose files are intact) does not hold what ``spec`` describes."""
+    if meta.get("dataset") != spec.name or meta.get("tokenizer") != spec.tokenizer:
+        return f"it holds {meta.get('dataset')} tokenised by {meta.get('tokenizer')}"
+    expected = spec.expected
+    if expected is not None:
+        tokens = {split: meta["splits"][split]["tokens"] for split in SPLITS}
+        if tokens != dict(expected.tokens) or meta["vocab"]["size"] != expected.vocab_size:
+            return "its statistics are not the published ones"
+    return None
+
+
+def _downloadable(name: str) -> DatasetSpec:
+    spec = get_spec(name)
+    if spec.name == TEXTFILE:
+        raise DatasetError(
+            "textfile is prepared from your own files on first use: "
+            "rhn train with dataset='textfile' data_path='FILE' (nothing to fetch)"
+        )
+    if not spec.downloadable:
+        raise DatasetError(f"{spec.name} is generated in memory; it has no cache")
+    return spec
+
+
+def _build(
+    spec: DatasetSpec,
+    source: str | None,
+    directory: Path,
+    echo: Echo,
+    progress: TextIO | None,
+) -> dict[str, Any]:
+    """Obtain verified raw files, tokenise, check and commit; returns the new metadata."""
+    from rhn_cli.data.fetch import obtain
+
+    with cache.staging_area(spec.name) as staging:
+        raw = obtain(spec, source, staging, echo, progress)
+        return _prepare_into(spec, raw, directory, echo)
+
+
+def _prepare_into(
+    spec: DatasetSpec, raw: RawSources, directory: Path, echo: Echo
+) -> dict[str, Any]:
+    from rhn_cli.data.prepare import check_expected, prepare
+
+    existed = directory.exists()
+    writer = cache.CacheWriter(directory)
+    try:
+        echo(f"{spec.name}: tokenising ({spec.convention.split(':')[0]})")
+        prepared = prepare(spec, raw.paths, writer)
+        check_expected(spec, prepared)
+        writer.save_bytes(cache.VOCAB_FILE, cache.dump_json(prepared.vocab))
+        meta = _meta(spec, raw, writer, prepared)
+        writer.commit(meta)
+    except BaseException:
+        writer.discard()
+        if not existed:
+            cache.remove_tree(directory)
+        raise
+    splits = meta["splits"]
+    echo(
+        f"{spec.name}: ready in {directory}: "
+        + "/".join(f"{splits[s]['tokens']:,}" for s in SPLITS)
+        + f" tokens, vocabulary {len(prepared.vocab):,}"
+    )
+    return meta
+
+
+def _meta(
+    spec: DatasetSpec, raw: RawSources, writer: cache.CacheWriter, prepared: Prepared
+) -> dict[str, Any]:
+    from rhn_cli.data.prepare import id_dtype
+
+    dtype = id_dtype(len(prepared.vocab)).name
+    vocab_file = writer.files[cache.VOCAB_FILE]
+    return {
+        "format": cache.CACHE_FORMAT,
+        "preprocessing_version": cache.PREPROCESSING_VERSION,
+        "dataset": spec.name,
+        "level": spec.level,
+        "tokenizer": spec.tokenizer,
+        "convention": spec.convention,
+        "created": cache.utc_now(),
+        "rhn_version": __version__,
+        "source": raw.provenance,
+        "vocab": {
+            "file": cache.VOCAB_FILE,
+            "size": len(prepared.vocab),
+            "kind": prepared.vocab_kind,
+            "bytes": vocab_file.size,
+            "sha256": vocab_file.sha256,
+        },
+        "splits": {
+            split: {
+                "file": cache.split_file(split),
+                "dtype": dtype,
+                "bytes": writer.files[cache.split_file(split)].size,
+                "sha256": writer.files[cache.split_file(split)].sha256,
+                **prepared.splits[split],
+            }
+            for split in SPLITS
+        },
+    }
+
+
+def _corpus(spec: DatasetSpec, state: cache.CacheState) -> Corpus:
+    from rhn_cli.data.corpus import Corpus
+
+    meta = state.meta or {}
+    splits, vocab = cache.load_arrays(state.directory, meta)
+    source = meta.get("source", {})
+    return Corpus(
+        name=spec.name,
+        vocab=vocab,
+        level=spec.level,
+        description={
+            "dataset": spec.name,
+            "convention": meta.get("convention", ""),
+            "cache": str(state.directory),
+            "source": source.get("origin"),
+            "source_sha256": {f["name"]: f.get("sha256") for f in source.get("files", [])},
+            "preprocessing_version": meta.get("preprocessing_version"),
+            "tokens": {split: meta["splits"][split]["tokens"] for split in SPLITS},
+            "vocab_size": len(vocab),
+        },
+        **splits,
+    )
+
+
+# --- textfile ----------------------------------------------------------------------------
+
+
+def textfile_spec(level: str) -> DatasetSpec:
+    """How a user's text is tokenised at ``level`` ('char' or 'word')."""
+    if level == "word":
+        convention = (
+            "text-words: line.split() + ['<eos>'] for every line; vocabulary from train by "
+            "(-count, word); valid/test words unseen in train become '<unk>'; one file is "
+            "split 90/5/5 by tokens"
+        )
+    else:
+        convention = (
+            "text-chars: Unicode characters, newline included; ids sorted by code point over "
+            "all splits; one file is split 90/5/5 by characters"
+        )
+    base = DATASETS[TEXTFILE]
+    return replace(base, tokenizer=f"text_{level}s", level=level, convention=convention, load=None)
+
+
+def load_textfile(data_path: str, level: str, echo: Echo = print) -> Corpus:
+    """The corpus of the user's text at ``data_path``, prepared once and cached.
+
+    The cache entry is named after the level and the hash of the files' contents, so an
+    edited file is prepared afresh and never confused with its old version.
+    """
+    if level not in TEXT_LEVELS:
+        raise DatasetError(f"text_level={level!r}: expected one of {', '.join(TEXT_LEVELS)}")
+    paths = textfile_paths(data_path)
+    digests = [cache.hash_file(path)["sha256"] for path in paths]
+    key = hashlib.sha256("\n".join([level, *digests]).encode()).hexdigest()[:16]
+    entry = f"{level}-{key}"
+    directory = cache.data_dir() / TEXTFILE / entry
+    spec = textfile_spec(level)
+    with cache.locked(f"{TEXTFILE}-{entry}", echo):
+        state = inspect_dataset(spec, directory)
+        if not state.ready:
+            from rhn_cli.data.fetch import RawSources
+
+            echo(f"textfile: preparing {data_path} at the {level} level into {directory}")
+            files = [
+                {"name": str(path.resolve()), "sha256": digest, "bytes": path.stat().st_size}
+                for path, digest in zip(paths, digests, strict=True)
+            ]
+            raw = RawSources(paths, {"origin": data_path, "kind": TEXTFILE, "files": files})
+            _prepare_into(spec, raw, directory, echo)
+            state = inspect_dataset(spec, directory)
+        return _corpus(spec, state)
+
+
+def _textfile_entries() -> list[Path]:
+    root = cache.data_dir() / TEXTFILE
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+# --- rhn data ls / path / rm ---------------------------------------------------------------
+
+
+@dataclass
+class DatasetRow:
+    """One line of ``rhn data ls``."""
+
+    name: str
+    level: str
+    status: str  # ready, missing, stale, built-in, 'N prepared' (textfile)
+    size: int  # bytes on disk
+    tokens: tuple[int, ...] | None = None  # train, valid, test
+    vocab: int | None = None
+    published: bool = False  # statistics from the registry: the dataset is not prepared
+    reason: str = ""  # why a cache is stale
+    summary: str = ""
+
+
+def dataset_rows() -> list[DatasetRow]:
+    rows = []
+    for spec in DATASETS.values():
+        if spec.name == TEXTFILE:
+            entries = _textfile_entries()
+            size = sum(cache.size_on_disk(entry) for entry in entries)
+            status = f"{len(entries)} prepared" if entries else "none prepared"
+            rows.append(DatasetRow(spec.name, "char/word", status, size, summary=spec.summary))
+        elif not spec.downloadable:
+            rows.append(DatasetRow(spec.name, spec.level, "built-in", 0, summary=spec.summary))
+        else:
+            rows.append(_cached_row(spec))
+    return rows
+
+
+def _cached_row(spec: DatasetSpec) -> DatasetRow:
+    state = inspect_dataset(spec)
+    row = DatasetRow(spec.name, spec.level, state.status, cache.size_on_disk(state.directory))
+    row.summary, row.reason = spec.summary, state.reason
+    if state.ready and state.meta:
+        row.tokens = tuple(state.meta["splits"][split]["tokens"] for split in SPLITS)
+        row.vocab = state.meta["vocab"]["size"]
+    elif spec.expected is not None:
+        row.tokens = tuple(spec.expected.tokens[split] for split in SPLITS)
+        row.vocab, row.published = spec.expected.vocab_size, True
+    return row
+
+
+def dataset_path(name: str) -> Path:
+    """Where ``name`` is (or would be) cached."""
+    spec = get_spec(name)
+    if spec.name != TEXTFILE and not spec.downloadable:
+        raise DatasetError(f"{spec.name} is generated in memory; it has no cache directory")
+    return cache.dataset_dir(spec.name)
+
+
+def cached_size(name: str) -> int:
+    return cache.size_on_disk(dataset_path(name))
+
+
+def remove_dataset(name: str, echo: Echo = print) -> int:
+    """Delete the cache of ``name``; returns the bytes freed (0 when there was none)."""
+    directory = dataset_path(name)
+    if name == TEXTFILE:
+        freed = 0
+        for entry in _textfile_entries():
+            with cache.locked(f"{TEXTFILE}-{entry.name}", echo):
+                freed += cache.remove_tree(entry)
+        freed += cache.remove_tree(directory)
+        return freed
+    with cache.locked(name, echo):
+        return cache.remove_tree(directory)
+
+
+# --- rhn data verify ------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    ok: bool
+    what: str
+
+
+@dataclass
+class Verification:
+    name: str
+    directory: Path
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(check.ok for check in self.checks)
+
+    def add(self, ok: bool, what: str) -> bool:
+        self.checks.append(Check(ok, what))
+        return ok
+
+
+def verify_dataset(name: str, echo: Echo = print) -> list[Verification]:
+    """Re-check a cache: array and vocabulary checksums, statistics recomputed from the
+    arrays against meta.json and the published ones, and the recorded source checksums
+    against the published ones. One :class:`Verification` per cache (textfile may have
+    several)."""
+    spec = get_spec(name)
+    if spec.name == TEXTFILE:
+        entries = _textfile_entries()
+        if not entries:
+            raise DatasetError("textfile: nothing prepared yet (rhn train with dataset='textfile')")
+        results = []
+        for entry in entries:
+            level = entry.name.split("-", 1)[0]
+            with cache.locked(f"{TEXTFILE}-{entry.name}", echo):
+                results.append(_verify(textfile_spec(level), entry, f"textfile/{entry.name}"))
+        return results
+    spec = _downloadable(name)
+    with cache.locked(spec.name, echo):
+        return [_verify(spec, cache.dataset_dir(spec.name), spec.name)]
+
+
+def _verify(spec: DatasetSpec, directory: Path, label: str) -> Verification:
+    import numpy as np
+
+    result = Verification(label, directory)
+    state = inspect_dataset(spec, directory)
+    if state.status == "missing":
+        result.add(False, f"not in the cache ({directory}); run 'rhn data fetch {spec.name}'")
+        return result
+    if not result.add(
+        state.ready,
+        "meta.json, array headers and file sizes"
+        + ("" if state.ready else f": {state.reason}; {_rebuild_hint(spec)}"),
+    ):
+        return result
+    meta = state.meta or {}
+    result.add(
+        True,
+        f"meta.json: preprocessing version {meta['preprocessing_version']}, "
+        f"convention {meta['convention'].split(':')[0]}",
+    )
+
+    vocab = meta["vocab"]
+    digest = cache.hash_file(directory / vocab["file"])["sha256"]
+    result.add(
+        digest == vocab["sha256"], f"{vocab['file']}: sha256 as recorded, {vocab['size']:,} symbols"
+    )
+    splits, symbols = cache.load_arrays(directory, meta)
+    if spec.expected is not None and spec.expected.symbols is not None:
+        result.add(
+            "".join(symbols) == spec.expected.symbols,
+            f"vocabulary: exactly the {spec.expected.vocab_size} published symbols",
+        )
+
+    for split in SPLITS:
+        entry, ids = meta["splits"][split], splits[split]
+        digest = cache.hash_file(directory / entry["file"])["sha256"]
+        result.add(digest == entry["sha256"], f"{entry['file']}: sha256 as recorded")
+        counts = np.zeros(vocab["size"], dtype=np.int64)
+        out_of_range = 0
+        step = 1 << 22  # np.bincount widens to int64: 32 MiB per step
+        for start in range(0, ids.size, step):
+            chunk_counts = np.bincount(ids[start : start + step], minlength=vocab["size"])
+            counts += chunk_counts[: vocab["size"]]
+            out_of_range += int(chunk_counts[vocab["size"] :].sum())
+        recomputed = {"tokens": int(ids.size), "types": int(np.count_nonzero(counts))}
+        if "lines" in entry:
+            eos = "\n" if spec.level == "char" else "<eos>"
+            recomputed["lines"] = int(counts[symbols.index(eos)]) if eos in symbols else 0
+        recorded = {key: entry[key] for key in recomputed}
+        ok = out_of_range == 0 and recomputed == recorded
+        shown = ", ".join(f"{v:,} {k}" for k, v in recomputed.items())
+        result.add(
+            ok,
+            f"{split}: {shown} recomputed from the array"
+            + ("" if ok else f", meta.json says {recorded}"),
+        )
+
+    expected = spec.expected
+    if expected is not None:
+        tokens = [meta["splits"][split]["tokens"] for split in SPLITS]
+        published = [expected.tokens[split] for split in SPLITS]
+        ok = tokens == published and vocab["size"] == expected.vocab_size
+        result.add(
+            ok,
+            "statistics as published: "
+            + " / ".join(f"{n:,}" for n in published)
+            + f" tokens, vocabulary {expected.vocab_size:,}",
+        )
+    for check in _source_checks(spec, meta.get("source", {})):
+        result.add(*check)
+    return result
+
+
+def _rebuild_hint(spec: DatasetSpec) -> str:
+    if spec.name == TEXTFILE:
+        return "the next run with its data_path rebuilds it"
+    return f"'rhn data fetch {spec.name}' rebuilds it"
+
+
+def _source_checks(spec: DatasetSpec, source: dict[str, Any]) -> list[tuple[bool, str]]:
+    """The checksums recorded when the sources were fetched, against the published ones.
+
+    The raw files are not kept (only the prepared arrays), so this checks what was
+    verified at fetch time, as recorded in meta.json.
+    """
+    checks = []
+    archive = source.get("archive")
+    if archive and spec.archive is not None and archive.get("matches_published"):
+        algorithm, digest = cache.parse_hash(spec.archive.hash)
+        checks.append(
+            (
+                archive.get(algorithm) == digest,
+                f"source {archive['name']}: recorded {algorithm} {digest} is the "
+                "published checksum",
+            )
+        )
+    published: dict[str, SourceFile] = {f.name: f for f in spec.files}
+    for record in source.get("files", []):
+        wanted = published.get(record["name"])
+        if wanted is not None and wanted.hash:
+            algorithm, digest = cache.parse_hash(wanted.hash)
+            checks.append(
+                (
+                    record.get(algorithm) == digest,
+                    f"source {wanted.name}: recorded {algorithm} {digest} is the published "
+                    "checksum",
+                )
+            )
+        elif wanted is not None and not (archive and archive.get("matches_published")):
+            checks.append(
+                (
+                    True,
+                    f"source {wanted.name}: no published checksum; its statistics "
+                    "are the published ones",
+                )
+            )
+        elif spec.name == TEXTFILE:
+            path = Path(record["name"])
+            now = cache.hash_file(path)["sha256"] if path.is_file() else None
+            state = "unchanged since" if now == record["sha256"] else "changed or gone since"
+            checks.append(
+                (True, f"source {path}: sha256 {record['sha256'][:12]}…, {state} preparation")
+            )
+    return checks

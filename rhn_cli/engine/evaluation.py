@@ -1,0 +1,166 @@
+"""The reference's final evaluations: "full" (non-batched) and MC-dropout perplexity.
+
+Full evaluation is the reference ``mtest``: one stream (B = 1), no dropout, the state
+carried through the whole split, every token after the first predicted. The reference
+feeds one token per call (T = 1); feeding long chunks computes exactly the same
+numbers, many times faster.
+
+MC dropout is the reference ``evaluate_mc``: per sample, masks are drawn once (at
+training dropout rates, with B = T = 1, so the embedding mask is a single scalar that
+drops every word vector of the sample with probability ``drop_x``) and kept for the
+whole stream; a sample whose perplexity is 500 or more is rejected and redrawn; the
+per-token probabilities of the accepted samples are averaged and the perplexity of the
+average is reported. Here many samples run at once as rows of one batch, each row with
+its own masks; rows are independent, so this equals running them one after another.
+The reference also averaged in one never-filled zero entry (clipped to 1e-10) at the
+end of its probability array; this module averages the real tokens only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rhn_cli.models.dropout import variational_mask
+from rhn_cli.models.rhn import RHNLanguageModel
+
+FULL_EVALUATION_CHUNK = 1000
+MC_REJECT_PERPLEXITY = 500.0
+
+
+def _stream(tokens: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    data = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).to(device)
+    return data[:-1], data[1:]
+
+
+@torch.no_grad()
+def token_log_probs(
+    model: RHNLanguageModel,
+    tokens: np.ndarray,
+    *,
+    rows: int = 1,
+    masks: dict | None = None,
+    chunk: int = FULL_EVALUATION_CHUNK,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """log p(token_{k+1} | tokens_{..k}) for k = 0..n-2, as [rows, n - 1] (float64).
+
+    Every row reads the same stream with the state carried from a zero start. With
+    ``masks`` (one row each) dropout is applied with those fixed masks; without, the
+    model runs in eval mode (no dropout).
+    """
+    device = device or next(model.parameters()).device
+    inputs, targets = _stream(tokens, device)
+    model.train(masks is not None)
+    state = model.initial_state(rows)
+    pieces = []
+    for start in range(0, len(inputs), chunk):
+        x = inputs[start : start + chunk].expand(rows, -1)
+        logits, state = model(x, state, masks)
+        y = targets[start : start + chunk].expand(rows, -1)
+        log_probs = F.log_softmax(logits.double(), dim=-1)
+        pieces.append(log_probs.gather(-1, y.unsqueeze(-1)).squeeze(-1))
+    model.eval()
+    return torch.cat(pieces, dim=1)
+
+
+def full_perplexity(model: RHNLanguageModel, tokens: np.ndarray, **kwargs) -> float:
+    """Non-batched perplexity: B = 1, no dropout, state carried through the split."""
+    return math.exp(-token_log_probs(model, tokens, **kwargs).mean().item())
+
+
+def mc_masks(model: RHNLanguageModel, samples: int) -> dict:
+    """One set of masks per sample, at the model's training dropout rates (B = T = 1)."""
+    c, like = model.config, model.output_bias
+    masks = model.draw_masks(torch.zeros(samples, 1, dtype=torch.long, device=like.device))
+    # With B = T = 1 the reference embedding mask is one scalar per sample.
+    masks["x"] = variational_mask((samples, 1, 1), c.drop_x, like=like)
+    return masks
+
+
+def select_rows(masks: dict, rows) -> dict:
+    """The masks of some samples only (rows of every mask tensor)."""
+
+    def pick(mask):
+        return None if mask is None else mask[rows]
+
+    return {
+        "x": pick(masks["x"]),
+        "i": [pick(m) for m in masks["i"]],
+        "h": [pick(m) for m in masks["h"]],
+        "o": pick(masks["o"]),
+    }
+
+
+@dataclass
+class MCResult:
+    perplexity: float
+    samples: int
+    rejected: int
+
+
+def mc_dropout_perplexity(
+    model: RHNLanguageModel,
+    tokens: np.ndarray,
+    samples: int,
+    *,
+    batch: int = 32,
+    chunk: int = FULL_EVALUATION_CHUNK,
+    progress=None,
+) -> MCResult:
+    """MC-dropout perplexity over ``samples`` accepted samples, ``batch`` at a time."""
+    total_probs = None
+    accepted = rejected = 0
+    while accepted < samples:
+        count = min(batch, samples - accepted)
+        log_probs = token_log_probs(
+            model, tokens, rows=count, masks=mc_masks(model, count), chunk=chunk
+        )
+        keep = torch.exp(-log_probs.mean(dim=1)) < MC_REJECT_PERPLEXITY
+        rejected += int((~keep).sum())
+        probs = log_probs[keep].exp().sum(dim=0)
+        total_probs = probs if total_probs is None else total_probs + probs
+        accepted += int(keep.sum())
+        if progress is not None:
+            progress(accepted, rejected)
+        if accepted == 0 and rejected >= 10 * samples:
+            raise RuntimeError(
+                f"MC dropout: {rejected} samples in a row had perplexity >= "
+                f"{MC_REJECT_PERPLEXITY:g}; is the dropout rate too high for this model?"
+            )
+    mean_probs = (total_probs / samples).clamp(1e-10, 1 - 1e-10)
+    return MCResult(math.exp(-mean_probs.log().mean().item()), samples, rejected)
+
+
+def evaluate_saved_model(config, corpus, reporter, splits, *, echo=print) -> dict[str, float]:
+    """The reference ``evaluate`` / ``evaluate_mc`` commands on ``config['load_model']``:
+    batched (training B and T) and full perplexity on each split, and MC-dropout
+    perplexity when ``config['mc_steps']`` > 0. Returns {metric name: perplexity}."""
+    from pathlib import Path
+
+    from rhn_cli.engine import checkpoint
+    from rhn_cli.engine.train import build_model, evaluate, pick_device
+
+    device = pick_device(config["device"])
+    model = build_model(config, corpus.vocab_size).to(device)
+    model.load_state_dict(checkpoint.load(Path(config["load_model"]))["model"])
+    results: dict[str, float] = {}
+    for split in splits:
+        tokens = corpus.split(split)
+        B, T = config["batch_size"], config["num_steps"]
+        results[f"{split}.ppl"] = evaluate(model, tokens, B, T, device, split)
+        results[f"full_{split}.ppl"] = full_perplexity(model, tokens)
+        if config["mc_steps"]:
+            mc = mc_dropout_perplexity(model, tokens, config["mc_steps"])
+            results[f"mc_{split}.ppl"] = mc.perplexity
+            reporter.set_info(f"mc_{split}_rejected_samples", mc.rejected)
+    for name, ppl in results.items():
+        reporter.log_scalar(name, ppl, 1)
+        reporter.log_scalar(name.replace(".ppl", ".bpc"), math.log2(ppl), 1)
+        reporter.set_info(name.replace(".", "_"), ppl)
+        echo(f"{name:<16} {ppl:10.3f}   bits {math.log2(ppl):.4f}")
+    return results

@@ -1,0 +1,168 @@
+"""``rhn data`` as a user drives it: exit codes, one-line errors, tables, confirmation;
+and ``rhn train`` on the user's own text file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rhn_cli.cli import cli
+from rhn_cli.data.registry import DATASETS
+from tests.fakedata import FileServer, simple_examples_tgz, tiny_specs, write_ptb_directory
+
+
+@pytest.fixture
+def tiny_ptb(monkeypatch, tmp_path):
+    """tiny_ptb and tiny_ptb_char registered; returns a directory holding their raw files."""
+    for name, spec in tiny_specs(simple_examples_tgz()).items():
+        monkeypatch.setitem(DATASETS, name, spec)
+    return write_ptb_directory(tmp_path / "raw")
+
+
+def one_line_error(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0]
+
+
+def test_data_help_lists_the_commands_and_imports_nothing_heavy():
+    code = (
+        "import sys; from rhn_cli.cli import cli\n"
+        "try:\n    cli(['data', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'sacred', 'numpy', 'pooch', 'requests')"
+        " if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "HEAVY []" in out.stdout
+    for command in ("fetch", "ls", "verify", "path", "rm"):
+        assert f"  {command} " in out.stdout
+
+
+def test_fetch_from_a_directory_then_ls_verify_path(runner, tiny_ptb):
+    result = runner.invoke(cli, ["data", "fetch", "tiny_ptb", "--from", str(tiny_ptb)])
+    assert result.exit_code == 0, result.output
+    assert "tiny_ptb: ready in data/tiny_ptb: 12/4/7 tokens, vocabulary 8" in result.output
+
+    again = runner.invoke(cli, ["data", "fetch", "tiny_ptb", "--from", str(tiny_ptb)])
+    assert again.exit_code == 0 and "already prepared" in again.output
+    forced = runner.invoke(cli, ["data", "fetch", "tiny_ptb", "--from", str(tiny_ptb), "--force"])
+    assert forced.exit_code == 0 and "ready in" in forced.output
+
+    listing = runner.invoke(cli, ["data", "ls"])
+    assert listing.exit_code == 0
+    lines = listing.output.splitlines()
+    header = next(line for line in lines if line.startswith("DATASET"))
+    row = next(line for line in lines if line.startswith("tiny_ptb "))
+    assert row.split() == ["tiny_ptb", "word", "ready", *row.split()[3:5], "12", "4", "7", "8"]
+    # Every dataset is listed, fetched or not, the missing ones with published statistics.
+    ptb = next(line for line in lines if line.startswith("ptb "))
+    assert "missing" in ptb and "(929,589)" in ptb and "(10,000)" in ptb
+    for name in ("ptb_char", "enwik8", "text8", "textfile", "synthetic", "tiny_ptb_char"):
+        assert any(line.startswith(name + " ") for line in lines), name
+    # The columns line up: each header starts where its column does.
+    assert header.index("STATUS") == row.index("ready")
+
+    verify = runner.invoke(cli, ["data", "verify", "tiny_ptb"])
+    assert verify.exit_code == 0, verify.output
+    assert "ok    train: 12 tokens, 8 types, 3 lines recomputed from the array" in verify.output
+    assert verify.output.rstrip().endswith("verified (13 checks passed)")
+
+    path = runner.invoke(cli, ["data", "path", "tiny_ptb"])
+    assert path.exit_code == 0 and path.output.strip() == str(Path("data/tiny_ptb").absolute())
+
+
+def test_verify_fails_with_exit_1_on_a_damaged_cache(runner, tiny_ptb):
+    assert runner.invoke(cli, ["data", "fetch", "tiny_ptb", "--from", str(tiny_ptb)]).exit_code == 0
+    vocab = Path("data/tiny_ptb/vocab.json")
+    vocab.write_text(vocab.read_text().replace("sat", "sit"))
+    result = runner.invoke(cli, ["data", "verify", "tiny_ptb"])
+    assert result.exit_code == 1
+    assert "FAIL  vocab.json: sha256 as recorded" in result.output
+    assert one_line_error(result) == "Error: tiny_ptb: 1 of 13 checks failed"
+
+
+def test_verify_of_a_dataset_not_fetched(runner, tiny_ptb):
+    result = runner.invoke(cli, ["data", "verify", "tiny_ptb"])
+    assert result.exit_code == 1
+    assert "not in the cache" in result.output and "rhn data fetch tiny_ptb" in result.output
+
+
+def test_errors_are_one_line_with_the_right_exit_code(runner, tiny_ptb, tmp_path):
+    unknown = runner.invoke(cli, ["data", "fetch", "ptx"])
+    assert unknown.exit_code == 2
+    assert "unknown dataset 'ptx'; did you mean 'ptb'?" in one_line_error(unknown)
+
+    builtin = runner.invoke(cli, ["data", "fetch", "synthetic"])
+    assert builtin.exit_code == 1 and "generated in memory" in one_line_error(builtin)
+
+    textfile = runner.invoke(cli, ["data", "fetch", "textfile"])
+    assert textfile.exit_code == 1 and "data_path" in one_line_error(textfile)
+
+    (tiny_ptb / "ptb.test.txt").write_text(" a cat \n")
+    tampered = runner.invoke(cli, ["data", "fetch", "tiny_ptb", "--from", str(tiny_ptb)])
+    assert tampered.exit_code == 1
+    assert "sha256 expected" in one_line_error(tampered)
+    assert not Path("data/tiny_ptb").exists()
+
+
+def test_corrupted_download_through_the_cli(runner, monkeypatch):
+    with FileServer() as server:
+        published = simple_examples_tgz()
+        server.files["/simple-examples.tgz"] = published[:-10] + b"0123456789"
+        specs = tiny_specs(published, (server.url("/simple-examples.tgz"),))
+        monkeypatch.setitem(DATASETS, "tiny_ptb", specs["tiny_ptb"])
+        result = runner.invoke(cli, ["data", "fetch", "tiny_ptb"])
+    assert result.exit_code == 1
+    line = one_line_error(result)
+    assert "md5 checksum mismatch for simple-examples.tgz: expected" in line
+    assert "the download was deleted" in line
+    assert not Path("data/tiny_ptb").exists() and not Path("data/.staging").exists()
+
+
+def test_rm_asks_first_unless_yes(runner, tiny_ptb):
+    assert runner.invoke(cli, ["data", "fetch", "tiny_ptb", "--from", str(tiny_ptb)]).exit_code == 0
+    declined = runner.invoke(cli, ["data", "rm", "tiny_ptb"], input="n\n")
+    assert declined.exit_code == 1 and "Remove " in declined.output
+    assert Path("data/tiny_ptb/meta.json").exists()
+
+    accepted = runner.invoke(cli, ["data", "rm", "tiny_ptb"], input="y\n")
+    assert accepted.exit_code == 0 and "removed" in accepted.output
+    assert not Path("data/tiny_ptb").exists()
+
+    assert runner.invoke(cli, ["data", "fetch", "tiny_ptb", "--from", str(tiny_ptb)]).exit_code == 0
+    forced = runner.invoke(cli, ["data", "rm", "tiny_ptb", "--yes"])
+    assert forced.exit_code == 0 and not Path("data/tiny_ptb").exists()
+
+    nothing = runner.invoke(cli, ["data", "rm", "tiny_ptb"])
+    assert nothing.exit_code == 0 and "nothing to remove" in nothing.output
+
+
+@pytest.mark.slow
+def test_train_on_a_text_file_end_to_end(runner, tmp_path):
+    text = "".join(f"the {w} sat on the mat\n" for w in ("cat", "dog", "rat", "bat") * 15)
+    (tmp_path / "mine.txt").write_text(text)
+    tiny_model = ["depth=2", "hidden_size=16", "max_max_epoch=1", "batch_size=4", "num_steps=5"]
+    result = runner.invoke(
+        cli, ["train", "with", "dataset='textfile'", "data_path='mine.txt'", *tiny_model]
+    )
+    assert result.exit_code == 0, result.output
+    assert "COMPLETED" in result.output
+    info = json.loads((tmp_path / "runs" / "1" / "info.json").read_text())
+    assert info["dataset"]["convention"].startswith("text-chars")
+    # 60 lines of 23 characters: 1,380 characters, 5% (69) each for valid and test.
+    assert info["dataset"]["tokens"] == {"train": 1242, "valid": 69, "test": 69}
+    # Prepared once, into the cache; the listing counts it.
+    listing = runner.invoke(cli, ["data", "ls"])
+    assert next(line for line in listing.output.splitlines() if line.startswith("textfile"))
+    assert "1 prepared" in listing.output
+
+
+def test_train_with_a_missing_text_file_fails_before_any_run(runner, tmp_path):
+    result = runner.invoke(cli, ["train", "with", "dataset='textfile'", "data_path='no.txt'"])
+    assert result.exit_code == 2
+    assert one_line_error(result) == "Error: data_path='no.txt': no such file or directory"
+    assert not (tmp_path / "runs").exists()
