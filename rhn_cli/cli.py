@@ -24,6 +24,24 @@ dataset="synthetic"; nested keys use dots: synthetic.order=3.
 """
 
 
+runs_dir_option = click.option(
+    "--runs-dir",
+    envvar="RHN_RUNS_DIR",
+    default="runs",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="File store of run records [env: RHN_RUNS_DIR].",
+)
+mongo_option = click.option(
+    "--mongo",
+    "mongo_url",
+    envvar="RHN_MONGO_URL",
+    metavar="URL",
+    help="Also record in MongoDB, e.g. mongodb://host:27017/rhn [env: RHN_MONGO_URL]. "
+    "If it does not answer within 3 s the run goes on, recorded in the file store only.",
+)
+
+
 def _stderr(message: str, color: str | None = None) -> None:
     # Always the current sys.stderr: click's err=True caches a wrapper per stream, and
     # Sacred's capture proxy compares equal to the real stream, so the cache would hand
@@ -68,22 +86,8 @@ def cli() -> None:
 @click.option("--name", help="Name of the run (recorded as the experiment name).")
 @click.option("--comment", help="A note stored with the run (Omniboard shows it as Notes).")
 @click.option("--seed", type=int, help="Random seed (default: drawn at random and recorded).")
-@click.option(
-    "--runs-dir",
-    envvar="RHN_RUNS_DIR",
-    default="runs",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="File store for run records [env: RHN_RUNS_DIR].",
-)
-@click.option(
-    "--mongo",
-    "mongo_url",
-    envvar="RHN_MONGO_URL",
-    metavar="URL",
-    help="Also record in MongoDB, e.g. mongodb://host:27017/rhn [env: RHN_MONGO_URL]. "
-    "If it does not answer within 3 s the run goes on, recorded in the file store only.",
-)
+@runs_dir_option
+@mongo_option
 @click.option("--unobserved", is_flag=True, help="Record nothing (a quick try).")
 @click.option(
     "--resume",
@@ -209,21 +213,8 @@ def _report_stop(stop) -> None:
     show_default=True,
     help="MC-dropout samples (the reference evaluate_mc); 0 for none.",
 )
-@click.option(
-    "--runs-dir",
-    envvar="RHN_RUNS_DIR",
-    default="runs",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="File store of the runs [env: RHN_RUNS_DIR].",
-)
-@click.option(
-    "--mongo",
-    "mongo_url",
-    envvar="RHN_MONGO_URL",
-    metavar="URL",
-    help="Also record in MongoDB [env: RHN_MONGO_URL].",
-)
+@runs_dir_option
+@mongo_option
 def evaluate(target, split, mc_steps, runs_dir, mongo_url) -> None:
     """Evaluate a run's best model: batched and full (B = 1) perplexity, MC dropout.
 

@@ -17,6 +17,19 @@ FAST_RUN = [
 ]
 
 
+class Recorder:
+    """The engine's Reporter, keeping what it is told: for tests without Sacred."""
+
+    def __init__(self):
+        self.scalars, self.info = {}, {}
+
+    def log_scalar(self, name, value, step):
+        self.scalars.setdefault(name, []).append((step, value))
+
+    def set_info(self, key, value):
+        self.info[key] = value
+
+
 @pytest.fixture(autouse=True)
 def isolated_environment(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

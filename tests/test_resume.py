@@ -20,17 +20,7 @@ from rhn_cli.data.corpus import Corpus
 from rhn_cli.engine import checkpoint
 from rhn_cli.engine.train import StopRequest, TimeLimitReached, TrainingStopped, train
 from rhn_cli.experiment.schema import defaults
-
-
-class Recorder:
-    def __init__(self):
-        self.scalars, self.info = {}, {}
-
-    def log_scalar(self, name, value, step):
-        self.scalars.setdefault(name, []).append((step, value))
-
-    def set_info(self, key, value):
-        self.info[key] = value
+from tests.conftest import Recorder
 
 
 class StopAfterChecks(StopRequest):

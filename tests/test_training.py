@@ -18,6 +18,7 @@ from rhn_cli.data.corpus import Corpus
 from rhn_cli.engine.objective import l2_penalty, learning_rate_at, sequence_loss
 from rhn_cli.engine.train import Trainer, TrainingDiverged, build_model, train
 from rhn_cli.experiment.schema import defaults
+from tests.conftest import Recorder
 
 
 @pytest.mark.parametrize(
@@ -96,17 +97,6 @@ def test_learning_rate_schedule_matches_the_reference_values(
 ):
     lr = learning_rate_at(epoch_1based - 1, 0.2, lr_decay, max_epoch)
     assert lr == pytest.approx(expected, rel=2e-3)
-
-
-class Recorder:
-    def __init__(self):
-        self.scalars, self.info = {}, {}
-
-    def log_scalar(self, name, value, step):
-        self.scalars.setdefault(name, []).append((step, value))
-
-    def set_info(self, key, value):
-        self.info[key] = value
 
 
 def small_config(**changes):
