@@ -62,8 +62,10 @@ def token_log_probs(
         x = inputs[start : start + chunk].expand(rows, -1)
         logits, state = model(x, state, masks)
         y = targets[start : start + chunk].expand(rows, -1)
-        log_probs = F.log_softmax(logits.double(), dim=-1)
-        pieces.append(log_probs.gather(-1, y.unsqueeze(-1)).squeeze(-1))
+        # Only the target's log-probability is kept: a fused cross-entropy in the model's
+        # precision, accumulated in float64 afterwards.
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
+        pieces.append(-nll.view(rows, -1).double())
     model.eval()
     return torch.cat(pieces, dim=1)
 
