@@ -14,6 +14,12 @@ checkpointed at the end of every epoch, every ``checkpoint_every`` minutes, and 
 stop is requested (a signal, ``max_time``). Resuming from any of these checkpoints
 reproduces the uninterrupted run bit for bit on the CPU.
 
+The same loop trains the peer models; the config picks what the references differ in:
+the optimiser and clipping rule (:mod:`rhn_cli.engine.optim`), the loss scaling, how the
+training data is cut into minibatches (``batching``: carried streams, independent
+chunks from a learned initial state, or whole sentences), char-rnn's stream-wise split,
+and the Zoneout baselines' regularisers (:mod:`rhn_cli.engine.regularizers`).
+
 The engine knows nothing about Sacred: it reports through a :class:`Reporter`.
 """
 
@@ -33,14 +39,25 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rhn_cli.data.batching import minibatches, num_minibatches
+from rhn_cli.data.batching import (
+    chunk_batches,
+    minibatches,
+    num_minibatches,
+    sentence_batches,
+    sentences,
+    stream_split,
+)
 from rhn_cli.data.corpus import Corpus
 from rhn_cli.engine import checkpoint
 from rhn_cli.engine.objective import l2_penalty, learning_rate_at, sequence_loss
+from rhn_cli.engine.optim import clip_and_step, make_optimizer
+from rhn_cli.engine.regularizers import norm_stabilizer, weight_noise
 from rhn_cli.engine.timing import parse_duration
-from rhn_cli.models.rhn import RHNConfig, RHNLanguageModel
+from rhn_cli.models import build_model as _build_model
+from rhn_cli.models.base import LanguageModel, detach_state, map_state
 
 PLAIN_PROGRESS_LINES_PER_EPOCH = 10
+_SPLITS = ("train", "valid", "test")
 
 
 class Reporter(Protocol):
@@ -122,24 +139,30 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(config: Mapping[str, Any], vocab_size: int) -> RHNLanguageModel:
-    return RHNLanguageModel(
-        RHNConfig(
-            vocab_size=vocab_size,
-            hidden_size=config["hidden_size"],
-            depth=config["depth"],
-            num_layers=config["num_layers"],
-            tied=config["tied"],
-            init_scale=config["init_scale"],
-            init_bias=config["init_bias"],
-            drop_x=config["drop_x"],
-            drop_i=config["drop_i"],
-            drop_h=config["drop_h"],
-            drop_o=config["drop_o"],
-            tied_noise=config["tied_noise"],
-            init_other_bias=config["init_other_bias"],
-        )
+def build_model(config: Mapping[str, Any], vocab_size: int) -> LanguageModel:
+    return _build_model(config, vocab_size)
+
+
+def sentence_end_id(corpus: Corpus) -> int:
+    """The id that ends a sentence: '<eos>' (word corpora) or a newline (characters)."""
+    for symbol in ("<eos>", "\n"):
+        if symbol in corpus.vocab:
+            return corpus.vocab.index(symbol)
+    raise ValueError(
+        f"batching='sentences' needs sentence ends ('<eos>' or a newline) in the "
+        f"vocabulary, and dataset {corpus.name!r} has none; use batching='streams'"
     )
+
+
+def apply_split(config: Mapping[str, Any], corpus: Corpus) -> Corpus:
+    """The corpus as the config's ``split`` cuts it (char-rnn: stream-wise 95/5)."""
+    if config["split"] == "dataset":
+        return corpus
+    from dataclasses import replace
+
+    text = np.concatenate([corpus.train, corpus.valid, corpus.test])
+    parts = stream_split(text, config["batch_size"], config["num_steps"])
+    return replace(corpus, **parts)
 
 
 def _bits(ppl: float) -> float:
@@ -156,14 +179,14 @@ def _clock(seconds: float) -> str:
 
 @torch.no_grad()
 def evaluate(
-    model: RHNLanguageModel,
+    model: LanguageModel,
     tokens: np.ndarray,
     batch_size: int,
     num_steps: int,
     device: torch.device,
     split: str,
 ) -> float:
-    """Batched perplexity of ``tokens`` with no dropout, state carried from a zero start."""
+    """Batched perplexity of ``tokens`` with no dropout, state carried from the initial one."""
     model.eval()
     state = model.initial_state(batch_size)
     total_nll, count = 0.0, 0
@@ -171,6 +194,20 @@ def evaluate(
         logits, state = model(_as_tensor(inputs, device), state)
         total_nll += sequence_loss(logits, _as_tensor(targets, device)).item() * batch_size
         count += targets.size
+    return math.exp(total_nll / count)
+
+
+@torch.no_grad()
+def evaluate_independent(model: LanguageModel, batches, device: torch.device) -> float:
+    """Perplexity over minibatches that each start from the initial state (chunks or
+    padded sentences; padded targets do not count)."""
+    model.eval()
+    total_nll, count = 0.0, 0
+    for inputs, targets in batches:
+        state = model.initial_state(inputs.shape[0])
+        logits, _ = model(_as_tensor(inputs, device), state)
+        total_nll += sequence_loss(logits, _as_tensor(targets, device)).item() * len(inputs)
+        count += int((targets != -100).sum())
     return math.exp(total_nll / count)
 
 
@@ -197,9 +234,15 @@ class Trainer:
         self.stop = stop or StopRequest()
         self.device = pick_device(config["device"])
         self.model = build_model(config, corpus.vocab_size).to(self.device)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config["learning_rate"])
+        self.optimizer = make_optimizer(config, self.model.parameters())
         self.batch_size, self.num_steps = config["batch_size"], config["num_steps"]
-        self.steps_per_epoch = num_minibatches(len(corpus.train), self.batch_size, self.num_steps)
+        self.batching = config.get("batching", "streams")
+        self.seed = config.get("seed") or 0
+        self.sentences: dict[str, list[np.ndarray]] = {}
+        if self.batching == "sentences":
+            end = sentence_end_id(corpus)
+            self.sentences = {split: sentences(corpus.split(split), end) for split in _SPLITS}
+        self.steps_per_epoch = self._epoch_batches(0)[0]
         self.max_time = parse_duration(config["max_time"]) if config["max_time"] else None
         self.started = time.monotonic()
         self.last_checkpoint = time.monotonic()
@@ -213,6 +256,48 @@ class Trainer:
         self.best_epoch = 0
         self.epochs_without_improvement = 0
         self.best_weights: dict | None = None
+        self.epoch_tokens, self.tokens_per_s = 0, 0.0
+
+    def _rng(self, epoch_index: int, purpose: int = 0) -> np.random.Generator:
+        """A generator fixed by the seed and the epoch, so a resumed epoch sees the same
+        chunks in the same order."""
+        return np.random.default_rng([self.seed & 0xFFFFFFFF, epoch_index, purpose])
+
+    def _epoch_batches(self, epoch_index: int):
+        """(number of minibatches, minibatches) of one training epoch."""
+        tokens = self.corpus.train
+        if self.batching == "chunks":
+            return chunk_batches(tokens, self.batch_size, self.num_steps, self._rng(epoch_index))
+        if self.batching == "sentences":
+            return sentence_batches(
+                self.sentences["train"], self.batch_size, self._rng(epoch_index)
+            )
+        steps = num_minibatches(len(tokens), self.batch_size, self.num_steps)
+        return steps, minibatches(tokens, self.batch_size, self.num_steps, "train")
+
+    def evaluate_split(self, split: str) -> float:
+        """The per-epoch perplexity of a split: carried streams with the training B and T,
+        or whole sentences for a sentence model."""
+        if self.batching == "sentences":
+            return evaluate_independent(
+                self.model,
+                sentence_batches(self.sentences[split], self.batch_size, None)[1],
+                self.device,
+            )
+        tokens = self.corpus.split(split)
+        return evaluate(self.model, tokens, self.batch_size, self.num_steps, self.device, split)
+
+    def evaluate_chunks(self, split: str, epoch_index: int) -> float:
+        """The Zoneout scripts' dev metric: independent chunks after a random offset, each
+        from the learned initial state (no state carried)."""
+        _, batches = chunk_batches(
+            self.corpus.split(split),
+            self.batch_size,
+            self.num_steps,
+            self._rng(epoch_index, purpose=1),
+            shuffle=False,
+        )
+        return evaluate_independent(self.model, batches, self.device)
 
     # -- checkpoints -------------------------------------------------------------------
 
@@ -224,7 +309,7 @@ class Trainer:
             "step": self.step,
             "costs": self.costs,
             "iters": self.iters,
-            "hidden_state": self.state.detach().cpu(),
+            "hidden_state": map_state(lambda t: t.detach().cpu(), self.state),
             "rng": checkpoint.rng_state(),
             "history": {k: list(v) for k, v in self.history.items()},
             "best_valid": self.best_valid,
@@ -238,7 +323,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch_index, self.step = state["epoch_index"], state["step"]
         self.costs, self.iters = state["costs"], state["iters"]
-        self.state = state["hidden_state"].to(self.device)
+        self.state = map_state(lambda t: t.to(self.device), state["hidden_state"])
         self.history = {k: list(v) for k, v in state["history"].items()}
         self.best_valid, self.best_epoch = state["best_valid"], state["best_epoch"]
         self.epochs_without_improvement = state["epochs_without_improvement"]
@@ -292,11 +377,10 @@ class Trainer:
         model.train()
         epoch = self.epoch_index + 1
         first_step = self.step
-        batches = itertools.islice(
-            minibatches(self.corpus.train, self.batch_size, self.num_steps, "train"),
-            first_step,
-            None,
-        )
+        self.steps_per_epoch, epoch_batches = self._epoch_batches(self.epoch_index)
+        batches = itertools.islice(epoch_batches, first_step, None)
+        independent = self.batching != "streams"  # every minibatch from the initial state
+        beta, noise = config["norm_stabilizer"], config["weight_noise"]
         bar = tqdm(
             total=self.steps_per_epoch,
             initial=first_step,
@@ -309,14 +393,25 @@ class Trainer:
         )
         line_every = max(self.steps_per_epoch // PLAIN_PROGRESS_LINES_PER_EPOCH, 1)
         started = time.monotonic()
+        self.epoch_tokens = 0  # input tokens of this call, for tokens/s
         with bar:
             for inputs, targets in batches:
-                logits, state = model(_as_tensor(inputs, self.device), self.state)
-                cost = sequence_loss(logits, _as_tensor(targets, self.device))
-                cost = cost + l2_penalty(parameters, config["weight_decay"])
-                self.optimizer.zero_grad(set_to_none=True)
-                cost.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config["max_grad_norm"])
+                rows = inputs.shape[0]
+                self.epoch_tokens += inputs.size
+                start = model.initial_state(rows) if independent else self.state
+                target_tensor = _as_tensor(targets, self.device)
+                with weight_noise(model, noise):
+                    out = model(_as_tensor(inputs, self.device), start, return_hidden=beta > 0)
+                    logits, state = out[0], out[1]
+                    cost = sequence_loss(logits, target_tensor, config["loss"])
+                    if beta > 0:
+                        cost = cost + norm_stabilizer(out[2], beta)
+                    cost = cost + l2_penalty(parameters, config["weight_decay"])
+                    self.optimizer.zero_grad(set_to_none=True)
+                    cost.backward()
+                grad_norm = clip_and_step(
+                    self.optimizer, parameters, config["clip"], config["max_grad_norm"]
+                )
                 cost_value = cost.item()
                 if not (math.isfinite(cost_value) and math.isfinite(grad_norm.item())):
                     raise TrainingDiverged(
@@ -324,13 +419,21 @@ class Trainer:
                         f"gradient norm {grad_norm.item()}; the last good checkpoint is kept. "
                         "Try a lower learning_rate or max_grad_norm, or a smaller init_scale"
                     )
-                self.optimizer.step()
-                self.state = state.detach()
-                self.costs += cost_value
-                self.iters += self.num_steps
+                if not independent:
+                    self.state = detach_state(state)
+                # Running sums of the per-token cost (regularisers included, as the
+                # reference's training perplexity).
+                real_tokens = int((targets != -100).sum()) if independent else targets.size
+                if config["loss"] == "mean":
+                    self.costs += cost_value * real_tokens
+                else:
+                    self.costs += cost_value * rows
+                self.iters += real_tokens
                 self.step += 1
                 done = self.step - first_step
-                per_step = (time.monotonic() - started) / done
+                elapsed = time.monotonic() - started
+                per_step = elapsed / done
+                self.tokens_per_s = self.epoch_tokens / max(elapsed, 1e-9)
                 if self.progress is not None:
                     bar.update()
                     if done % 10 == 0 or self.step == self.steps_per_epoch:
@@ -344,7 +447,7 @@ class Trainer:
         return math.exp(self.costs / self.iters)
 
     def _status(self, lr: float, per_step: float) -> str:
-        tokens_per_s = self.batch_size * self.num_steps / per_step
+        tokens_per_s = self.tokens_per_s
         left_in_epoch = (self.steps_per_epoch - self.step) * per_step
         epochs_after = self.config["max_max_epoch"] - self.epoch_index - 1
         left_in_run = left_in_epoch + epochs_after * self.steps_per_epoch * per_step
@@ -357,7 +460,6 @@ class Trainer:
 
     def fit(self) -> TrainingSummary:
         config, corpus, reporter = self.config, self.corpus, self.reporter
-        B, T = self.batch_size, self.num_steps
         entropy = corpus.entropy_rate_bits
         if entropy is not None:
             reporter.set_info("source_entropy_bits", entropy)
@@ -371,7 +473,6 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             started = time.perf_counter()
-            first_step = self.step
             try:
                 train_ppl = self.train_epoch(lr)
             except (torch.OutOfMemoryError, MemoryError) as error:
@@ -380,14 +481,21 @@ class Trainer:
                     "batch_size, num_steps or hidden_size (the last checkpoint is kept)"
                 ) from error
             train_seconds = time.perf_counter() - started
-            tokens_per_s = (self.steps_per_epoch - first_step) * B * T / max(train_seconds, 1e-9)
-            valid_ppl = evaluate(self.model, corpus.valid, B, T, self.device, "valid")
-            test_ppl = evaluate(self.model, corpus.test, B, T, self.device, "test")
-
-            for split, ppl in (("train", train_ppl), ("valid", valid_ppl), ("test", test_ppl)):
+            tokens_per_s = self.epoch_tokens / max(train_seconds, 1e-9)
+            valid_ppl = self.evaluate_split("valid")
+            results = [("train", train_ppl), ("valid", valid_ppl)]
+            if len(corpus.test):
+                results.append(("test", self.evaluate_split("test")))
+            for split, ppl in results:
                 self.history[split].append(ppl)
                 reporter.log_scalar(f"{split}.ppl", ppl, epoch)
                 reporter.log_scalar(f"{split}.bpc", _bits(ppl), epoch)
+            chunk_line = ""
+            if self.batching == "chunks":
+                chunk_ppl = self.evaluate_chunks("valid", self.epoch_index)
+                reporter.log_scalar("valid_chunks.ppl", chunk_ppl, epoch)
+                reporter.log_scalar("valid_chunks.bpc", _bits(chunk_ppl), epoch)
+                chunk_line = f"  (per-chunk valid bits {_bits(chunk_ppl):.4f})"
             self.history["lr"].append(lr)
             reporter.log_scalar("lr", lr, epoch)
             reporter.log_scalar("tokens_per_s", tokens_per_s, epoch)
@@ -408,12 +516,13 @@ class Trainer:
             )
             if entropy is not None:
                 line += f"  (source entropy {entropy:.4f})"
-            self.echo(line + f"  {tokens_per_s:,.0f} tok/s  {time.perf_counter() - started:.1f}s")
+            seconds = time.perf_counter() - started
+            self.echo(line + chunk_line + f"  {tokens_per_s:,.0f} tok/s  {seconds:.1f}s")
 
             # The next epoch starts from a zero state (reference run_epoch).
             self.epoch_index += 1
             self.step, self.costs, self.iters = 0, 0.0, 0
-            self.state = self.model.initial_state(B)
+            self.state = self.model.initial_state(self.batch_size)
             self.save_checkpoint()
 
             patience = config["early_stopping"]
@@ -447,6 +556,11 @@ class Trainer:
         if weights is not None:
             self.model.load_state_dict(weights)
         epoch = self.best_epoch or len(self.history["valid"])
+        if self.batching == "sentences" or self.config["split"] != "dataset":
+            # Sentences never carry state, so the batched numbers are already exact; a
+            # stream-wise split is B separate pieces of text, not one stream to read.
+            self.echo("no full (non-batched) evaluation: the per-epoch numbers are final")
+            return {}
         results = {}
         for split, tokens in (("valid", self.corpus.valid), ("test", self.corpus.test)):
             results[f"full_{split}"] = full_perplexity(self.model, tokens)
@@ -486,8 +600,10 @@ class Trainer:
         best_bits = _bits(summary.best_valid_ppl)
         message = (
             f"best valid: epoch {summary.best_epoch}, ppl {summary.best_valid_ppl:.3f}, "
-            f"{best_bits:.4f} bits; test ppl {history['test'][best_index]:.3f}"
+            f"{best_bits:.4f} bits"
         )
+        if history["test"]:
+            message += f"; test ppl {history['test'][best_index]:.3f}"
         entropy = self.corpus.entropy_rate_bits
         if entropy:
             message += (
@@ -496,6 +612,22 @@ class Trainer:
             )
         self.echo(message)
         return summary
+
+
+def check_splits(config: Mapping[str, Any], corpus: Corpus) -> None:
+    """Fail on a split too short for one minibatch now, not after the first epoch."""
+    B, T = config["batch_size"], config["num_steps"]
+    batching = config.get("batching", "streams")
+    for split in _SPLITS:
+        tokens = corpus.split(split)
+        if split == "test" and len(tokens) == 0 and config["split"] != "dataset":
+            continue  # char-rnn's split often leaves no test minibatch
+        if batching == "sentences":
+            sentence_batches(sentences(tokens, sentence_end_id(corpus)), B, None)
+        elif batching == "chunks" and split == "train":
+            chunk_batches(tokens, B, T, np.random.default_rng(0))
+        else:
+            next(minibatches(tokens, B, T, split))
 
 
 def train(
@@ -520,17 +652,13 @@ def train(
             f"vocab_size={config['vocab_size']} but dataset {corpus.name!r} has "
             f"{corpus.vocab_size} symbols; drop vocab_size or use the matching dataset"
         )
-    B, T = config["batch_size"], config["num_steps"]
-    # Fail on a too-short split now, not after the first training epoch.
-    for split in ("train", "valid", "test"):
-        next(minibatches(corpus.split(split), B, T, split))
-
+    corpus = apply_split(config, corpus)
+    check_splits(config, corpus)
     trainer = Trainer(
         config, corpus, reporter, echo=echo, progress=progress, run_dir=run_dir, stop=stop
     )
     echo(
-        f"model: RHN depth {config['depth']} x {config['hidden_size']} units x "
-        f"{config['num_layers']} layer(s), {trainer.model.num_parameters():,} parameters, "
+        f"model: {trainer.model.describe()}, {trainer.model.num_parameters():,} parameters, "
         f"on {trainer.device}"
     )
     entropy = corpus.entropy_rate_bits

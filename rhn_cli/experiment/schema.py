@@ -70,7 +70,15 @@ def _device(v: Any) -> str | None:
 # Model names are a literal so that validation needs no torch. Dataset names come from
 # the data registry, which imports nothing heavy, at check time (so datasets registered
 # later are known too).
-MODELS = ("rhn",)
+MODELS = ("rhn", "lstm", "zoneout_lstm", "grid_lstm", "charrnn_lstm", "gru")
+OPTIMIZERS = ("sgd", "adam", "rmsprop", "rmsprop_eps_inside")
+CLIP_MODES = ("grad_norm", "grad_value", "update_norm", "none")
+LOSSES = ("sum_over_steps", "mean")
+BATCHINGS = ("streams", "chunks", "sentences")
+SPLITS = ("dataset", "streams_95_5")
+GRU_VARIANTS = ("tutorial", "standard")
+# Models whose dropout masks are drawn once per minibatch (MC dropout re-draws them).
+MC_DROPOUT_MODELS = ("rhn", "lstm")
 
 
 def _known_dataset(v: Any) -> str | None:
@@ -78,7 +86,12 @@ def _known_dataset(v: Any) -> str | None:
 
 
 SCHEMA: dict[str, Option] = {
-    "model": Option("rhn", str, "model family", _one_of(*MODELS)),
+    "model": Option(
+        "rhn",
+        str,
+        "model family: " + ", ".join(MODELS) + " ('rhn configs' shows examples)",
+        _one_of(*MODELS),
+    ),
     "dataset": Option(
         "synthetic", str, "corpus to train on ('rhn data ls' lists them)", _known_dataset
     ),
@@ -95,12 +108,22 @@ SCHEMA: dict[str, Option] = {
         _one_of(*TEXT_LEVELS),
     ),
     "depth": Option(3, int, "recurrence depth D: highway micro-layers per time step", _at_least(1)),
-    "hidden_size": Option(128, int, "units H of each RHN layer", _at_least(1)),
-    "num_layers": Option(1, int, "stacked RHN layers", _at_least(1)),
+    "hidden_size": Option(128, int, "units H of each recurrent layer", _at_least(1)),
+    "num_layers": Option(1, int, "stacked recurrent layers", _at_least(1)),
     "tied": Option(False, bool, "tie the output weights to the embedding"),
     "init_scale": Option(0.1, float, "weights start uniform in +-init_scale", _at_least(0)),
     "init_bias": Option(-1.0, float, "initial bias of every transform (T) gate"),
-    "learning_rate": Option(0.5, float, "SGD learning rate", _positive),
+    "learning_rate": Option(0.5, float, "learning rate of the optimizer", _positive),
+    "optimizer": Option(
+        "sgd",
+        str,
+        "sgd; adam (Blocks' Adam, eps 1e-8); rmsprop (char-rnn/torch: eps 1e-8 outside the "
+        "sqrt); rmsprop_eps_inside (WildML tutorial: lr g / sqrt(m + 1e-6))",
+        _one_of(*OPTIMIZERS),
+    ),
+    "rmsprop_decay": Option(
+        0.95, float, "RMSprop moving-average decay (char-rnn 0.95, WildML 0.9)", _drop_rate
+    ),
     "lr_decay": Option(
         1.5, float, "lr is divided by this after every epoch past max_epoch", _positive
     ),
@@ -109,7 +132,36 @@ SCHEMA: dict[str, Option] = {
     "weight_decay": Option(
         1e-7, float, "L2 penalty weight_decay * sum(p^2)/2 added to the loss", _at_least(0)
     ),
-    "max_grad_norm": Option(10.0, float, "clip the global gradient norm to this", _positive),
+    "max_grad_norm": Option(10.0, float, "clipping threshold (see clip)", _positive),
+    "clip": Option(
+        "grad_norm",
+        str,
+        "grad_norm: global gradient norm; grad_value: clamp each gradient entry (char-rnn); "
+        "update_norm: the optimizer's step (Blocks StepClipping after Adam); none",
+        _one_of(*CLIP_MODES),
+    ),
+    "loss": Option(
+        "sum_over_steps",
+        str,
+        "sum_over_steps: NLL summed over the T steps, mean over the batch (RHN, Zaremba, "
+        "WildML); mean: per-token mean (Zoneout, char-rnn)",
+        _one_of(*LOSSES),
+    ),
+    "batching": Option(
+        "streams",
+        str,
+        "streams: B contiguous streams, state carried (TBPTT); chunks: shuffled independent "
+        "chunks of num_steps+1 from a random offset, each from the initial state (Zoneout); "
+        "sentences: one sentence per row, from a zero state (WildML)",
+        _one_of(*BATCHINGS),
+    ),
+    "split": Option(
+        "dataset",
+        str,
+        "dataset: the dataset's own splits; streams_95_5: char-rnn's split of the whole text "
+        "into B streams, the last 5% of each stream for validation (no test split)",
+        _one_of(*SPLITS),
+    ),
     "num_steps": Option(35, int, "truncated-BPTT window T", _at_least(1)),
     "batch_size": Option(50, int, "parallel token streams B per minibatch", _at_least(1)),
     "drop_x": Option(
@@ -118,6 +170,62 @@ SCHEMA: dict[str, Option] = {
     "drop_i": Option(0.0, float, "dropout on each RHN layer's input", _drop_rate),
     "drop_h": Option(0.0, float, "dropout on the recurrent state (not the carry path)", _drop_rate),
     "drop_o": Option(0.0, float, "dropout on the last layer's output", _drop_rate),
+    "dropout": Option(
+        0.0,
+        float,
+        "standard dropout on non-recurrent connections, a fresh mask per step (lstm, "
+        "grid_lstm, charrnn_lstm)",
+        _drop_rate,
+    ),
+    "z_cells": Option(
+        0.0,
+        float,
+        "zoneout probability of LSTM cells (keep the old value; zoneout_lstm)",
+        _drop_rate,
+    ),
+    "z_states": Option(
+        0.0,
+        float,
+        "zoneout probability of hidden states (zoneout_lstm, gru, rhn). The Zoneout scripts' "
+        "drop_prob_* are update probabilities 1 - z",
+        _drop_rate,
+    ),
+    "drop_igates": Option(
+        0.0,
+        float,
+        "zoneout_lstm input-gate dropout rate, not rescaled (the reference's "
+        "drop_prob_igates is the keep rate 1 - drop_igates)",
+        _drop_rate,
+    ),
+    "forget_bias": Option(
+        None,
+        (int, float),
+        "added to the forget gate pre-activation (lstm, zoneout_lstm); None: the "
+        "reference's (lstm 0, zoneout_lstm 1)",
+    ),
+    "tie_weights": Option(
+        True, bool, "grid_lstm: one depth LSTM shared by every layer (Grid LSTM -tie_weights)"
+    ),
+    "gru_variant": Option(
+        "tutorial",
+        str,
+        "gru: tutorial (hard-sigmoid gates, reset before the matmul, WildML) or standard "
+        "(torch.nn.GRU)",
+        _one_of(*GRU_VARIANTS),
+    ),
+    "norm_stabilizer": Option(
+        0.0,
+        float,
+        "beta of the norm stabiliser: beta * mean over batch of sum_t (|h_t+1| - |h_t|)^2 "
+        "/ num_steps",
+        _at_least(0),
+    ),
+    "weight_noise": Option(
+        0.0,
+        float,
+        "std of Gaussian noise added to every weight matrix (not biases) for each update",
+        _at_least(0),
+    ),
     "tied_noise": Option(
         True, bool, "one dropout mask for both H and T transforms (TF); False: one each"
     ),
@@ -281,9 +389,56 @@ def validate(
     return out
 
 
+# Which models read each model-specific key. Setting one the chosen model ignores is an
+# error: a silently ignored hyperparameter is a wrong experiment.
+USED_BY = {
+    "depth": ("rhn",),
+    "init_bias": ("rhn",),
+    "tied_noise": ("rhn",),
+    "init_other_bias": ("rhn",),
+    "tied": ("rhn", "lstm"),
+    "drop_x": ("rhn", "lstm"),
+    "drop_i": ("rhn", "lstm"),
+    "drop_h": ("rhn", "lstm"),
+    "drop_o": ("rhn", "lstm"),
+    "init_scale": ("rhn", "lstm", "grid_lstm", "charrnn_lstm"),
+    "dropout": ("lstm", "grid_lstm", "charrnn_lstm"),
+    "z_cells": ("zoneout_lstm",),
+    "z_states": ("zoneout_lstm", "gru", "rhn"),
+    "drop_igates": ("zoneout_lstm",),
+    "forget_bias": ("lstm", "zoneout_lstm"),
+    "tie_weights": ("grid_lstm",),
+    "gru_variant": ("gru",),
+}
+
+
+def _check_model_keys(config: Mapping[str, Any]) -> None:
+    model = config.get("model", SCHEMA["model"].default)
+    for key, users in USED_BY.items():
+        default = SCHEMA[key].default
+        if key in config and model not in users and config[key] != default:
+            raise ConfigError(
+                f"{key}={config[key]!r} has no effect on model={model!r} (used by "
+                f"{', '.join(users)}); drop it or set it back to {default!r}"
+            )
+    if config.get("mc_steps") and model not in MC_DROPOUT_MODELS:
+        raise ConfigError(
+            f"mc_steps={config['mc_steps']}: MC dropout needs per-sequence dropout masks, "
+            f"which model={model!r} does not have (allowed for {', '.join(MC_DROPOUT_MODELS)})"
+        )
+    if config.get("split", "dataset") != "dataset" and config.get("batching", "streams") != (
+        "streams"
+    ):
+        raise ConfigError(
+            f"split={config['split']!r} cuts the text into the training streams, so it needs "
+            f"batching='streams' (not {config['batching']!r})"
+        )
+
+
 def _check_consistency(config: Mapping[str, Any]) -> None:
     """Rules that involve several keys."""
     _check_data_path(config.get("dataset"), config.get("data_path"))
+    _check_model_keys(config)
     synthetic = config.get("synthetic", {})
     if synthetic and synthetic["branching"] > synthetic["alphabet_size"]:
         raise ConfigError(

@@ -33,16 +33,23 @@ Theano's ``init_other_bias`` option sets every other bias (H biases and the outp
 to a constant instead.
 The output bias exists also when tied. For V=10000, H=830, D=10, tied this gives
 23,482,400 parameters.
+
+Optionally (``z_states`` > 0, not in the RHN paper) the state is zoned out between time
+steps: s_t = zoneout(s^D, s_{t-1}) (:mod:`rhn_cli.models.zoneout`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from rhn_cli.models.base import LanguageModel
 from rhn_cli.models.dropout import variational_mask, word_type_mask
+from rhn_cli.models.zoneout import zoneout
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,7 @@ class RHNConfig:
     drop_o: float = 0.0
     tied_noise: bool = True
     init_other_bias: float | None = None  # None: uniform like the weights (TF)
+    z_states: float = 0.0  # zoneout of the state between time steps (0: none)
 
     @property
     def in_size(self) -> int:
@@ -72,10 +80,11 @@ class RHNConfig:
 class RHNLayer(nn.Module):
     """One RHN layer of recurrence depth ``depth`` (see the module docstring)."""
 
-    def __init__(self, input_size: int, hidden_size: int, depth: int) -> None:
+    def __init__(self, input_size: int, hidden_size: int, depth: int, z_states: float = 0.0):
         super().__init__()
         self.hidden_size = hidden_size
         self.depth = depth
+        self.z_states = z_states
         # Rows [0:H] feed the H transform, rows [H:2H] the T transform.
         self.input_weight = nn.Parameter(torch.empty(2 * hidden_size, input_size))
         self.recurrent_weight = nn.Parameter(torch.empty(depth, 2 * hidden_size, hidden_size))
@@ -120,6 +129,7 @@ class RHNLayer(nn.Module):
         outputs = []
         s = state
         for t in range(inputs.shape[1]):
+            previous = s
             for i in range(self.depth):
                 pre = self._recurrent(i, s, state_mask)
                 if i == 0:
@@ -127,6 +137,8 @@ class RHNLayer(nn.Module):
                 h = torch.tanh(pre[:, :H])
                 gate = torch.sigmoid(pre[:, H:])
                 s = (h - s) * gate + s
+            if self.z_states:
+                s = zoneout(s, previous, self.z_states, self.training)
             outputs.append(s)
         return torch.stack(outputs, dim=1), s
 
@@ -144,7 +156,7 @@ class RHNLayer(nn.Module):
         )
 
 
-class RHNLanguageModel(nn.Module):
+class RHNLanguageModel(LanguageModel):
     """Embedding -> RHN layer(s) -> (tied) softmax output, with variational dropout."""
 
     def __init__(self, config: RHNConfig) -> None:
@@ -153,7 +165,7 @@ class RHNLanguageModel(nn.Module):
         V, H, in_size = config.vocab_size, config.hidden_size, config.in_size
         self.embedding = nn.Embedding(V, in_size)
         self.layers = nn.ModuleList(
-            RHNLayer(in_size if layer == 0 else H, H, config.depth)
+            RHNLayer(in_size if layer == 0 else H, H, config.depth, config.z_states)
             for layer in range(config.num_layers)
         )
         self.output_weight = None if config.tied else nn.Parameter(torch.empty(V, H))
@@ -173,8 +185,9 @@ class RHNLanguageModel(nn.Module):
         for layer in self.layers:
             layer.reset_parameters(scale, self.config.init_bias, self.config.init_other_bias)
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def describe(self) -> str:
+        c = self.config
+        return f"RHN depth {c.depth} x {c.hidden_size} units x {c.num_layers} layer(s)"
 
     def initial_state(self, batch_size: int) -> torch.Tensor:
         """Zero state, [num_layers, B, H]."""
@@ -203,8 +216,13 @@ class RHNLanguageModel(nn.Module):
         }
 
     def forward(
-        self, tokens: torch.Tensor, state: torch.Tensor, masks: dict | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        tokens: torch.Tensor,
+        state: torch.Tensor,
+        masks: dict | None = None,
+        *,
+        return_hidden: bool = False,
+    ):
         """tokens [B, T], state [L, B, H] -> (logits [B, T, V], new state [L, B, H]).
 
         In training mode fresh masks are drawn unless ``masks`` is given; in eval mode
@@ -223,8 +241,32 @@ class RHNLanguageModel(nn.Module):
             state_mask = masks["h"][layer_index] if masks is not None else None
             x, s = layer(x, state[layer_index], input_mask, state_mask)
             final_states.append(s)
+        hidden = x
         if masks is not None and masks["o"] is not None:
             x = x * masks["o"].unsqueeze(1)
         weight = self.embedding.weight if self.output_weight is None else self.output_weight
         logits = x @ weight.t() + self.output_bias
+        if return_hidden:
+            return logits, torch.stack(final_states), hidden
         return logits, torch.stack(final_states)
+
+
+def build(config: Mapping[str, Any], vocab_size: int) -> RHNLanguageModel:
+    return RHNLanguageModel(
+        RHNConfig(
+            vocab_size=vocab_size,
+            hidden_size=config["hidden_size"],
+            depth=config["depth"],
+            num_layers=config["num_layers"],
+            tied=config["tied"],
+            init_scale=config["init_scale"],
+            init_bias=config["init_bias"],
+            drop_x=config["drop_x"],
+            drop_i=config["drop_i"],
+            drop_h=config["drop_h"],
+            drop_o=config["drop_o"],
+            tied_noise=config["tied_noise"],
+            init_other_bias=config["init_other_bias"],
+            z_states=config.get("z_states", 0.0),
+        )
+    )
