@@ -250,6 +250,61 @@ def evaluate(target, split, mc_steps, runs_dir, mongo_url) -> None:
     click.echo(f"run {outcome.run_id} {outcome.status} in {outcome.run_dir}")
 
 
+@cli.command()
+@click.argument("target", metavar="RUN_ID|CHECKPOINT")
+@click.option("--prime", default="", help="Text to start from (fed to the model first).")
+@click.option(
+    "--length",
+    type=click.IntRange(min=1),
+    default=200,
+    show_default=True,
+    help="Tokens to generate (characters or words).",
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Divide the logits by this: below 1 is more conservative.",
+)
+@click.option("--argmax", is_flag=True, help="Always take the most likely token (no sampling).")
+@click.option("--seed", type=int, default=None, help="Seed of the sampler (random if not given).")
+@runs_dir_option
+def sample(target, prime, length, temperature, argmax, seed, runs_dir) -> None:
+    """Generate text from a trained model (its best weights).
+
+    TARGET is a run id, a run directory or a checkpoint file. Word models read
+    --prime as words and print words; character models read and print characters.
+    The prime is printed first, then the generated text.
+
+    \b
+    Examples:
+      rhn sample 3 --prime "the meaning of" --length 50
+      rhn sample runs/7/best_model.pt --temperature 0.7 --seed 1
+    """
+    from rhn_cli.data.errors import DatasetError
+    from rhn_cli.engine.checkpoint import CheckpointError
+    from rhn_cli.experiment.sampling import sample_text
+    from rhn_cli.experiment.schema import ConfigError
+
+    try:
+        result = sample_text(
+            target,
+            Path(runs_dir),
+            prime=prime,
+            length=length,
+            temperature=temperature,
+            argmax=argmax,
+            seed=seed,
+            echo=lambda message: _stderr(message),
+        )
+    except ConfigError as error:
+        _fail(str(error))
+    except (CheckpointError, DatasetError) as error:
+        _fail(str(error), code=1)
+    click.echo(result.prime + result.text)
+
+
 @cli.command("print-config", epilog=WITH_HELP)
 @click.argument("updates", nargs=-1, metavar="[with] [NAMED_CONFIG|FILE.yaml|KEY=VALUE]...")
 def print_config(updates) -> None:

@@ -253,6 +253,34 @@ TEXT8 = DatasetSpec(
     ),
 )
 
+TINYSHAKESPEARE = DatasetSpec(
+    name="tinyshakespeare",
+    summary="char-rnn's tiny Shakespeare: 1.1 MB of plays (bytes; Grid LSTM, char-rnn)",
+    level="char",
+    tokenizer="bytes",
+    # sha256 of karpathy/char-rnn data/tinyshakespeare/input.txt (1,115,394 bytes).
+    files=(
+        SourceFile(
+            "input.txt",
+            "input.txt",
+            "sha256:86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+            1_115_394,
+        ),
+    ),
+    file_urls=("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/",),
+    held_out=55_770,
+    expected=Expected(
+        {"train": 1_003_854, "valid": 55_770, "test": 55_770},
+        65,
+        symbols="\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz",
+    ),
+    convention=(
+        "char-rnn-65: raw bytes, ids sorted by byte value (65 classes); split 90/5/5 "
+        "(the last 5% twice held out); split='streams_95_5' re-splits the whole text as "
+        "char-rnn does"
+    ),
+)
+
 TEXTFILE = DatasetSpec(
     name="textfile",
     summary="your own UTF-8 text: data_path=FILE (split 90/5/5), a directory or a {split} "
@@ -269,7 +297,8 @@ SYNTHETIC = DatasetSpec(
 )
 
 DATASETS: dict[str, DatasetSpec] = {
-    spec.name: spec for spec in (PTB_WORDS, PTB_CHARS, ENWIK8, TEXT8, TEXTFILE, SYNTHETIC)
+    spec.name: spec
+    for spec in (PTB_WORDS, PTB_CHARS, ENWIK8, TEXT8, TINYSHAKESPEARE, TEXTFILE, SYNTHETIC)
 }
 
 

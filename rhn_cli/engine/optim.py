@@ -8,11 +8,15 @@
   m = a m + (1 - a) g^2, p -= lr g / (sqrt(m) + 1e-8).
 * ``rmsprop_eps_inside``: the WildML GRU tutorial: p -= lr g / sqrt(m + 1e-6).
 
-Clipping (``clip``): ``grad_norm`` rescales the gradient to a global L2 norm of at most
-``max_grad_norm``; ``grad_value`` clamps every gradient entry to +-``max_grad_norm``
-(char-rnn's ``grad_clip``); ``update_norm`` rescales the optimiser's *step* to a global
-norm of at most ``max_grad_norm`` (Blocks' ``StepClipping`` placed after ``Adam``, as
-the Zoneout scripts do: the moments still see the raw gradient).
+Clipping (``clip``):
+
+* ``grad_norm`` rescales the gradient to a global L2 norm of at most ``max_grad_norm``
+  (TF's ``clip_by_global_norm``: g * c / max(norm, c), with no epsilon added to the norm
+  as torch's ``clip_grad_norm_`` does);
+* ``grad_value`` clamps every gradient entry to +-``max_grad_norm`` (char-rnn);
+* ``update_norm`` rescales the optimiser's *step* to a global norm of at most
+  ``max_grad_norm`` (Blocks' ``StepClipping`` placed after ``Adam``, as the Zoneout
+  scripts do: the moments still see the raw gradient).
 """
 
 from __future__ import annotations
@@ -92,12 +96,13 @@ def global_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
 def clip_and_step(optimizer, parameters: list[torch.nn.Parameter], clip: str, threshold: float):
     """Clip as ``clip`` says and take the optimiser step; returns the raw gradient norm."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    if clip == "grad_norm":
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, threshold)
-    else:
-        grad_norm = global_norm(grads)
-    if not math.isfinite(grad_norm.item()):
+    grad_norm = global_norm(grads)
+    norm = grad_norm.item()
+    if not math.isfinite(norm):
         return grad_norm  # the caller stops the run before anything is changed
+    if clip == "grad_norm" and norm > threshold:
+        for g in grads:
+            g.mul_(threshold / norm)
     if clip == "grad_value":
         for g in grads:
             g.clamp_(-threshold, threshold)

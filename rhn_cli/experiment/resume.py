@@ -8,7 +8,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from rhn_cli.experiment.schema import ConfigError, validate
+from rhn_cli.experiment.schema import ConfigError, defaults, validate
+
+
+def recorded_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config, validated, with keys added to rhn since it was recorded taking
+    their defaults (which reproduce what rhn did before they existed)."""
+    return validate({**defaults(), **config})
+
 
 # Keys that steer how long and how safely a run goes on, not what it computes: a resumed
 # run may change them (e.g. more epochs, another job's time budget).
@@ -77,7 +84,7 @@ def plan_resume(target: str, runs_dir: Path, now: datetime | None = None) -> Res
             "it stopped before its first one"
         )
     state = checkpoint.load(checkpoint_path)
-    return ResumePlan(run_dir.parent, run_dir.name, validate(config), checkpoint_path, state)
+    return ResumePlan(run_dir.parent, run_dir.name, recorded_config(config), checkpoint_path, state)
 
 
 def with_run_control_updates(plan: ResumePlan, updates: dict[str, Any]) -> dict[str, Any]:
@@ -91,15 +98,10 @@ def with_run_control_updates(plan: ResumePlan, updates: dict[str, Any]) -> dict[
     return validate({**plan.config, **updates}, dict.fromkeys(updates, "the command line"))
 
 
-def plan_evaluation(
-    target: str, runs_dir: Path, mc_steps: int
-) -> tuple[dict[str, Any], str | None]:
-    """(config to evaluate with, evaluated run id or None) for ``rhn evaluate TARGET``.
-
-    TARGET is a run id in ``runs_dir`` or a run directory (its best_model.pt is
-    evaluated), or a checkpoint file (best_model.pt or checkpoint.pt, which carry their
-    training config).
-    """
+def resolve_checkpoint(target: str, runs_dir: Path, command: str) -> tuple[Path, dict[str, Any]]:
+    """(path, loaded checkpoint) of a trained model named by TARGET: a run id in
+    ``runs_dir`` or a run directory (its best_model.pt), or a checkpoint file
+    (best_model.pt or checkpoint.pt, which carry their training config)."""
     from rhn_cli.engine import checkpoint
 
     path = Path(target)
@@ -109,10 +111,18 @@ def plan_evaluation(
         path = path / checkpoint.BEST
     if not path.is_file():
         raise ResumeError(
-            f"evaluate {target}: no run {target!r} with a {checkpoint.BEST} in {runs_dir}, "
+            f"{command} {target}: no run {target!r} with a {checkpoint.BEST} in {runs_dir}, "
             "and no such checkpoint file"
         )
-    saved = checkpoint.load(path)
+    return path, checkpoint.load(path)
+
+
+def plan_evaluation(
+    target: str, runs_dir: Path, mc_steps: int
+) -> tuple[dict[str, Any], str | None]:
+    """(config to evaluate with, evaluated run id or None) for ``rhn evaluate TARGET``
+    (TARGET as :func:`resolve_checkpoint` reads it)."""
+    path, saved = resolve_checkpoint(target, runs_dir, "evaluate")
     evaluated_run = path.parent.name if (path.parent / "run.json").exists() else None
     config = {**saved["config"], "load_model": str(path), "mc_steps": mc_steps}
-    return validate(config), evaluated_run
+    return recorded_config(config), evaluated_run

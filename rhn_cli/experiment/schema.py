@@ -385,7 +385,7 @@ def validate(
         else:
             out[key] = _coerce(path, value, opt, origins.get(path, ""))
     if not prefix:
-        _check_consistency(out)
+        _check_consistency(out, origins)
     return out
 
 
@@ -412,14 +412,20 @@ USED_BY = {
 }
 
 
-def _check_model_keys(config: Mapping[str, Any]) -> None:
+def _check_model_keys(config: Mapping[str, Any], origins: Mapping[str, str]) -> None:
+    """A key the model ignores may be neither set (by a named config or the command
+    line) nor changed from its default."""
     model = config.get("model", SCHEMA["model"].default)
     for key, users in USED_BY.items():
+        if key not in config or model in users:
+            continue
         default = SCHEMA[key].default
-        if key in config and model not in users and config[key] != default:
+        if key in origins or config[key] != default:
+            where = f" (from {origins[key]})" if key in origins else ""
             raise ConfigError(
-                f"{key}={config[key]!r} has no effect on model={model!r} (used by "
-                f"{', '.join(users)}); drop it or set it back to {default!r}"
+                f"{key}={config[key]!r}{where} has no effect on model={model!r} (used by "
+                f"{', '.join(users)}); drop it"
+                + ("" if config[key] == default else f" or set it back to {default!r}")
             )
     if config.get("mc_steps") and model not in MC_DROPOUT_MODELS:
         raise ConfigError(
@@ -435,10 +441,10 @@ def _check_model_keys(config: Mapping[str, Any]) -> None:
         )
 
 
-def _check_consistency(config: Mapping[str, Any]) -> None:
+def _check_consistency(config: Mapping[str, Any], origins: Mapping[str, str]) -> None:
     """Rules that involve several keys."""
     _check_data_path(config.get("dataset"), config.get("data_path"))
-    _check_model_keys(config)
+    _check_model_keys(config, origins)
     synthetic = config.get("synthetic", {})
     if synthetic and synthetic["branching"] > synthetic["alphabet_size"]:
         raise ConfigError(
