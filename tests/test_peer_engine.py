@@ -240,3 +240,43 @@ def test_weight_noise_perturbs_weight_matrices_only_and_restores_them():
     # The gradient was taken at the noisy weights: d(sum(W e + b))/d e rows use noisy W.
     expected = noisy_weight.sum(dim=0).expand(3, -1)
     torch.testing.assert_close(model[0].weight.grad[[1, 2, 3]], expected)
+
+
+# -- zoneout of RHN states -------------------------------------------------------------
+
+
+def test_rhn_state_zoneout_is_the_expectation_at_eval_and_old_or_new_in_training():
+    from rhn_cli.models.rhn import RHNConfig, RHNLanguageModel
+
+    torch.manual_seed(0)
+    z = 0.3
+    plain = RHNLanguageModel(RHNConfig(vocab_size=7, hidden_size=5, depth=2, tied=False))
+    zoned = RHNLanguageModel(
+        RHNConfig(vocab_size=7, hidden_size=5, depth=2, tied=False, z_states=z)
+    )
+    zoned.load_state_dict(plain.state_dict())
+    plain.double().eval()
+    zoned.double()
+    tokens = torch.randint(0, 7, (3, 6))
+    state = torch.randn(1, 3, 5, dtype=torch.float64)
+
+    # Eval: s_t = z s_{t-1} + (1 - z) RHN(s_{t-1}, x_t), one step at a time.
+    zoned.eval()
+    _, _, hidden = zoned(tokens, state, return_hidden=True)
+    s = state
+    for t in range(6):
+        _, new = plain(tokens[:, t : t + 1], s)
+        s = z * s + (1 - z) * new
+        torch.testing.assert_close(hidden[:, t], s[0], rtol=0, atol=1e-12)
+
+    # Train (no dropout configured): every unit is its old value or the RHN update.
+    zoned.train()
+    s = torch.randn(1, 400, 5, dtype=torch.float64)
+    x = torch.randint(0, 7, (400, 1))
+    _, out = zoned(x, s)
+    _, new = plain(x, s)
+    is_old = torch.isclose(out, s, rtol=0, atol=0)
+    is_new = torch.isclose(out, new, rtol=0, atol=0)
+    assert bool((is_old | is_new).all())
+    kept, total = int(is_old.sum()), is_old.numel()
+    assert abs(kept / total - z) < 0.04

@@ -115,6 +115,53 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, checks):
     assert resumed_log.info["logs"] == straight_log.info["logs"]
 
 
+PEER_VARIANTS = {
+    # Independent chunks from a learned initial state, Adam with step clipping, and the
+    # weight noise / zoneout / igate masks all drawn from the RNGs a resume must restore.
+    "zoneout_chunks": dict(
+        model="zoneout_lstm",
+        batching="chunks",
+        optimizer="adam",
+        learning_rate=0.01,
+        clip="update_norm",
+        max_grad_norm=1.0,
+        loss="mean",
+        z_cells=0.3,
+        z_states=0.2,
+        drop_igates=0.2,
+        weight_noise=0.01,
+        norm_stabilizer=1.0,
+    ),
+    # A carried (h, c) tuple state, RMSprop and per-step standard dropout.
+    "charrnn_streams": dict(
+        model="charrnn_lstm",
+        optimizer="rmsprop",
+        learning_rate=0.01,
+        clip="grad_value",
+        max_grad_norm=5.0,
+        loss="mean",
+        dropout=0.2,
+        init_scale=0.08,
+    ),
+}
+_RHN_ONLY = dict(depth=3, drop_x=0.0, drop_i=0.0, drop_h=0.0, drop_o=0.0)
+
+
+@pytest.mark.parametrize("variant", sorted(PEER_VARIANTS))
+@pytest.mark.parametrize("checks", [5, 16])
+def test_peer_models_resume_bit_for_bit(tmp_path, variant, checks):
+    config = toy_config(**_RHN_ONLY, **PEER_VARIANTS[variant], max_max_epoch=2)
+    straight, _ = run(config, tmp_path / "straight")
+    with pytest.raises(TrainingStopped) as stopped:
+        run(config, tmp_path / "stopped", stop=StopAfterChecks(checks))
+    state = checkpoint.load(stopped.value.checkpoint_path)
+    resumed, _ = run(config, tmp_path / "stopped", resume_from=state, seed=999)
+    assert resumed.history == straight.history
+    expected = checkpoint.load(tmp_path / "straight" / "checkpoint.pt")["model"]
+    final = checkpoint.load(tmp_path / "stopped" / "checkpoint.pt")["model"]
+    assert all(torch.equal(expected[name], final[name]) for name in expected)
+
+
 def test_checkpoints_load_with_weights_only_and_keep_the_best_model(tmp_path):
     summary, _ = run(toy_config(), tmp_path)
     last = torch.load(tmp_path / "checkpoint.pt", weights_only=True)

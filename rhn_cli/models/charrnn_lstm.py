@@ -1,0 +1,169 @@
+"""Stacked LSTM language model of karpathy/char-rnn, as forked by coreylynch/grid-lstm.
+
+This is the baseline the Grid LSTM README compares against (``-model lstm``,
+``model/LSTM.lua``). The fork embeds characters with a lookup table of width H instead
+of char-rnn's one-hot input, so every layer reads an H-wide input. Per layer L and time
+step t, with x^1_t = E[w_t] and x^L_t = dropout(h^{L-1}_t) for L >= 2:
+
+    [i | f | o | g] = i2h^L(x^L_t) + h2h^L(h^L_{t-1})      (two nn.Linear(H, 4H), both with bias)
+    c^L_t = sigmoid(f) * c^L_{t-1} + sigmoid(i) * tanh(g)
+    h^L_t = sigmoid(o) * tanh(c^L_t)
+    logits_t = decoder(dropout(h^n_t))                      (nn.Linear(H, V))
+
+Dropout is the standard inverted kind (kept units scaled by 1 / (1 - p)), a fresh mask
+per unit, per time step and per example, in training mode only, and only on the
+non-recurrent connections char-rnn drops: the inputs of layers >= 2 and the decoder's
+input. The embedding output, the recurrent h_{t-1} and the carried state never are.
+
+Initialisation is char-rnn's: every parameter U(-init_scale, init_scale) (the reference
+uses 0.08), then the forget block (entries H..2H of the gate order [i, f, o, g]) of each
+layer's ``i2h`` bias is set to 1.0; the ``h2h`` bias keeps its uniform draw, so the
+forget gate's total bias starts in 1 +- init_scale.
+
+Parameters: V*H (embedding) + L * 2 * (4H*H + 4H) + H*V + V (decoder), e.g. 24,434,205
+for V=205, H=1000, L=3 (the Grid LSTM README's 3-layer stacked LSTM on enwik8).
+
+The state is (h, c), each [num_layers, B, H], zeros at the start; char-rnn carries it
+from one minibatch to the next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rhn_cli.models.base import LanguageModel
+
+
+def lstm_update(gate_sums: torch.Tensor, c_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """char-rnn's gated update: gate_sums [..., 4H] in order [i, f, o, g] -> (h, c).
+
+    h = sigmoid(o) * tanh(c), as every char-rnn-derived model (the Grid LSTM paper
+    writes tanh(sigmoid(o) * c) instead; grid-lstm issue #4).
+    """
+    i, f, o, g = gate_sums.chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c_prev + torch.sigmoid(i) * torch.tanh(g)
+    h = torch.sigmoid(o) * torch.tanh(c)
+    return h, c
+
+
+def set_forget_bias(linear: nn.Linear, value: float = 1.0) -> None:
+    """Set the forget block (entries H..2H of gate order [i, f, o, g]) of a bias."""
+    hidden_size = linear.out_features // 4
+    with torch.no_grad():
+        linear.bias[hidden_size : 2 * hidden_size] = value
+
+
+@dataclass(frozen=True)
+class CharRNNLSTMConfig:
+    vocab_size: int
+    hidden_size: int = 128
+    num_layers: int = 2
+    dropout: float = 0.0
+    init_scale: float = 0.08
+
+
+class CharRNNLSTMLayer(nn.Module):
+    """One char-rnn LSTM layer run over a sequence; names follow the Lua annotations."""
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__()
+        self.i2h = nn.Linear(input_size, 4 * hidden_size)
+        self.h2h = nn.Linear(hidden_size, 4 * hidden_size)
+
+    def forward(
+        self, inputs: torch.Tensor, h: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """inputs [B, T, in], h, c [B, H] -> (outputs [B, T, H], final h, final c)."""
+        # The input half of the sums does not depend on the state: one product for all steps.
+        from_input = self.i2h(inputs)
+        outputs = []
+        for t in range(inputs.shape[1]):
+            h, c = lstm_update(from_input[:, t] + self.h2h(h), c)
+            outputs.append(h)
+        return torch.stack(outputs, dim=1), h, c
+
+
+class CharRNNLSTMLanguageModel(LanguageModel):
+    """Lookup table -> stacked char-rnn LSTM layers -> dropout -> linear decoder."""
+
+    def __init__(self, config: CharRNNLSTMConfig) -> None:
+        super().__init__()
+        self.config = config
+        V, H = config.vocab_size, config.hidden_size
+        self.embedding = nn.Embedding(V, H)
+        self.layers = nn.ModuleList(CharRNNLSTMLayer(H, H) for _ in range(config.num_layers))
+        self.decoder = nn.Linear(H, V)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        scale = self.config.init_scale
+        with torch.no_grad():
+            for p in self.parameters():
+                p.uniform_(-scale, scale)
+        for layer in self.layers:
+            set_forget_bias(layer.i2h)  # train.lua: nodes annotated "i2h_L" only
+
+    def describe(self) -> str:
+        c = self.config
+        line = f"char-rnn LSTM {c.num_layers} x {c.hidden_size} units"
+        if c.dropout:
+            line += f", dropout {c.dropout:g}"
+        return line
+
+    def initial_state(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero (h, c), each [num_layers, B, H]."""
+        c = self.config
+        zeros = self.decoder.bias.new_zeros(c.num_layers, batch_size, c.hidden_size)
+        return zeros, zeros.clone()
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        state: tuple[torch.Tensor, torch.Tensor],
+        masks: dict | None = None,
+        *,
+        return_hidden: bool = False,
+    ):
+        """tokens [B, T], state (h, c) [L, B, H] -> (logits [B, T, V], new state).
+
+        ``masks`` is unused: char-rnn draws a fresh dropout mask at every step.
+        """
+        h0, c0 = state
+        x = self.embedding(tokens)
+        final_h, final_c = [], []
+        for index, layer in enumerate(self.layers):
+            if index > 0:
+                x = self._dropout(x)
+            x, h, c = layer(x, h0[index], c0[index])
+            final_h.append(h)
+            final_c.append(c)
+        hidden = x
+        logits = self.decoder(self._dropout(x))
+        new_state = (torch.stack(final_h), torch.stack(final_c))
+        if return_hidden:
+            return logits, new_state, hidden
+        return logits, new_state
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        """Torch's nn.Dropout on [B, T, H]: independent per element, so fresh per step."""
+        if not self.training or self.config.dropout <= 0.0:
+            return x
+        return F.dropout(x, self.config.dropout, training=True)
+
+
+def build(config: Mapping[str, Any], vocab_size: int) -> CharRNNLSTMLanguageModel:
+    return CharRNNLSTMLanguageModel(
+        CharRNNLSTMConfig(
+            vocab_size=vocab_size,
+            hidden_size=int(config["hidden_size"]),
+            num_layers=int(config["num_layers"]),
+            dropout=float(config["dropout"]),
+            init_scale=float(config["init_scale"]),
+        )
+    )

@@ -1,0 +1,226 @@
+"""LSTM language model of Zaremba et al. 2014 (the TF PTB tutorial), with Gal's dropout.
+
+Token w_t is embedded as e_t = E[w_t] (width H) and fed through L LSTM layers of width
+H. The cell is TF's ``BasicLSTMCell``: per layer ONE weight W [in + H, 4H] on the
+concatenation [x_t, h_{t-1}] and ONE bias b [4H], the gates in TF's order i, j, f, o:
+
+    [i | j | f | o] = [x_t, h_{t-1}] W + b
+    c_t = c_{t-1} * sigmoid(f + forget_bias) + sigmoid(i) * tanh(j)
+    h_t = tanh(c_t) * sigmoid(o)
+    logits_t = h^L_t W_out^T + b_out,     W_out = E when ``tied``
+
+``forget_bias`` is 0 in the Zaremba TF tutorial (and BasicLSTMCell's own default is 1).
+Every parameter, biases included, is U(-init_scale, init_scale), as TF's uniform
+initializer applies to all variables. For V=10000, L=2, untied, the model has
+4,651,600 (H=200), 19,775,200 (H=650) or 66,022,000 (H=1500) parameters, as the TF one.
+
+Two kinds of dropout, both inverted (kept units are scaled by 1 / (1 - rate)), both
+only in training mode, and combinable (the masks multiply, so their order is moot):
+
+* Zaremba (``dropout``): a fresh mask per unit, per time step, per example on the
+  non-recurrent connections only: the embedding output, each layer's output h before it
+  feeds the next layer, and the top output before the softmax. The recurrent h_{t-1}
+  and the carried state are never dropped.
+* Gal & Ghahramani variational (``drop_x``, ``drop_i``, ``drop_h``, ``drop_o``): masks
+  drawn once per minibatch (:meth:`LSTMLanguageModel.draw_masks`, the same layout as the
+  RHN's) and reused at every time step: ``x`` drops whole word vectors per word type
+  within a row, ``i`` each layer's input, ``h`` the copy of h_{t-1} that feeds the
+  product (never the carried state), ``o`` the top output.
+
+    [i | j | f | o] = [x_t * m_i, h_{t-1} * m_h] W + b
+
+Where both kinds meet, the variational mask is applied first and the per-step one
+second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rhn_cli.models.base import LanguageModel
+from rhn_cli.models.dropout import variational_mask, word_type_mask
+
+
+@dataclass(frozen=True)
+class LSTMConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int = 2
+    tied: bool = False
+    init_scale: float = 0.1
+    forget_bias: float = 0.0
+    dropout: float = 0.0  # Zaremba: per-step masks on non-recurrent connections
+    drop_x: float = 0.0  # Gal: per-minibatch masks from here on
+    drop_i: float = 0.0
+    drop_h: float = 0.0
+    drop_o: float = 0.0
+
+
+class TFLSTMLayer(nn.Module):
+    """One TF BasicLSTMCell layer run over a sequence (see the module docstring)."""
+
+    def __init__(self, input_size: int, hidden_size: int, forget_bias: float = 0.0):
+        super().__init__()
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.forget_bias = forget_bias
+        # Rows [0:in] multiply x_t, rows [in:in+H] multiply h_{t-1}; columns i, j, f, o.
+        self.weight = nn.Parameter(torch.empty(input_size + hidden_size, 4 * hidden_size))
+        self.bias = nn.Parameter(torch.empty(4 * hidden_size))
+
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        h: torch.Tensor,
+        c: torch.Tensor,
+        state_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """inputs [B, T, in] (already dropped), h, c [B, H] -> (outputs [B, T, H], h, c).
+
+        ``state_mask`` [B, H] drops the copy of h_{t-1} that feeds the product.
+        """
+        # The input part of the product does not depend on the state: one for all steps.
+        projected = inputs @ self.weight[: self.input_size] + self.bias
+        recurrent_weight = self.weight[self.input_size :]
+        outputs = []
+        for t in range(inputs.shape[1]):
+            h_in = h if state_mask is None else h * state_mask
+            a = projected[:, t] + h_in @ recurrent_weight
+            i, j, f, o = a.chunk(4, dim=-1)
+            c = c * torch.sigmoid(f + self.forget_bias) + torch.sigmoid(i) * torch.tanh(j)
+            h = torch.tanh(c) * torch.sigmoid(o)
+            outputs.append(h)
+        return torch.stack(outputs, dim=1), h, c
+
+
+class LSTMLanguageModel(LanguageModel):
+    """Embedding -> TF LSTM layers -> (tied) softmax, with Zaremba and/or Gal dropout."""
+
+    def __init__(self, config: LSTMConfig) -> None:
+        super().__init__()
+        self.config = config
+        V, H = config.vocab_size, config.hidden_size
+        self.embedding = nn.Embedding(V, H)
+        self.layers = nn.ModuleList(
+            TFLSTMLayer(H, H, config.forget_bias) for _ in range(config.num_layers)
+        )
+        self.output_weight = None if config.tied else nn.Parameter(torch.empty(V, H))
+        self.output_bias = nn.Parameter(torch.empty(V))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        scale = self.config.init_scale
+        with torch.no_grad():
+            for p in self.parameters():
+                p.uniform_(-scale, scale)
+
+    def describe(self) -> str:
+        c = self.config
+        line = f"LSTM {c.num_layers} x {c.hidden_size} units"
+        if c.tied:
+            line += ", tied"
+        if c.dropout:
+            line += f", dropout {c.dropout:g}"
+        if any((c.drop_x, c.drop_i, c.drop_h, c.drop_o)):
+            line += (
+                f", variational dropout x/i/h/o {c.drop_x:g}/{c.drop_i:g}/{c.drop_h:g}/{c.drop_o:g}"
+            )
+        return line
+
+    def initial_state(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero (h, c), each [num_layers, B, H]."""
+        c = self.config
+        zeros = self.output_bias.new_zeros(c.num_layers, batch_size, c.hidden_size)
+        return zeros, zeros.clone()
+
+    def draw_masks(self, tokens: torch.Tensor) -> dict:
+        """Fresh variational masks for one minibatch (None entries mean 'no dropout')."""
+        c, like, B = self.config, self.output_bias, tokens.shape[0]
+        return {
+            "x": word_type_mask(tokens, c.vocab_size, c.drop_x, like=like),
+            "i": [
+                variational_mask((B, c.hidden_size), c.drop_i, like=like)
+                for _ in range(c.num_layers)
+            ],
+            "h": [
+                variational_mask((B, c.hidden_size), c.drop_h, like=like)
+                for _ in range(c.num_layers)
+            ],
+            "o": variational_mask((B, c.hidden_size), c.drop_o, like=like),
+        }
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        state: tuple[torch.Tensor, torch.Tensor],
+        masks: dict | None = None,
+        *,
+        return_hidden: bool = False,
+    ):
+        """tokens [B, T], state (h, c) [L, B, H] -> (logits [B, T, V], new state).
+
+        In training mode the variational ``masks`` are used, or fresh ones drawn when
+        None, and Zaremba dropout draws its per-step masks; in eval mode nothing is
+        dropped.
+        """
+        if not self.training:
+            masks = None
+        elif masks is None:
+            masks = self.draw_masks(tokens)
+        h0, c0 = state
+        x = self.embedding(tokens)
+        if masks is not None and masks["x"] is not None:
+            x = x * masks["x"]
+        final_h, final_c = [], []
+        for layer_index, layer in enumerate(self.layers):
+            input_mask = masks["i"][layer_index] if masks is not None else None
+            state_mask = masks["h"][layer_index] if masks is not None else None
+            if input_mask is not None:
+                x = x * input_mask.unsqueeze(1)
+            # Zaremba: the embedding output (layer 0) or the layer below's output
+            x = self._step_dropout(x)
+            x, h, c = layer(x, h0[layer_index], c0[layer_index], state_mask)
+            final_h.append(h)
+            final_c.append(c)
+        hidden = x
+        if masks is not None and masks["o"] is not None:
+            x = x * masks["o"].unsqueeze(1)
+        x = self._step_dropout(x)
+        weight = self.embedding.weight if self.output_weight is None else self.output_weight
+        logits = x @ weight.t() + self.output_bias
+        new_state = (torch.stack(final_h), torch.stack(final_c))
+        if return_hidden:
+            return logits, new_state, hidden
+        return logits, new_state
+
+    def _step_dropout(self, x: torch.Tensor) -> torch.Tensor:
+        """Zaremba dropout on [B, T, width]: independent per element, so fresh per step."""
+        if not self.training or self.config.dropout <= 0.0:
+            return x
+        return F.dropout(x, self.config.dropout, training=True)
+
+
+def build(config: Mapping[str, Any], vocab_size: int) -> LSTMLanguageModel:
+    forget_bias = config["forget_bias"]
+    return LSTMLanguageModel(
+        LSTMConfig(
+            vocab_size=vocab_size,
+            hidden_size=config["hidden_size"],
+            num_layers=config["num_layers"],
+            tied=config["tied"],
+            init_scale=config["init_scale"],
+            # None means "the reference's": the Zaremba TF tutorial's 0
+            forget_bias=0.0 if forget_bias is None else float(forget_bias),
+            dropout=config["dropout"],
+            drop_x=config["drop_x"],
+            drop_i=config["drop_i"],
+            drop_h=config["drop_h"],
+            drop_o=config["drop_o"],
+        )
+    )
