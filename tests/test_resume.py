@@ -367,3 +367,12 @@ def test_resume_by_checkpoint_path_and_deterministic_flag(runner, tmp_path):
     metrics = json.loads((tmp_path / "runs" / "1" / "metrics.json").read_text())
     assert metrics["valid.ppl"]["steps"] == [1, 2, 3]
     assert json.loads((tmp_path / "runs" / "1" / "config.json").read_text())["max_max_epoch"] == 3
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_the_state_is_reset_between_epochs_unless_asked_to_carry_it(tmp_path, reset):
+    """RHN/Zaremba start every epoch from zeros; char-rnn carries the streams' state on."""
+    config = toy_config(**_RHN_ONLY, **PEER_VARIANTS["charrnn_streams"], max_max_epoch=1)
+    run({**config, "reset_state_each_epoch": reset}, tmp_path)
+    h, c = checkpoint.load(tmp_path / "checkpoint.pt")["hidden_state"]
+    assert bool((h == 0).all() and (c == 0).all()) == reset

@@ -519,10 +519,12 @@ class Trainer:
             seconds = time.perf_counter() - started
             self.echo(line + chunk_line + f"  {tokens_per_s:,.0f} tok/s  {seconds:.1f}s")
 
-            # The next epoch starts from a zero state (reference run_epoch).
+            # The next epoch starts from a zero state (reference run_epoch), or, as in
+            # char-rnn, continues from where the last minibatch left the streams.
             self.epoch_index += 1
             self.step, self.costs, self.iters = 0, 0.0, 0
-            self.state = self.model.initial_state(self.batch_size)
+            if config["reset_state_each_epoch"]:
+                self.state = self.model.initial_state(self.batch_size)
             self.save_checkpoint()
 
             patience = config["early_stopping"]

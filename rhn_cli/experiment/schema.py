@@ -155,6 +155,12 @@ SCHEMA: dict[str, Option] = {
         "sentences: one sentence per row, from a zero state (WildML)",
         _one_of(*BATCHINGS),
     ),
+    "reset_state_each_epoch": Option(
+        True,
+        bool,
+        "batching='streams': start every epoch from the initial state (RHN, Zaremba); "
+        "False carries it over the wrap-around (char-rnn)",
+    ),
     "split": Option(
         "dataset",
         str,
@@ -431,6 +437,11 @@ def _check_model_keys(config: Mapping[str, Any], origins: Mapping[str, str]) -> 
         raise ConfigError(
             f"mc_steps={config['mc_steps']}: MC dropout needs per-sequence dropout masks, "
             f"which model={model!r} does not have (allowed for {', '.join(MC_DROPOUT_MODELS)})"
+        )
+    if config.get("reset_state_each_epoch") is False and config.get("batching") != "streams":
+        raise ConfigError(
+            f"reset_state_each_epoch=False carries the streams' state, so it needs "
+            f"batching='streams' (not {config['batching']!r})"
         )
     if config.get("split", "dataset") != "dataset" and config.get("batching", "streams") != (
         "streams"
