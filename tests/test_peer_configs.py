@@ -116,7 +116,11 @@ def test_peer_config_trains_records_and_samples(name, runner, fake_data, tmp_pat
             "depth=10 (from named config ptb_sota) has no effect on model='gru'",
         ),
         (["zoneout_char_ptb", "mc_steps=5"], "mc_steps=5: MC dropout needs per-sequence"),
-        (["gridlstm_tinyshakespeare", "batching='chunks'"], "split='streams_95_5' cuts"),
+        (["gridlstm_tinyshakespeare", "batching='chunks'"], "needs batching='streams'"),
+        (
+            ["ptb_lstm_small", "split='streams_95_5'", "batching='chunks'"],
+            "split='streams_95_5' cuts",
+        ),
         (["optimizer='adagrad'"], "optimizer='adagrad' (from the command line): expected one of"),
     ],
 )
