@@ -302,7 +302,7 @@ def sample(target, prime, length, temperature, argmax, seed, runs_dir) -> None:
         _fail(str(error))
     except (CheckpointError, DatasetError) as error:
         _fail(str(error), code=1)
-    click.echo(result.prime + result.text)
+    click.echo(result.text)
 
 
 @cli.command("print-config", epilog=WITH_HELP)

@@ -20,7 +20,7 @@ SENTENCE_END = "<eos>"
 @dataclass
 class Sample:
     prime: str
-    text: str
+    text: str  # the prime (as the model read it) followed by the generated text
     checkpoint: Path
 
 
@@ -29,8 +29,16 @@ def _tokens(prime: str, spaced: bool) -> list[str]:
 
 
 def _render(symbols: list[str], spaced: bool, byte_level: bool) -> str:
-    if spaced:
-        return " ".join("\n" if s == SENTENCE_END else s for s in symbols).replace(" \n ", "\n")
+    if spaced:  # words: spaces between them, a line break for each sentence end
+        pieces, line_start = [], True
+        for symbol in symbols:
+            if symbol == SENTENCE_END:
+                pieces.append("\n")
+                line_start = True
+            else:
+                pieces.append(symbol if line_start else " " + symbol)
+                line_start = False
+        return "".join(pieces)
     text = "".join(symbols)
     if byte_level:
         return text.encode("latin-1", errors="replace").decode("utf-8", errors="replace")
@@ -84,7 +92,4 @@ def sample_text(
     )
     byte_level = get_spec(corpus.name).tokenizer == "bytes" if corpus.name else False
     symbols = [corpus.vocab[i] for i in ids]
-    text = _render(symbols, spaced, byte_level)
-    if spaced and prime_symbols:
-        text = " " + text
-    return Sample(prime, text, path)
+    return Sample(prime, _render(prime_symbols + symbols, spaced, byte_level), path)
