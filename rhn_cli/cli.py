@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from rhn_cli import __version__
+from rhn_cli.commands.options import mongo_option, runs_dir_option
 
 WITH_HELP = """
 Config updates use Sacred's syntax: after the word 'with', give named configs
@@ -22,24 +23,6 @@ Config updates use Sacred's syntax: after the word 'with', give named configs
 Values are Python literals: depth=20, learning_rate=1e-3, tied=False,
 dataset="synthetic"; nested keys use dots: synthetic.order=3.
 """
-
-
-runs_dir_option = click.option(
-    "--runs-dir",
-    envvar="RHN_RUNS_DIR",
-    default="runs",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="File store of run records [env: RHN_RUNS_DIR].",
-)
-mongo_option = click.option(
-    "--mongo",
-    "mongo_url",
-    envvar="RHN_MONGO_URL",
-    metavar="URL",
-    help="Also record in MongoDB, e.g. mongodb://host:27017/rhn [env: RHN_MONGO_URL]. "
-    "If it does not answer within 3 s the run goes on, recorded in the file store only.",
-)
 
 
 def _stderr(message: str, color: str | None = None) -> None:
@@ -490,6 +473,19 @@ def rm(name, yes) -> None:
             click.confirm(f"Remove {directory} ({_human_size(cached_size(name))})?", abort=True)
         freed = remove_dataset(name, echo=click.echo)
     click.echo(f"removed {directory} ({_human_size(freed)})")
+
+
+def _register_command_modules() -> None:
+    from rhn_cli.commands.board import board
+    from rhn_cli.commands.runs import runs
+    from rhn_cli.commands.sync import sync
+
+    runs.add_command(sync)
+    cli.add_command(runs)
+    cli.add_command(board)
+
+
+_register_command_modules()
 
 
 def main() -> None:

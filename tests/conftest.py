@@ -35,9 +35,20 @@ def isolated_environment(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for name in ("RHN_CONFIG_PATH", "RHN_RUNS_DIR", "RHN_MONGO_URL", "RHN_DATA_DIR"):
         monkeypatch.delenv(name, raising=False)
+    # The user's settings file (~/.config/rhn/config.yaml: mongo_url) must not leak in.
+    monkeypatch.delenv("RHN_CONFIG_FILE", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / ".config"))
     return tmp_path
 
 
 @pytest.fixture
 def runner():
     return CliRunner()
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "omniboard: end-to-end tests that start Omniboard (Node.js) on a local MongoDB server; "
+        "deselect with -m 'not omniboard'",
+    )

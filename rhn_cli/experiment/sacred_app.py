@@ -25,11 +25,13 @@ from rhn_cli.experiment.resume import ResumePlan
 from rhn_cli.experiment.schema import defaults, validate
 from rhn_cli.tracking import quiet_sacred_import
 from rhn_cli.tracking.observers import (
+    MONGO_TIMEOUT_S,
     file_store_observer,
     mongo_observer,
     mongo_problem,
     redact,
 )
+from rhn_cli.tracking.sanitize import clean, clean_number
 
 EXPERIMENT_NAME = "rhn"
 MONGO_FAILURE_SUBDIR = "_mongo_failures"
@@ -41,7 +43,7 @@ class RunOutcome:
     status: str
     result: Any
     run_dir: Path | None
-    mongo_url: str | None  # redacted; None when the run was not recorded in MongoDB
+    mongo_url: str | None  # redacted; None unless MongoDB recorded the whole run
 
 
 class RunFailed(Exception):
@@ -73,16 +75,18 @@ class RunInterrupted(Exception):
 
 
 class SacredReporter:
-    """The engine's Reporter, backed by a Sacred run."""
+    """The engine's Reporter, backed by a Sacred run. Values are recorded clean
+    (:mod:`rhn_cli.tracking.sanitize`): numpy/torch scalars become Python numbers,
+    non-finite values None."""
 
     def __init__(self, run) -> None:
         self._run = run
 
     def log_scalar(self, name: str, value: float, step: int) -> None:
-        self._run.log_scalar(name, float(value), int(step))
+        self._run.log_scalar(name, clean_number(value), int(clean(step)))
 
     def set_info(self, key: str, value: Any) -> None:
-        self._run.info[key] = value
+        self._run.info[key] = clean(value)
 
 
 def _main_function(progress: TextIO | None, stop, resume: ResumePlan | None):
@@ -105,7 +109,7 @@ def _main_function(progress: TextIO | None, stop, resume: ResumePlan | None):
             print(f"run {_run._id}: {verb} {run_dir}")
         corpus = load_corpus(config, progress=progress)  # fetched and prepared on first use
         if corpus.description:  # the vocabulary convention and sources, with the run
-            _run.info["dataset"] = corpus.description
+            _run.info["dataset"] = clean(corpus.description)
         summary = train(
             config,
             corpus,
@@ -208,19 +212,59 @@ def _named_config_arguments(resolved: ResolvedConfig) -> list[str]:
 def make_observers(
     runs_dir: Path, mongo_url: str | None, warn: Callable[[str], None]
 ) -> tuple[list, str | None]:
-    """The file store, plus MongoDB if it answers; returns (observers, redacted Mongo URL)."""
+    """The file store, plus MongoDB if it answers; returns (observers, redacted Mongo URL).
+
+    MongoDB's observer comes first (highest priority), so its integer id is the run id.
+    When MongoDB does not answer, the run is recorded in the file store only and marked
+    for sync (:func:`finish_mongo_recording`)."""
     observers = [file_store_observer(runs_dir)]
     if not mongo_url:
         return observers, None
     problem = mongo_problem(mongo_url)
     if problem is not None:
         warn(
-            f"MongoDB at {redact(mongo_url)}: {problem}; "
-            f"recording this run to the file store {runs_dir} only"
+            f"MongoDB at {redact(mongo_url)}: {problem}; recording this run to the file "
+            f"store {runs_dir} only, marked for 'rhn runs sync'"
         )
         return observers, None
-    observers.insert(0, mongo_observer(mongo_url, runs_dir / MONGO_FAILURE_SUBDIR))
+    observers.insert(0, mongo_observer(mongo_url, runs_dir / MONGO_FAILURE_SUBDIR, warn=warn))
     return observers, redact(mongo_url)
+
+
+def finish_mongo_recording(
+    experiment, observers: list, run_dir: Path | None, mongo_url: str | None
+) -> bool:
+    """After a run: note in its run directory what MongoDB has of it (see
+    :mod:`rhn_cli.tracking.sync`); True when MongoDB recorded all of it.
+
+    A run MongoDB missed (down at start, lost mid-run, a failed write) is marked for
+    sync. Waits for Sacred's last heartbeat first: when MongoDB is hanging it can outlive
+    the run's end by a few seconds, and the file store is only complete after it."""
+    if not mongo_url:
+        return False
+    run = getattr(experiment, "current_run", None)
+    heartbeat = getattr(run, "_heartbeat", None)
+    if heartbeat is not None and heartbeat.is_alive():
+        heartbeat.join(timeout=3 * MONGO_TIMEOUT_S + 5)
+    mongo = next((o for o in observers if hasattr(o, "lost")), None)
+    complete = mongo is not None and mongo.complete
+    if mongo is not None and run is not None and mongo in getattr(run, "_failed_observers", []):
+        complete = False
+    if run_dir is None or not (run_dir / "run.json").is_file():
+        return complete
+    from rhn_cli.tracking.sync import record_live_run
+
+    if mongo is None:
+        reason = "MongoDB did not answer at the start of the run"
+    else:
+        reason = mongo.lost or "MongoDB did not confirm the end of the run"
+    try:
+        record_live_run(run_dir, mongo_url, mongo.run_id if mongo else None, complete, reason)
+    except Exception:  # noqa: BLE001 -- never fail a finished run over its sync note
+        # Without a note, 'rhn runs sync' still finds the run in MongoDB by its start
+        # time and host, and brings it up to date.
+        return False
+    return complete
 
 
 @contextlib.contextmanager
@@ -273,8 +317,10 @@ def run_training(
         mongo = None
         if mongo_url:
             warn(
-                "a resumed run is recorded in the file store only; MongoDB keeps its earlier record"
+                "a resumed run is recorded in the file store only; MongoDB keeps its earlier "
+                "record until 'rhn runs sync' updates it"
             )
+        mongo_url = None  # nothing to note: the sync state shows the run changed
     elif unobserved:
         observers, mongo = [], None
     else:
@@ -293,11 +339,14 @@ def run_training(
 
     try:
         with graceful_stop(stop, warn):
-            run = experiment.run(
-                config_updates=resolved.updates,
-                named_configs=_named_config_arguments(resolved),
-                options=options,
-            )
+            try:
+                run = experiment.run(
+                    config_updates=resolved.updates,
+                    named_configs=_named_config_arguments(resolved),
+                    options=options,
+                )
+            finally:
+                in_mongo = finish_mongo_recording(experiment, observers, run_dir(), mongo_url)
     except TrainingStopped as stopped:
         raise RunInterrupted(
             run_dir(), stopped.STATUS, stopped.signal, stopped.checkpoint_path, str(stopped)
@@ -306,7 +355,7 @@ def run_training(
         raise RunInterrupted(run_dir(), signal_number=signal.SIGINT) from None
     except Exception as error:
         raise RunFailed(error, run_dir()) from error
-    return RunOutcome(run._id, run.status, run.result, run_dir(), mongo)
+    return RunOutcome(run._id, run.status, run.result, run_dir(), mongo if in_mongo else None)
 
 
 def run_evaluation(
@@ -329,11 +378,14 @@ def run_evaluation(
         return next((Path(o.dir) for o in observers if getattr(o, "dir", None)), None)
 
     try:
-        run = experiment.run(
-            "evaluate", config_updates=resolved.updates, named_configs=[], options=options
-        )
+        try:
+            run = experiment.run(
+                "evaluate", config_updates=resolved.updates, named_configs=[], options=options
+            )
+        finally:
+            in_mongo = finish_mongo_recording(experiment, observers, run_dir(), mongo_url)
     except KeyboardInterrupt:
         raise RunInterrupted(run_dir(), signal_number=signal.SIGINT) from None
     except Exception as error:
         raise RunFailed(error, run_dir()) from error
-    return RunOutcome(run._id, run.status, run.result, run_dir(), mongo)
+    return RunOutcome(run._id, run.status, run.result, run_dir(), mongo if in_mongo else None)

@@ -34,10 +34,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rhn_cli.models.base import LanguageModel
+from rhn_cli.models.dropout import step_dropout
 
 
 def lstm_update(gate_sums: torch.Tensor, c_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,10 +151,7 @@ class CharRNNLSTMLanguageModel(LanguageModel):
         return logits, new_state
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
-        """Torch's nn.Dropout on [B, T, H]: independent per element, so fresh per step."""
-        if not self.training or self.config.dropout <= 0.0:
-            return x
-        return F.dropout(x, self.config.dropout, training=True)
+        return step_dropout(x, self.config.dropout, self.training)
 
 
 def build(config: Mapping[str, Any], vocab_size: int) -> CharRNNLSTMLanguageModel:

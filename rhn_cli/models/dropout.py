@@ -35,3 +35,11 @@ def word_type_mask(
     if per_type is None:
         return None
     return per_type.gather(1, tokens).unsqueeze(-1)
+
+
+def step_dropout(x: torch.Tensor, drop: float, training: bool) -> torch.Tensor:
+    """Standard (Zaremba, char-rnn) inverted dropout on [B, T, width]: every element
+    independent, so a fresh mask at every time step. Identity in eval or at rate 0."""
+    if not training or drop <= 0.0:
+        return x
+    return torch.nn.functional.dropout(x, drop, training=True)

@@ -55,11 +55,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rhn_cli.models.base import LanguageModel
 from rhn_cli.models.charrnn_lstm import lstm_update, set_forget_bias
+from rhn_cli.models.dropout import step_dropout
 
 
 @dataclass(frozen=True)
@@ -179,10 +179,7 @@ class GridLSTMLanguageModel(LanguageModel):
         return logits, new_state
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
-        """Torch's nn.Dropout on [B, T, H]: independent per element, so fresh per step."""
-        if not self.training or self.config.dropout <= 0.0:
-            return x
-        return F.dropout(x, self.config.dropout, training=True)
+        return step_dropout(x, self.config.dropout, self.training)
 
 
 def build(config: Mapping[str, Any], vocab_size: int) -> GridLSTMLanguageModel:

@@ -40,11 +40,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rhn_cli.models.base import LanguageModel
-from rhn_cli.models.dropout import variational_mask, word_type_mask
+from rhn_cli.models.dropout import step_dropout, variational_mask, word_type_mask
 
 
 @dataclass(frozen=True)
@@ -200,10 +199,7 @@ class LSTMLanguageModel(LanguageModel):
         return logits, new_state
 
     def _step_dropout(self, x: torch.Tensor) -> torch.Tensor:
-        """Zaremba dropout on [B, T, width]: independent per element, so fresh per step."""
-        if not self.training or self.config.dropout <= 0.0:
-            return x
-        return F.dropout(x, self.config.dropout, training=True)
+        return step_dropout(x, self.config.dropout, self.training)
 
 
 def build(config: Mapping[str, Any], vocab_size: int) -> LSTMLanguageModel:

@@ -3,20 +3,41 @@
 The file store always records the run. A MongoDB observer is added only after the
 server has answered a ping within a few seconds: Sacred's own observer fails the whole
 run when MongoDB is down at start, and rhn must never lose a run to that.
+
+Both observers record only clean values (:mod:`rhn_cli.tracking.sanitize`): config,
+meta, info, metric values and the result, so no numpy or torch value can make an
+observer fail. rhn's MongoDB observer never fails the run either: at the first error
+(MongoDB went away mid-run, a write was refused) it notes why, warns once and stops
+writing; the file store keeps the whole run and ``rhn runs sync`` pushes it later. At
+the end of a run it tries its final save at most twice (Sacred: up to 10 times, each
+after a server-selection timeout and a 1 s pause), so a run whose MongoDB died ends
+within a few seconds. It stores each source file in GridFS once (looked up by name and
+SHA-256, kept in ``metadata.sha256``), instead of on every run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from rhn_cli.atomic import write_atomically
 from rhn_cli.tracking import quiet_sacred_import
+from rhn_cli.tracking.sanitize import clean, clean_number
 
 DEFAULT_DATABASE = "rhn"
 MONGO_TIMEOUT_S = 3.0
+# A write that gets no answer (a hung server) gives up after this long.
+MONGO_SOCKET_TIMEOUT_S = 30.0
+# Final save of a run (Sacred: 10 attempts on completion, 3 on interruption).
+FINAL_SAVE_ATTEMPTS = 2
 
 
 def redact(url: str) -> str:
@@ -41,6 +62,99 @@ def database_name(url: str) -> str:
     """The database named in a MongoDB URL's path, else ``rhn``."""
     name = urlsplit(url).path.lstrip("/")
     return name or DEFAULT_DATABASE
+
+
+def database_key(url: str) -> str:
+    """A credential-free name of the database ``url`` points to, the same for every
+    spelling of it (user, options, host order, default port): ``mongodb://host:27017/db``.
+    The file store keys its sync state by it."""
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return f"{url}/{database_name(url)}"
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    hosts = rest[:end].rpartition("@")[2]
+    names = []
+    for host in hosts.split(","):
+        host = host.strip().lower()
+        if scheme == "mongodb" and not re.search(r":\d+$", host):
+            host += ":27017"
+        names.append(host)
+    return f"{scheme}://{','.join(sorted(names))}/{database_name(url)}"
+
+
+def mongo_client_options(timeout_s: float = MONGO_TIMEOUT_S) -> dict[str, int]:
+    """pymongo client options: give up on an absent server within ``timeout_s``, on a
+    silent one within MONGO_SOCKET_TIMEOUT_S."""
+    return {
+        "serverSelectionTimeoutMS": int(timeout_s * 1000),
+        "connectTimeoutMS": int(timeout_s * 1000),
+        "socketTimeoutMS": int(MONGO_SOCKET_TIMEOUT_S * 1000),
+    }
+
+
+def describe_error(error: BaseException, url: str | None = None) -> str:
+    """A one-line account of a pymongo error: no topology dump, no password."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    for cut in (" (configured timeouts", ", Timeout:", ", full error:"):
+        text = text.split(cut, 1)[0]
+    if url:
+        password = _password(url)
+        if password:
+            text = text.replace(password, "***")
+    if len(text) > 160:
+        text = text[:157] + "..."
+    return text
+
+
+def _password(url: str) -> str | None:
+    rest = url.partition("://")[2]
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    userinfo, at, _ = rest[:end].rpartition("@")
+    if not at or ":" not in userinfo:
+        return None
+    return userinfo.split(":", 1)[1] or None
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def store_file_once(fs, filename: str, data: bytes, **options: Any):
+    """The GridFS id of ``data`` stored under ``filename``: an existing file with that
+    name and content (``metadata.sha256``) if there is one, else a new upload."""
+    digest = sha256_hex(data)
+    existing = fs.find_one({"filename": filename, "metadata.sha256": digest})
+    if existing is not None:
+        return existing._id
+    metadata = {**(options.pop("metadata", None) or {}), "sha256": digest}
+    return fs.put(data, filename=filename, metadata=metadata, **options)
+
+
+class CleanRecords:
+    """Observer mixin: every value recorded goes through :func:`sanitize.clean` first."""
+
+    def started_event(self, ex_info, command, host_info, start_time, config, meta_info, _id):
+        return super().started_event(
+            ex_info, command, host_info, start_time, clean(config), clean(meta_info), _id
+        )
+
+    def heartbeat_event(self, info, captured_out, beat_time, result):
+        return super().heartbeat_event(clean(info), captured_out, beat_time, clean(result))
+
+    def completed_event(self, stop_time, result):
+        return super().completed_event(stop_time, clean(result))
+
+    def log_metrics(self, metrics_by_name, info):
+        cleaned = {
+            str(name): {
+                **series,
+                "steps": [clean(step) for step in series["steps"]],
+                "values": [clean_number(value) for value in series["values"]],
+            }
+            for name, series in metrics_by_name.items()
+        }
+        # ``info`` is the run's own dict: MongoDB links new metrics into it.
+        return super().log_metrics(cleaned, info)
 
 
 def mongo_problem(url: str, timeout_s: float = MONGO_TIMEOUT_S) -> str | None:
@@ -86,7 +200,7 @@ def file_store_observer(runs_dir: str | os.PathLike, continue_after_epoch: int |
         from sacred.observers import FileStorageObserver
         from sacred.serializer import flatten
 
-    class RunDirectoryObserver(FileStorageObserver):
+    class RunDirectoryObserver(CleanRecords, FileStorageObserver):
         previous_run: dict | None = None
 
         def _make_run_dir(self, _id):
@@ -135,14 +249,150 @@ def _drop_metrics_after(run_dir: Path, epoch: int, save_json) -> None:
     save_json(metrics, "metrics.json")
 
 
-def mongo_observer(url: str, failure_dir: str | os.PathLike):
-    """Sacred's MongoObserver on ``url``; run ids are integers, as Omniboard needs."""
+def mongo_observer(
+    url: str,
+    failure_dir: str | os.PathLike,
+    warn: Callable[[str], None] | None = None,
+    timeout_s: float = MONGO_TIMEOUT_S,
+):
+    """rhn's MongoObserver on ``url`` (database from the URL, default ``rhn``).
+
+    Run ids are integers, as Omniboard needs (give it the highest priority so its id is
+    the run id). It records clean values, stores sources once, and never fails the run:
+    after its first error it stops writing and says so once through ``warn``. Afterwards
+    ``lost`` holds the reason (None if it never failed), ``complete`` says whether
+    MongoDB has the whole run, and ``run_id`` is the id MongoDB gave the run.
+    ``failure_dir`` is kept for Sacred's API; rhn never writes pickles there (the file
+    store has the run).
+    """
     with quiet_sacred_import():
         from sacred.observers import MongoObserver
 
-    return MongoObserver(
-        url=url,
-        db_name=database_name(url),
-        failure_dir=str(failure_dir),
-        serverSelectionTimeoutMS=int(MONGO_TIMEOUT_S * 1000),
-    )
+    class RhnMongoObserver(CleanRecords, MongoObserver):
+        def __init__(self) -> None:
+            super().__init__(
+                url=url,
+                db_name=database_name(url),
+                failure_dir=str(failure_dir),
+                **mongo_client_options(timeout_s),
+            )
+            self.url = url
+            self.lost: str | None = None
+            self.finished = False
+            self._lock = threading.RLock()
+
+        def __repr__(self) -> str:
+            return f"MongoObserver({redact(url)})"
+
+        @property
+        def run_id(self) -> int | None:
+            return (self.run_entry or {}).get("_id")
+
+        @property
+        def complete(self) -> bool:
+            return self.lost is None and self.finished
+
+        def _guarded(self, what: str, call: Callable[[], Any]) -> Any:
+            with self._lock:
+                if self.lost is not None:
+                    return None
+                try:
+                    return call()
+                except Exception as error:  # noqa: BLE001 -- no error may end the run
+                    self.lost = f"{what}: {describe_error(error, url)}"
+                    if warn is not None:
+                        warn(
+                            f"MongoDB at {redact(url)} stopped recording this run "
+                            f"({self.lost}); training goes on, the file store keeps the "
+                            "whole run, and it is marked for 'rhn runs sync'"
+                        )
+                    return None
+
+        def started_event(self, ex_info, command, host_info, start_time, config, meta_info, _id):
+            run_id = self._guarded(
+                "start",
+                lambda: super(RhnMongoObserver, self).started_event(
+                    ex_info, command, host_info, start_time, config, meta_info, _id
+                ),
+            )
+            if self.lost is not None:  # no run in MongoDB: the file store picks the id
+                self.run_entry = None
+            return run_id
+
+        def heartbeat_event(self, info, captured_out, beat_time, result):
+            self._guarded(
+                "heartbeat",
+                lambda: super(RhnMongoObserver, self).heartbeat_event(
+                    info, captured_out, beat_time, result
+                ),
+            )
+
+        def log_metrics(self, metrics_by_name, info):
+            self._guarded(
+                "metrics",
+                lambda: super(RhnMongoObserver, self).log_metrics(metrics_by_name, info),
+            )
+
+        def completed_event(self, stop_time, result):
+            self._guarded(
+                "final save",
+                lambda: super(RhnMongoObserver, self).completed_event(stop_time, result),
+            )
+
+        def interrupted_event(self, interrupt_time, status):
+            self._guarded(
+                "final save",
+                lambda: super(RhnMongoObserver, self).interrupted_event(interrupt_time, status),
+            )
+
+        def failed_event(self, fail_time, fail_trace):
+            self._guarded(
+                "final save",
+                lambda: super(RhnMongoObserver, self).failed_event(fail_time, fail_trace),
+            )
+
+        def artifact_event(self, name, filename, metadata=None, content_type=None):
+            self._guarded(
+                "artifact",
+                lambda: super(RhnMongoObserver, self).artifact_event(
+                    name, filename, metadata, content_type
+                ),
+            )
+
+        def resource_event(self, filename):
+            self._guarded(
+                "resource", lambda: super(RhnMongoObserver, self).resource_event(filename)
+            )
+
+        def save(self):
+            # Sacred ignores a lost connection here ("wait for the next save"), but the
+            # metrics pushed meanwhile would be lost for good: treat it as the failure
+            # it is, so the run is marked for sync.
+            self.runs.update_one({"_id": self.run_entry["_id"]}, {"$set": self.run_entry})
+
+        def final_save(self, attempts):
+            import pymongo.errors
+
+            attempts = max(1, min(attempts, FINAL_SAVE_ATTEMPTS))
+            for attempt in range(attempts):
+                try:
+                    self.runs.update_one(
+                        {"_id": self.run_entry["_id"]}, {"$set": self.run_entry}, upsert=True
+                    )
+                    self.finished = True
+                    return
+                except pymongo.errors.AutoReconnect:
+                    if attempt == attempts - 1:
+                        raise
+                    time.sleep(1)
+
+        def save_sources(self, ex_info):
+            base_dir = ex_info["base_dir"]
+            sources = []
+            for source_name, _md5 in ex_info["sources"]:
+                path = os.path.join(base_dir, source_name)
+                with open(path, "rb") as handle:
+                    sources.append([source_name, store_file_once(self.fs, path, handle.read())])
+            return sources
+
+    return RhnMongoObserver()

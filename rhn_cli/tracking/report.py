@@ -1,0 +1,719 @@
+"""What ``rhn runs`` shows: tables of runs, one run in full, runs side by side, learning
+curves (matplotlib, imported only when plotting) and CSV/JSON exports.
+
+Everything here returns text (or writes a file); the CLI only prints it. Colours are
+left to the caller through a ``style(text, kind)`` function, applied after alignment,
+where ``kind`` is ``"header"``, ``"title"``, ``"dim"`` or a run status.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rhn_cli.atomic import write_atomically
+from rhn_cli.tracking.records import (
+    NOISE_KEYS,
+    RunRecord,
+    best_point,
+    differing_keys,
+    flatten_config,
+    iso,
+    json_clean,
+    last_value,
+    metric_names,
+    record_to_dict,
+    value_at,
+)
+
+Style = Callable[[str, str], str]
+MISSING = "-"
+ELLIPSIS = "…"
+# Config columns `ls` shows besides the ones that differ between the listed runs.
+ALWAYS_SHOWN_KEYS = ("model", "dataset")
+LS_CONFIG_COLUMNS = 6
+LS_CELL_WIDTH = 14
+PLOT_FORMATS = ("png", "svg", "pdf")
+EXPORT_FORMATS = ("csv", "json")
+
+
+class ReportError(ValueError):
+    """A report cannot be made as asked (a run lacks the metric to plot...)."""
+
+
+def plain(text: str, kind: str) -> str:
+    return text
+
+
+# --------------------------------------------------------------------------------------
+# Formatting of single values
+# --------------------------------------------------------------------------------------
+
+
+def format_duration(seconds: float | None) -> str:
+    """``12s``, ``3m05s``, ``1h02m``, ``2d03h``; ``-`` when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return MISSING
+    total = int(round(seconds))
+    if total < 60:
+        return f"{total}s"
+    if total < 3600:
+        return f"{total // 60}m{total % 60:02d}s"
+    if total < 86400:
+        return f"{total // 3600}h{total % 3600 // 60:02d}m"
+    return f"{total // 86400}d{total % 86400 // 3600:02d}h"
+
+
+def format_time(time: datetime | None) -> str:
+    """A naive UTC time (as Sacred records it) in local time, ``YYYY-MM-DD HH:MM``."""
+    if time is None:
+        return MISSING
+    return time.replace(tzinfo=UTC).astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def format_metric(name: str, value: Any) -> str:
+    """Perplexities with 3 decimals, bits with 4, rates with thousands separators."""
+    if value is None:
+        return MISSING
+    if not _is_number(value):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if name.endswith("ppl") or "perplexity" in name:
+        return f"{value:.3f}"
+    if name.endswith("bpc") or "bits" in name:
+        return f"{value:.4f}"
+    if name.endswith("tokens_per_s"):
+        return f"{value:,.0f}"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.4g}"
+
+
+def format_value(value: Any) -> str:
+    """A config or info value as typed on the command line."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(json_clean(value), separators=(",", ":"))
+    if value == "":
+        return '""'
+    return str(value)
+
+
+def truncate(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(width - 1, 0)] + ELLIPSIS
+
+
+def human_size(size: int | None) -> str:
+    if size is None:
+        return MISSING
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return MISSING  # unreachable
+
+
+# --------------------------------------------------------------------------------------
+# Summary of a run's metrics
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    """The numbers a run is judged by."""
+
+    best_valid_ppl: float | None = None
+    best_valid_bpc: float | None = None
+    best_epoch: Any = None
+    test_ppl: float | None = None  # at the epoch of the best valid perplexity
+    full_valid_ppl: float | None = None
+    full_test_ppl: float | None = None
+    mc_test_ppl: float | None = None
+    epochs: Any = None
+
+
+def _info_number(record: RunRecord, key: str) -> float | None:
+    value = record.info.get(key)
+    return float(value) if _is_number(value) and math.isfinite(value) else None
+
+
+def summarize(record: RunRecord) -> Summary:
+    summary = Summary()
+    best = best_point(record, "valid.ppl")
+    if best is not None:
+        summary.best_epoch, summary.best_valid_ppl = best
+        summary.test_ppl = value_at(record, "test.ppl", summary.best_epoch)
+    else:
+        summary.best_valid_ppl = _info_number(record, "best_valid_perplexity")
+        summary.best_epoch = record.info.get("best_val_epoch")
+    bits = best_point(record, "valid.bpc")
+    summary.best_valid_bpc = bits[1] if bits else None
+    if summary.best_valid_bpc is None and summary.best_valid_ppl:
+        summary.best_valid_bpc = math.log2(summary.best_valid_ppl)
+    summary.full_valid_ppl = last_value(record, "full_valid.ppl") or _info_number(
+        record, "full_best_valid_perplexity"
+    )
+    summary.full_test_ppl = last_value(record, "full_test.ppl") or _info_number(
+        record, "full_test_perplexity"
+    )
+    summary.mc_test_ppl = last_value(record, "mc_test.ppl") or _info_number(
+        record, "mc_test_perplexity"
+    )
+    steps = [s for s in record.metrics.get("valid.ppl", ([], []))[0] if _is_number(s)]
+    summary.epochs = max(steps) if steps else record.info.get("epoch_nr")
+    return summary
+
+
+# (column/row name, Summary attribute, metric name for formatting)
+SUMMARY_FIELDS = (
+    ("valid.ppl", "best_valid_ppl", "ppl"),
+    ("valid.bpc", "best_valid_bpc", "bpc"),
+    ("test.ppl", "test_ppl", "ppl"),
+    ("full_valid.ppl", "full_valid_ppl", "ppl"),
+    ("full_test.ppl", "full_test_ppl", "ppl"),
+    ("mc_test.ppl", "mc_test_ppl", "ppl"),
+)
+
+
+# --------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------
+
+Cell = str | tuple[str, str | None]
+
+
+def render_table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[Cell]],
+    right: Sequence[bool],
+    style: Style = plain,
+    header_kind: str | None = "header",
+) -> list[str]:
+    """Aligned columns two spaces apart; styling applied after padding."""
+    cells = [[c if isinstance(c, tuple) else (c, None) for c in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        for i, (text, _) in enumerate(row):
+            widths[i] = max(widths[i], len(text))
+
+    def line(row: Sequence[tuple[str, str | None]]) -> str:
+        # Trailing empty cells are dropped, so no line ends in (styled) spaces.
+        used = max((i + 1 for i, (text, _) in enumerate(row) if text), default=0)
+        parts = []
+        for i, (text, kind) in enumerate(row[:used]):
+            if right[i]:
+                padded = text.rjust(widths[i])
+            else:
+                padded = text if i == used - 1 else text.ljust(widths[i])
+            parts.append(style(padded, kind) if kind else padded)
+        return "  ".join(parts)
+
+    header = [(h, header_kind) for h in headers]
+    return [line(header), *(line(row) for row in cells)]
+
+
+def _ls_config_columns(records: Sequence[RunRecord]) -> tuple[list[str], list[str]]:
+    """(shown config keys, differing keys left out for width)."""
+    readable = [r for r in records if r.config]
+    keys = [k for k in ALWAYS_SHOWN_KEYS if any(k in r.config for r in readable)]
+    differing = [k for k in differing_keys(readable, NOISE_KEYS) if k not in keys]
+    room = max(LS_CONFIG_COLUMNS - len(keys), 0)
+    return keys + differing[:room], differing[room:]
+
+
+def ls_lines(records: Sequence[RunRecord], style: Style = plain) -> list[str]:
+    """The ``rhn runs ls`` table: one line per run, plus a note on hidden differences."""
+    config_keys, hidden = _ls_config_columns(records)
+    summaries = [summarize(r) for r in records]
+    metric_columns = [
+        (name, attribute, unit)
+        for name, attribute, unit in SUMMARY_FIELDS
+        if name != "full_valid.ppl" and any(getattr(s, attribute) is not None for s in summaries)
+    ]
+    headers = [
+        "id",
+        "name",
+        "status",
+        "start",
+        "duration",
+        *(truncate(k, LS_CELL_WIDTH) for k in config_keys),
+        *(name for name, _, _ in metric_columns),
+    ]
+    right = [True, False, False, False, True, *([False] * len(config_keys))]
+    right += [True] * len(metric_columns)
+    rows = []
+    for record, summary in zip(records, summaries, strict=True):
+        config = flatten_config(record.config)
+        row: list[Cell] = [
+            record.key,
+            truncate(record.name, 24),
+            (record.status, record.status),
+            format_time(record.start_time),
+            format_duration(record.duration),
+        ]
+        for key in config_keys:
+            shown = format_value(config[key]) if key in config else MISSING
+            row.append(truncate(shown, LS_CELL_WIDTH))
+        for _, attribute, unit in metric_columns:
+            row.append(format_metric(unit, getattr(summary, attribute)))
+        rows.append(row)
+    lines = render_table(headers, rows, right, style)
+    if hidden:
+        lines.append(
+            style(
+                f"(also differing: {', '.join(hidden)}; 'rhn runs compare' shows them all)",
+                "dim",
+            )
+        )
+    return lines
+
+
+def brief_lines(records: Sequence[RunRecord], style: Style = plain) -> list[str]:
+    """One aligned line per run (id, name, status, start): what ``rm`` asks about."""
+    rows = [
+        [r.key, truncate(r.name, 32), (r.status, r.status), format_time(r.start_time)]
+        for r in records
+    ]
+    return render_table(["id", "name", "status", "start"], rows, [True, False, False, False], style)
+
+
+# --------------------------------------------------------------------------------------
+# One run in full
+# --------------------------------------------------------------------------------------
+
+FAIL_TRACE_LINES = 20
+
+
+def _key_values(pairs: Sequence[tuple[str, str]], indent: str = "  ") -> list[str]:
+    if not pairs:
+        return []
+    width = max(len(key) for key, _ in pairs)
+    return [f"{indent}{key.ljust(width)}  {value}".rstrip() for key, value in pairs]
+
+
+def _host(host: dict) -> str:
+    if not host:
+        return MISSING
+    parts = []
+    system = host.get("os")
+    if isinstance(system, list) and system:
+        parts.append(str(system[-1]))
+    for key, label in (("cpu", ""), ("python_version", "Python ")):
+        if host.get(key):
+            parts.append(f"{label}{host[key]}")
+    gpus = host.get("gpus")
+    if isinstance(gpus, dict) and gpus.get("gpus"):
+        models = sorted({str(g.get("model")) for g in gpus["gpus"] if isinstance(g, dict)})
+        parts.append(f"{len(gpus['gpus'])} GPU ({', '.join(models)})")
+    name = str(host.get("hostname") or MISSING)
+    return f"{name} ({', '.join(parts)})" if parts else name
+
+
+def _info_value(key: str, value: Any) -> str:
+    shown = format_metric(key, value) if _is_number(value) else format_value(value)
+    return truncate(shown, 80)
+
+
+def _info_pairs(info: dict) -> list[tuple[str, str]]:
+    """Info entries, one level of nesting flattened; the per-epoch ``logs`` (a copy of
+    the metrics) and MongoDB's ``metrics`` links are left out."""
+    pairs = []
+    for key in sorted(info):
+        if key in ("logs", "metrics"):
+            continue
+        value = info[key]
+        if isinstance(value, dict):
+            pairs += [(f"{key}.{sub}", _info_value(sub, value[sub])) for sub in sorted(value)]
+        else:
+            pairs.append((key, _info_value(key, value)))
+    return pairs
+
+
+def show_lines(record: RunRecord, style: Style = plain) -> list[str]:
+    """``rhn runs show``: everything about one run, in sections."""
+    title = f"run {record.key}  {record.name}  "
+    lines = [style(title, "title") + style(record.status, record.status)]
+    where = f"{record.location} (file store)" if record.source == "file" else record.location
+    header = [
+        ("start", format_time(record.start_time)),
+        ("stop", format_time(record.stop_time)),
+        ("duration", format_duration(record.duration)),
+    ]
+    if record.status in ("RUNNING", "PROBABLY_DEAD", "QUEUED"):
+        header.append(("heartbeat", format_time(record.heartbeat)))
+    header += [
+        ("host", _host(record.host)),
+        ("command", record.command or MISSING),
+        ("comment", record.comment or MISSING),
+        ("named configs", ", ".join(map(str, record.named_configs)) or MISSING),
+    ]
+    if record.resumed_at:
+        header.append(("resumed at", ", ".join(format_time(t) for t in record.resumed_at)))
+    header.append(("recorded in", where))
+    if record.mongo is not None:
+        header.append(("mongodb", json.dumps(json_clean(record.mongo), sort_keys=True)))
+    if record.problem:
+        header.append(("problem", record.problem))
+    lines += _key_values(header)
+
+    lines += ["", style("config", "header")]
+    config = flatten_config(record.config)
+    lines += _key_values([(k, format_value(v)) for k, v in sorted(config.items())]) or [
+        f"  {MISSING}"
+    ]
+
+    result = record.result
+    shown = format_metric("ppl", result) if _is_number(result) else format_value(result)
+    lines += ["", style("result", "header") + f"  {shown if result is not None else MISSING}"]
+
+    lines += ["", style("metrics", "header")]
+    if record.metrics:
+        rows = []
+        for name in sorted(record.metrics):
+            steps, values = record.metrics[name]
+            best = best_point(record, name)
+            rows.append(
+                [
+                    name,
+                    format_metric(name, last_value(record, name)),
+                    format_metric(name, best[1] if best else None),
+                    str(best[0]) if best else MISSING,
+                    str(len(values)),
+                ]
+            )
+        table = render_table(
+            ["name", "last", "best", "at step", "points"],
+            rows,
+            [False, True, True, True, True],
+            style,
+            header_kind="dim",
+        )
+        lines += ["  " + line for line in table]
+    else:
+        lines.append(f"  {MISSING}")
+
+    info = _info_pairs(record.info)
+    if info:
+        lines += ["", style("info", "header"), *_key_values(info)]
+
+    lines += ["", style("artifacts", "header")]
+    if record.artifacts:
+        pairs = []
+        for artifact in record.artifacts:
+            note = "" if artifact.recorded else "  (file in the run directory)"
+            pairs.append((artifact.name, human_size(artifact.size) + note))
+        lines += _key_values(pairs)
+    else:
+        lines.append(f"  {MISSING}")
+
+    if record.fail_trace:
+        trace = record.fail_trace
+        shown_lines = trace[-FAIL_TRACE_LINES:]
+        what = (
+            "fail trace"
+            if len(trace) <= FAIL_TRACE_LINES
+            else (f"fail trace (last {len(shown_lines)} of {len(trace)} lines)")
+        )
+        lines += ["", style(what, "header"), *(f"  {line}" for line in shown_lines)]
+    return lines
+
+
+# --------------------------------------------------------------------------------------
+# Runs side by side
+# --------------------------------------------------------------------------------------
+
+STATUS_SHORT = {"INTERRUPTED": "INTERRUPT.", "PROBABLY_DEAD": "DEAD?"}
+COMPARE_KEY_WIDTH = 24
+# compare's metric rows: (label, Summary attribute or None, how to format)
+COMPARE_METRIC_ROWS = (
+    ("best valid.ppl", "best_valid_ppl", "ppl"),
+    ("best valid.bpc", "best_valid_bpc", "bpc"),
+    ("best epoch", "best_epoch", "count"),
+    ("test.ppl at best", "test_ppl", "ppl"),
+    ("full_valid.ppl", "full_valid_ppl", "ppl"),
+    ("full_test.ppl", "full_test_ppl", "ppl"),
+    ("mc_test.ppl", "mc_test_ppl", "ppl"),
+    ("epochs", "epochs", "count"),
+)
+
+
+class _MissingType:
+    """A config key a run does not have (unlike a key whose value is None)."""
+
+    def __repr__(self) -> str:
+        return MISSING
+
+
+_MISSING_KEY = _MissingType()
+
+
+def compare_cell_width(runs: int) -> int:
+    """Narrower columns for more runs: ten runs fit in about 150 characters."""
+    if runs <= 4:
+        return 16
+    if runs <= 7:
+        return 12
+    return 10
+
+
+def compare_table(
+    records: Sequence[RunRecord], all_keys: bool = False
+) -> tuple[dict[str, list[Any]], list[tuple[str, str, list[Any]]]]:
+    """({config key: value per run}, [(metric row, unit, value per run)]).
+
+    Config keys are those that differ between the runs (the seed included), or all
+    keys with ``all_keys``; metric rows no run has a value for are left out."""
+    configs = [flatten_config(r.config) for r in records]
+    if all_keys:
+        keys = sorted(set().union(*configs))
+    else:
+        keys = differing_keys(records, ignore=())
+    config_rows = {k: [c.get(k, _MISSING_KEY) for c in configs] for k in keys}
+    summaries = [summarize(r) for r in records]
+    metric_rows = []
+    for label, attribute, unit in COMPARE_METRIC_ROWS:
+        values = [getattr(s, attribute) for s in summaries]
+        if any(v is not None for v in values):
+            metric_rows.append((label, unit, values))
+    metric_rows.append(("duration", "duration", [r.duration for r in records]))
+    return config_rows, metric_rows
+
+
+def _format_as(unit: str, value: Any) -> str:
+    if unit == "duration":
+        return format_duration(value)
+    if unit == "count":
+        return MISSING if value is None else str(value)
+    return format_metric(unit, value)
+
+
+def abbreviate_row(values: Sequence[str], width: int) -> list[str]:
+    """Values cut to ``width`` so that they stay apart: a prefix they all share, up to a
+    separator (``rhn-depth-`` of ``rhn-depth-1-ptb`` ... ``rhn-depth-10-ptb``), becomes
+    ``…``."""
+    if all(len(v) <= width for v in values):
+        return list(values)
+    prefix = os.path.commonprefix(list(values)) if len(values) > 1 else ""
+    prefix = prefix.rstrip("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    if len(prefix) >= 3 and len(set(values)) > 1:
+        return [truncate(ELLIPSIS + v[len(prefix) :], width) for v in values]
+    return [truncate(v, width) for v in values]
+
+
+def compare_lines(
+    records: Sequence[RunRecord], all_keys: bool = False, style: Style = plain
+) -> list[str]:
+    """``rhn runs compare``: one column per run; config differences, then metrics."""
+    width = compare_cell_width(len(records))
+    config_rows, metric_rows = compare_table(records, all_keys)
+
+    def status(record: RunRecord) -> Cell:
+        text = record.status
+        if len(text) > width:
+            text = STATUS_SHORT.get(text, truncate(text, width))
+        return (text, record.status)
+
+    blank = [""] * len(records)
+    body: list[list[Cell]] = [
+        ["name", *abbreviate_row([r.name for r in records], width)],
+        ["status", *(status(r) for r in records)],
+    ]
+    if len(records) <= 7:  # ten columns have no room for it; ls and show have it
+        start = [format_time(r.start_time)[5:] if r.start_time else MISSING for r in records]
+        body.append(["start", *start])
+    body.append([("config", "header"), *blank])
+    if not config_rows:
+        note = "(no config)" if all_keys else "(the same in every run; --all lists it)"
+        body.append([(f"  {note}", "dim"), *blank])
+    for key, values in config_rows.items():
+        shown = [MISSING if v is _MISSING_KEY else format_value(v) for v in values]
+        body.append([truncate(f"  {key}", COMPARE_KEY_WIDTH), *abbreviate_row(shown, width)])
+    body.append([("metrics", "header"), *blank])
+    for label, unit, values in metric_rows:
+        body.append([f"  {label}", *(truncate(_format_as(unit, v), width) for v in values)])
+    headers = ["run", *(truncate(r.key, width) for r in records)]
+    return render_table(headers, body, [False, *([True] * len(records))], style)
+
+
+def compare_dict(records: Sequence[RunRecord], all_keys: bool = False) -> dict:
+    """The comparison as JSON: ids, names, statuses, config rows and metric rows."""
+    config_rows, metric_rows = compare_table(records, all_keys)
+    return json_clean(
+        {
+            "runs": [r.id for r in records],
+            "names": [r.name for r in records],
+            "status": [r.status for r in records],
+            "config": {
+                k: [None if v is _MISSING_KEY else v for v in values]
+                for k, values in config_rows.items()
+            },
+            "metrics": {label: values for label, _, values in metric_rows},
+        }
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Learning curves
+# --------------------------------------------------------------------------------------
+
+
+def _legend(record: RunRecord, keys: Sequence[str]) -> str:
+    label = f"{record.key} {record.name}" if record.name != MISSING else record.key
+    config = flatten_config(record.config)
+    shown = [f"{k}={format_value(config[k])}" for k in keys if k in config]
+    return f"{label} ({', '.join(shown)})" if shown else label
+
+
+def plot_format(path: str | Path) -> str:
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in PLOT_FORMATS:
+        raise ReportError(
+            f"cannot tell the image format of '{path}': give a name ending in "
+            f"{', '.join('.' + f for f in PLOT_FORMATS)}"
+        )
+    return suffix
+
+
+def plot_curves(
+    records: Sequence[RunRecord],
+    metrics: Sequence[str],
+    path: str | Path,
+    log_scale: bool = False,
+) -> Path:
+    """One subplot per metric, one line per run (x: epoch); written atomically."""
+    image_format = plot_format(path)
+    for record in records:
+        for metric in metrics:
+            steps, values = record.metrics.get(metric, ([], []))
+            if not values:
+                has = ", ".join(metric_names([record]))
+                has = f"it has {has}" if has else "it has no metrics recorded"
+                raise ReportError(
+                    f"run {record.key} ({record.name}) has no metric '{metric}'; {has}"
+                )
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    keys = differing_keys(records)[:4]
+    figure = Figure(figsize=(8, 4.2 * len(metrics)), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(metrics), 1, squeeze=False)[:, 0]
+    for ax, metric in zip(axes, metrics, strict=True):
+        for record in records:
+            steps, values = record.metrics[metric]
+            points = [
+                (s, float(v))
+                for s, v in zip(steps, values, strict=False)
+                if _is_number(v) and math.isfinite(v) and (v > 0 or not log_scale)
+            ]
+            xs, ys = [p[0] for p in points], [p[1] for p in points]
+            marker = "o" if len(points) <= 30 else None
+            ax.plot(xs, ys, marker=marker, markersize=3, label=_legend(record, keys))
+        ax.set_title(metric)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(metric)
+        if log_scale:
+            ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=image_format, dpi=100)
+    path = Path(path)
+    write_atomically(path, buffer.getvalue())
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------
+
+
+def export_format(path: str, given: str | None) -> str:
+    """The export format: ``given`` (--format), else from the file name's extension."""
+    if given:
+        return given.lower()
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if path == "-" or suffix not in EXPORT_FORMATS:
+        where = "standard output ('-')" if path == "-" else f"'{path}'"
+        raise ReportError(
+            f"cannot tell the export format of {where}: give a name ending in .csv or "
+            ".json, or --format csv|json"
+        )
+    return suffix
+
+
+def _csv_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ""
+    if isinstance(value, (list, dict)):
+        return json.dumps(json_clean(value), sort_keys=True)
+    return str(value)
+
+
+def export_rows(records: Sequence[RunRecord]) -> tuple[list[str], list[list[str]]]:
+    """CSV header and rows: run fields, ``config.KEY`` (flattened), then metrics."""
+    config_keys = sorted(set().union(*(flatten_config(r.config) for r in records)))
+    metrics = metric_names(records)
+    header = ["id", "name", "status", "start_time", "stop_time", "duration_s", "host"]
+    header += ["command", "comment", *(f"config.{k}" for k in config_keys)]
+    header += ["result", "best_epoch", "epochs", "test.ppl_at_best"]
+    for metric in metrics:
+        header += [f"{metric}.best", f"{metric}.last"]
+    rows = []
+    for record in records:
+        config = flatten_config(record.config)
+        summary = summarize(record)
+        row = [
+            record.key,
+            record.name,
+            record.status,
+            iso(record.start_time),
+            iso(record.stop_time),
+            record.duration,
+            record.host.get("hostname"),
+            record.command,
+            record.comment,
+            *(config.get(k) for k in config_keys),
+            record.result,
+            summary.best_epoch,
+            summary.epochs,
+            summary.test_ppl,
+        ]
+        for metric in metrics:
+            best = best_point(record, metric)
+            row += [best[1] if best else None, last_value(record, metric)]
+        rows.append([_csv_value(v) for v in row])
+    return header, rows
+
+
+def export_text(records: Sequence[RunRecord], export: str) -> str:
+    """The runs as CSV (one row each) or JSON (full records with metric series)."""
+    if export == "json":
+        return json.dumps([record_to_dict(r) for r in records], indent=2) + "\n"
+    header, rows = export_rows(records)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
