@@ -36,6 +36,11 @@ The output bias exists also when tied. For V=10000, H=830, D=10, tied this gives
 
 Optionally (``z_states`` > 0, not in the RHN paper) the state is zoned out between time
 steps: s_t = zoneout(s^D, s_{t-1}) (:mod:`rhn_cli.models.zoneout`).
+
+The layer's recurrence runs through :mod:`rhn_cli.models.rhn_fast`: the same loop with a
+hand-written backward that keeps only the pre-activations and computes the weight
+gradients as a few large products after the time loop. ``RHNLayer.fast = False`` selects
+the loop below, differentiated by autograd; both give the same numbers up to rounding.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from torch import nn
 
 from rhn_cli.models.base import LanguageModel
 from rhn_cli.models.dropout import variational_mask, word_type_mask
+from rhn_cli.models.rhn_fast import recurrence
 from rhn_cli.models.zoneout import zoneout
 
 
@@ -89,6 +95,7 @@ class RHNLayer(nn.Module):
         self.input_weight = nn.Parameter(torch.empty(2 * hidden_size, input_size))
         self.recurrent_weight = nn.Parameter(torch.empty(depth, 2 * hidden_size, hidden_size))
         self.bias = nn.Parameter(torch.empty(depth, 2 * hidden_size))
+        self.fast = True  # rhn_fast's recurrence; False: _loop, differentiated by autograd
 
     def reset_parameters(
         self, init_scale: float, init_bias: float, other_bias: float | None = None
@@ -112,23 +119,53 @@ class RHNLayer(nn.Module):
         Masks are [B, width] when shared by the H and T transforms, or [B, 2, width]
         with separate masks for H (index 0) and T (index 1).
         """
-        H = self.hidden_size
-        # The input only enters micro-layer 0, so its projection for all steps is one product.
-        if input_mask is None:
-            projected = inputs @ self.input_weight.t()
-        elif input_mask.dim() == 2:
-            projected = (inputs * input_mask.unsqueeze(1)) @ self.input_weight.t()
-        else:
-            projected = torch.cat(
-                [
-                    (inputs * input_mask[:, 0].unsqueeze(1)) @ self.input_weight[:H].t(),
-                    (inputs * input_mask[:, 1].unsqueeze(1)) @ self.input_weight[H:].t(),
-                ],
-                dim=-1,
+        projected = self._project(inputs, input_mask)
+        if self._fast_applies(projected, state, state_mask):
+            return recurrence(
+                projected,
+                state,
+                self.recurrent_weight,
+                self.bias,
+                state_mask,
+                z_states=self.z_states,
+                training=self.training,
             )
+        return self._loop(projected, state, state_mask)
+
+    def _fast_applies(self, projected, state, state_mask) -> bool:
+        """rhn_fast takes one dtype throughout, no autocast, and no gradient for a mask."""
+        if not self.fast or torch.is_autocast_enabled(projected.device.type):
+            return False
+        tensors = [projected, state, self.recurrent_weight, self.bias]
+        if state_mask is not None:
+            if state_mask.requires_grad:
+                return False
+            tensors.append(state_mask)
+        return len({t.dtype for t in tensors}) == 1
+
+    def _project(self, inputs: torch.Tensor, input_mask: torch.Tensor | None) -> torch.Tensor:
+        """(x * m_i) W_x^T for all steps at once: the input only enters micro-layer 0."""
+        H = self.hidden_size
+        if input_mask is None:
+            return inputs @ self.input_weight.t()
+        if input_mask.dim() == 2:
+            return (inputs * input_mask.unsqueeze(1)) @ self.input_weight.t()
+        return torch.cat(
+            [
+                (inputs * input_mask[:, 0].unsqueeze(1)) @ self.input_weight[:H].t(),
+                (inputs * input_mask[:, 1].unsqueeze(1)) @ self.input_weight[H:].t(),
+            ],
+            dim=-1,
+        )
+
+    def _loop(
+        self, projected: torch.Tensor, state: torch.Tensor, state_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The recurrence written out, differentiated by autograd (``fast = False``)."""
+        H = self.hidden_size
         outputs = []
         s = state
-        for t in range(inputs.shape[1]):
+        for t in range(projected.shape[1]):
             previous = s
             for i in range(self.depth):
                 pre = self._recurrent(i, s, state_mask)

@@ -1,0 +1,239 @@
+"""The recurrence of one RHN layer with a hand-written backward pass (RHNLayer's fast path).
+
+The layer's input enters only micro-layer 0, so :class:`~rhn_cli.models.rhn.RHNLayer`
+projects it for all time steps in one product, ``projected = (x * m_i) W_x^T`` [B, T, 2H],
+before calling :func:`recurrence`. What is left is the recurrence over steps t and
+micro-layers i (R^i = [R_H^i; R_T^i] is [2H, H], p^i_t the pre-activations [B, 2H]):
+
+    s^0_t     = s_{t-1}
+    p^i_t     = [i == 0] projected_t + (s^i_t * m_h) R^i^T + b^i
+    h, g      = tanh(p^i_t[:, :H]), sigmoid(p^i_t[:, H:])
+    s^{i+1}_t = s^i_t + (h - s^i_t) * g
+    s_t       = s^D_t,  or zoneout(s^D_t, s_{t-1}) when z_states > 0
+
+Backward, with a = dL/ds^{i+1}_t (the only quantity that has to run through the loop):
+
+    dp_H   = a * g * (1 - h^2)
+    dp_T   = a * (h - s^i) * g * (1 - g)
+    dL/ds^i = a * (1 - g) + (dp @ R^i) * m_h
+
+The weight gradients are sums over the sequence and are left out of the loop:
+``dR^i = sum_t dp^i_t^T (s^i_t * m_h)`` and ``db^i = sum_t,b dp^i_t`` are a few large
+products per chunk of K time steps (one [2H, K*B] @ [K*B, H] product per micro-layer,
+K*B >= ``CHUNK_ROWS``), and ``dprojected_t = dp^0_t``. With separate H/T masks
+([B, 2, H]) the H rows use m_h[:, 0] and the T rows m_h[:, 1], in dL/ds^i and in dR^i.
+Zoneout splits dL/ds_t between s^D_t and s_{t-1}: by the kept draw in training (bool
+[B, T, H], saved), by 1 - z and z in eval.
+
+What is kept for the backward: only the pre-activations p (2H numbers per micro-step,
+written in place by the forward), the output sequence (returned anyway; s^0_t = s_{t-1}
+is in it) and, for training zoneout, its keep mask (bool). The backward recomputes the
+rest elementwise, one step at a time: the gates from p (one tanh and one sigmoid for
+all D micro-layers of the step) and the states s^1..s^{D-1} from s_{t-1}, by the
+forward's operations on the same numbers. The autograd loop keeps about
+4H per micro-step (s * m_h, h, g, h - s) and this 2H; the backward's scratch space is
+3H per micro-step of one chunk of K steps.
+
+No gradient wanted (``torch.no_grad()``, or no input requires grad, e.g. evaluation):
+the same loop runs without storing p and without the autograd Function, so nothing is
+saved for a backward.
+
+Devices: only torch operations on the inputs' device and dtype (no NumPy, no host
+syncs), so the same code runs on CUDA, where the products go to cuBLAS and every
+elementwise operation is its own kernel: about 7 launches per micro-step forward and 6
+backward, so it will be launch-bound for small B x H (the kernels are microseconds).
+Fusing them (torch.compile) or capturing a step in a CUDA graph would help there;
+neither is done, because this code is tested on CPU only and has never run on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+# Rows (K time steps x B) of each weight-gradient product. Their inputs, dp and s^i, are
+# kept for K steps: 3 * H * D * K * B numbers, against 2 * H * D * T * B for all of p.
+CHUNK_ROWS = 256
+
+
+def recurrence(
+    projected: torch.Tensor,
+    state: torch.Tensor,
+    recurrent_weight: torch.Tensor,
+    bias: torch.Tensor,
+    state_mask: torch.Tensor | None = None,
+    *,
+    z_states: float = 0.0,
+    training: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """projected [B, T, 2H], state [B, H] -> (outputs [B, T, H], final state [B, H]).
+
+    ``recurrent_weight`` [D, 2H, H], ``bias`` [D, 2H]; ``state_mask`` is None, [B, H]
+    (shared by H and T) or [B, 2, H] (H, then T) and gets no gradient.
+    """
+    if projected.shape[1] == 0:
+        raise ValueError("an RHN layer needs at least one time step")
+    if state_mask is not None and state_mask.requires_grad:
+        raise ValueError("the state mask gets no gradient here; use the autograd loop")
+    inputs = (projected, state, recurrent_weight, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return _Recurrence.apply(*inputs, state_mask, z_states, training)
+    with torch.no_grad():
+        return _forward(*inputs, state_mask, z_states, training)
+
+
+class _Recurrence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, projected, state, recurrent_weight, bias, state_mask, z_states, training):
+        B, T, width = projected.shape
+        pre = projected.new_empty(recurrent_weight.shape[0], T, B, width)
+        keep = None
+        if z_states > 0 and training:
+            keep = torch.empty(B, T, width // 2, dtype=torch.bool, device=projected.device)
+        outputs, final = _forward(
+            projected, state, recurrent_weight, bias, state_mask, z_states, training, pre, keep
+        )
+        ctx.save_for_backward(state, recurrent_weight, state_mask, pre, outputs, keep)
+        ctx.z_states, ctx.training = z_states, training
+        return outputs, final
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_outputs, d_final):
+        state, weight, mask, pre, outputs, keep = ctx.saved_tensors
+        need_weights = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        d_projected, d_state, d_weight, d_bias = _backward(
+            d_outputs, d_final, state, weight, mask, pre, outputs, keep,
+            ctx.z_states, ctx.training, need_weights,
+        )  # fmt: skip
+        return d_projected, d_state, d_weight, d_bias, None, None, None
+
+
+def _forward(projected, state, weight, bias, mask, z_states, training, pre=None, keep=None):
+    """The plain loop; writes p into ``pre`` [D, T, B, 2H] and zoneout draws into ``keep``
+    when given (else p lives in one scratch buffer)."""
+    B, T, _ = projected.shape
+    D, H = weight.shape[0], weight.shape[2]
+    outputs = projected.new_empty(B, T, H)
+    layers = list(zip(weight.unbind(0), bias.unbind(0), strict=True))
+    if pre is None:  # slots[i][t]: where p^i_t goes
+        slots = [[projected.new_empty(B, 2 * H)] * T] * D
+    else:
+        slots = [p_i.unbind(0) for p_i in pre.unbind(0)]
+    s = state
+    for t, x in enumerate(projected.unbind(1)):
+        previous = s
+        for i, (R, b) in enumerate(layers):
+            p = slots[i][t]
+            _preactivation(p, s, R, b, mask)
+            if i == 0:
+                p.add_(x)
+            h, g = torch.tanh(p[:, :H]), torch.sigmoid(p[:, H:])
+            s = torch.addcmul(s, h.sub_(s), g)  # s + (h - s) * g; the backward redoes this
+        if z_states > 0:  # as rhn_cli.models.zoneout, with the draw kept for the backward
+            if training:
+                keep_old = torch.rand_like(s) < z_states
+                if keep is not None:
+                    keep[:, t] = keep_old
+                s = torch.where(keep_old, previous, s)
+            else:
+                s = z_states * previous + (1.0 - z_states) * s
+        outputs[:, t] = s
+    return outputs, s
+
+
+def _preactivation(out, s, weight, bias, mask):
+    """out = b + (s * m_h) R^T for one micro-layer, with no, shared or separate masks."""
+    if mask is None:
+        torch.addmm(bias, s, weight.t(), out=out)
+    elif mask.dim() == 2:
+        torch.addmm(bias, s * mask, weight.t(), out=out)
+    else:
+        H = s.shape[1]
+        torch.addmm(bias[:H], s * mask[:, 0], weight[:H].t(), out=out[:, :H])
+        torch.addmm(bias[H:], s * mask[:, 1], weight[H:].t(), out=out[:, H:])
+
+
+def _backward(d_outputs, d_final, state, weight, mask, pre, outputs, keep, z, training, weights):
+    D, T, B, width = pre.shape
+    H = width // 2
+    K = min(T, -(-CHUNK_ROWS // B))
+    # Per chunk of K steps: dp (first the gates) and the states s^i, for the weight
+    # gradients; per step: h - s (then dp_T / a) and 1 - g.
+    dps = pre.new_empty(D, K, B, width)
+    states = pre.new_empty(D, K, B, H)
+    diff = pre.new_empty(D, B, H)
+    carry = pre.new_empty(D, B, H)
+    d_projected = pre.new_empty(B, T, width)
+    d_weight = d_bias = None
+    down = list(zip(range(D - 1, -1, -1), weight.unbind(0)[::-1], strict=True))
+
+    ds = d_final + d_outputs[:, T - 1]  # dL/ds_t, always a fresh tensor
+    for end in range(T, 0, -K):
+        start = max(0, end - K)
+        for t in reversed(range(start, end)):
+            dp, S = dps[:, t - start], states[:, t - start]  # [D, B, 2H], [D, B, H]
+            h, g = dp[..., :H], dp[..., H:]
+            torch.tanh(pre[:, t, :, :H], out=h)
+            torch.sigmoid(pre[:, t, :, H:], out=g)
+            S[0] = state if t == 0 else outputs[:, t - 1]
+            for i in range(D):  # the states s^i, exactly as the forward made them
+                torch.sub(h[i], S[i], out=diff[i])
+                if i + 1 < D:
+                    torch.addcmul(S[i], diff[i], g[i], out=S[i + 1])
+            # dp = a * [g (1 - h^2) | (h - s) g (1 - g)], dL/ds^i = a (1 - g) + ...
+            torch.neg(g, out=carry).add_(1.0)
+            diff.mul_(g).mul_(carry)
+            h.mul_(h).neg_().add_(1.0).mul_(g)
+            g.copy_(diff)
+            if z > 0:  # split dL/ds_t between the new state s^D_t and the kept s_{t-1}
+                if training:
+                    kept = torch.where(keep[:, t], ds, 0.0)
+                    ds = torch.where(keep[:, t], 0.0, ds)
+                else:
+                    kept, ds = z * ds, (1.0 - z) * ds
+            for i, R in down:
+                dp[i].view(B, 2, H).mul_(ds.unsqueeze(1))
+                ds = _state_gradient(carry[i].mul_(ds), dp[i], R, mask)
+            if z > 0:
+                ds.add_(kept)
+            if t > 0:
+                ds.add_(d_outputs[:, t - 1])
+        n = end - start
+        d_projected[:, start:end] = dps[0, :n].transpose(0, 1)
+        if weights:
+            d_weight, d_bias = _accumulate_weight_gradients(
+                d_weight, d_bias, dps[:, :n], states[:, :n], mask
+            )
+    return d_projected, ds, d_weight, d_bias
+
+
+def _state_gradient(carry, dp, weight, mask):
+    """carry + (dp @ R) * m_h, as a new tensor (``carry`` is scratch space)."""
+    if mask is None:
+        return torch.addmm(carry, dp, weight)
+    if mask.dim() == 2:
+        return torch.addcmul(carry, dp @ weight, mask)
+    H = carry.shape[1]
+    ds = torch.addcmul(carry, dp[:, :H] @ weight[:H], mask[:, 0])
+    return ds.addcmul_(dp[:, H:] @ weight[H:], mask[:, 1])
+
+
+def _accumulate_weight_gradients(d_weight, d_bias, dp, states, mask):
+    """d_weight[i] += dp[i]^T (s^i * m_h) and d_bias[i] += sum dp[i] over a chunk's rows
+    (None: the first chunk starts the sums)."""
+    D, n, B, width = dp.shape
+    H = width // 2
+    rows = dp.reshape(D, n * B, width)
+    d_bias = rows.sum(1) if d_bias is None else d_bias.add_(rows.sum(1))
+    if mask is None or mask.dim() == 2:
+        inputs = (states if mask is None else states.mul_(mask)).reshape(D, n * B, H)
+        if d_weight is None:
+            return torch.bmm(rows.transpose(1, 2), inputs), d_bias
+        return d_weight.baddbmm_(rows.transpose(1, 2), inputs), d_bias
+    if d_weight is None:
+        d_weight = dp.new_zeros(D, width, H)
+    for half, m in ((slice(0, H), mask[:, 0]), (slice(H, width), mask[:, 1])):
+        inputs = (states * m).reshape(D, n * B, H)
+        d_weight[:, half].baddbmm_(rows[..., half].transpose(1, 2), inputs)
+    return d_weight, d_bias

@@ -1,0 +1,304 @@
+"""The RHN layer's fast path (hand-written backward, rhn_cli.models.rhn_fast) against the
+straightforward implementations.
+
+Two independent references: rhn's own autograd loop (``RHNLayer.fast = False``: fused
+[2H, H] weights, differentiated by autograd) and ``benchmarks/rhn_baseline.py`` (the
+reference TF structure: one ``nn.Linear`` per transform on ``[x * m_i, s * m_h]``, input
+projected inside the loop), into which the weights are copied. Outputs and gradients
+(of every parameter and of the initial state, through a random linear function of the
+logits and the final state) must agree to float64 rounding, for recurrence depths 1-3,
+one and two layers, B and T of 1 and more, shared or separate H/T masks, no masks
+(eval), and state zoneout in training and in eval; finite differences check the
+Function itself. The memory claims are checked through what autograd saves.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import rhn_cli.models.rhn_fast as rhn_fast
+from rhn_cli.models.rhn import RHNConfig, RHNLanguageModel
+
+_spec = importlib.util.spec_from_file_location(
+    "rhn_baseline", Path(__file__).resolve().parents[1] / "benchmarks" / "rhn_baseline.py"
+)
+baseline = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(baseline)
+
+TOL = 1e-10
+
+
+def _model(depth, num_layers=1, tied_noise=True, z_states=0.0, dtype=torch.float64, H=5):
+    cfg = RHNConfig(
+        vocab_size=7,
+        hidden_size=H,
+        depth=depth,
+        num_layers=num_layers,
+        tied=False,
+        drop_x=0.2,
+        drop_i=0.4,
+        drop_h=0.4,
+        drop_o=0.3,
+        tied_noise=tied_noise,
+        z_states=z_states,
+    )
+    torch.manual_seed(0)
+    model = RHNLanguageModel(cfg).to(dtype)
+    with torch.no_grad():  # gates away from 0 and 1, so every term matters
+        for p in model.parameters():
+            p.mul_(10.0)
+        for layer in model.layers:
+            layer.bias[:, H:].uniform_(-1.0, 1.0)
+    return model
+
+
+def _run(model, tokens, state, masks, seed=0):
+    """Logits, final state and the gradients of a random linear loss of both, by name."""
+    model.zero_grad(set_to_none=True)
+    state = state.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)  # the zoneout draws
+    logits, final = model(tokens, state, masks)
+    gen = torch.Generator().manual_seed(1)  # the same weights in every dtype
+    loss = (logits * torch.randn(logits.shape, generator=gen, dtype=torch.float64)).sum()
+    loss = loss + (final * torch.randn(final.shape, generator=gen, dtype=torch.float64)).sum()
+    loss.backward()
+    return logits.detach(), final.detach(), state.grad
+
+
+def _grads(model):
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def _set_fast(model, fast):
+    for layer in model.layers:
+        layer.fast = fast
+
+
+CASES = [
+    pytest.param(depth, layers, B, T, id=f"D{depth}-L{layers}-B{B}-T{T}")
+    for depth, layers, B, T in [
+        (1, 1, 1, 1),
+        (1, 1, 3, 4),
+        (2, 1, 1, 4),
+        (2, 2, 3, 1),
+        (3, 1, 3, 4),
+        (3, 2, 2, 5),
+    ]
+]
+
+
+@pytest.mark.parametrize("masks_kind", ["shared", "separate", "none"])
+@pytest.mark.parametrize("z_states", [0.0, 0.3], ids=["no-zoneout", "zoneout"])
+@pytest.mark.parametrize(("depth", "num_layers", "B", "T"), CASES)
+@pytest.mark.parametrize("chunk_rows", [256, 2], ids=["one-chunk", "chunks"])
+def test_fast_equals_autograd_loop_and_baseline(
+    monkeypatch, depth, num_layers, B, T, masks_kind, z_states, chunk_rows
+):
+    monkeypatch.setattr(rhn_fast, "CHUNK_ROWS", chunk_rows)  # 2: chunks of 1-2 steps
+    model = _model(depth, num_layers, tied_noise=masks_kind != "separate", z_states=z_states)
+    tokens = torch.randint(0, 7, (B, T))
+    state = torch.randn(num_layers, B, 5, dtype=torch.float64)
+    if masks_kind == "none":
+        model.eval()
+        masks = None
+    else:
+        model.train()
+        masks = model.draw_masks(tokens)
+        width = 2 if masks_kind == "separate" else 1
+        assert masks["h"][0].numel() == B * width * 5
+
+    fast = _run(model, tokens, state, masks)
+    fast_grads = _grads(model)
+    _set_fast(model, False)
+    loop = _run(model, tokens, state, masks)
+    loop_grads = _grads(model)
+    reference = baseline.from_rhn(model).train(model.training)
+    base = _run(reference, tokens, state, masks)
+    base_grads = baseline.rhn_layout(reference, grads=True)
+
+    for other, other_grads in ((loop, loop_grads), (base, base_grads)):
+        for got, want in zip(fast, other, strict=True):  # logits, final state, d state
+            torch.testing.assert_close(got, want, rtol=0, atol=TOL)
+        assert fast_grads.keys() == other_grads.keys()
+        for name, grad in fast_grads.items():
+            torch.testing.assert_close(grad, other_grads[name], rtol=0, atol=TOL, msg=name)
+    if z_states and masks_kind != "none" and B * T > 1:  # training zoneout did zone out
+        _set_fast(model, True)
+        model.layers[0].z_states = 0.0
+        assert not torch.allclose(_run(model, tokens, state, masks)[1], fast[1])
+
+
+def test_fast_path_is_the_default_and_records_one_node():
+    model = _model(2).train()
+    tokens = torch.randint(0, 7, (2, 3))
+    layer = model.layers[0]
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    outputs, final = layer(x, torch.zeros(2, 5, dtype=torch.float64))
+    assert layer.fast
+    assert type(outputs.grad_fn).__name__ == "_RecurrenceBackward"
+    assert outputs.grad_fn is final.grad_fn
+    assert final.data_ptr() != outputs.data_ptr()  # the final state is its own tensor
+    logits, _ = model(tokens, model.initial_state(2))
+    assert logits.requires_grad
+
+
+def test_float32_agrees_with_float64_to_rounding():
+    """float32 fast path vs the float64 autograd loop on the same weights: ~1e-5 relative,
+    no worse than the float32 autograd loop itself."""
+    model64 = _model(3, num_layers=2, H=32).train()
+    with torch.no_grad():
+        for p in model64.parameters():
+            p.mul_(0.1)
+    tokens = torch.randint(0, 7, (4, 8))
+    state = torch.randn(2, 4, 32, dtype=torch.float64)
+    masks = model64.draw_masks(tokens)
+    _set_fast(model64, False)
+    want = _run(model64, tokens, state, masks)
+    want_grads = _grads(model64)
+
+    model32 = _model(3, num_layers=2, H=32, dtype=torch.float32).train()
+    model32.load_state_dict(model64.state_dict())
+    masks32 = {
+        "x": masks["x"].float(),
+        "i": [m.float() for m in masks["i"]],
+        "h": [m.float() for m in masks["h"]],
+        "o": masks["o"].float(),
+    }
+    errors = {}
+    for fast in (True, False):
+        _set_fast(model32, fast)
+        got = _run(model32, tokens, state.float(), masks32)
+        got_grads = _grads(model32)
+        pairs = [*zip(got, want, strict=True)]
+        pairs += [(got_grads[n], want_grads[n]) for n in want_grads]
+        errors[fast] = max(((g.double() - w).abs().max() / w.abs().max()).item() for g, w in pairs)
+    assert errors[True] < 2e-5
+    assert errors[True] < 3 * errors[False] + 1e-7
+
+
+@pytest.mark.parametrize(
+    ("masks_kind", "z_states", "training"),
+    [
+        ("none", 0.0, True),
+        ("shared", 0.0, True),
+        ("separate", 0.0, True),
+        ("shared", 0.3, True),
+        ("separate", 0.3, False),
+    ],
+)
+def test_gradcheck(monkeypatch, masks_kind, z_states, training):
+    """Finite differences of the Function w.r.t. projected inputs, initial state,
+    recurrent weights and biases, across chunk boundaries (2 + 1 steps)."""
+    monkeypatch.setattr(rhn_fast, "CHUNK_ROWS", 3)
+    B, T, H, D = 2, 3, 3, 2
+    gen = torch.Generator().manual_seed(3)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_(True)
+
+    inputs = (rand(B, T, 2 * H), rand(B, H), rand(D, 2 * H, H), rand(D, 2 * H))
+    mask = None
+    if masks_kind != "none":
+        shape = (B, H) if masks_kind == "shared" else (B, 2, H)
+        mask = torch.bernoulli(torch.full(shape, 0.5, dtype=torch.float64), generator=gen) * 2
+        mask.view(-1)[:2] = torch.tensor([0.0, 2.0])
+
+    def fn(*args):
+        torch.manual_seed(5)  # the same zoneout draws at every evaluation
+        return rhn_fast.recurrence(*args, mask, z_states=z_states, training=training)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+class _SavedTensors:
+    """Counts what autograd saves for a backward: tensors, and bytes of distinct storages
+    other than the ones in ``exclude`` (parameters, inputs)."""
+
+    def __init__(self, exclude=()):
+        self.count = 0
+        self.storages: dict[int, int] = {}
+        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda x: x)
+
+    def pack(self, tensor):
+        self.count += 1
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self.exclude:
+            self.storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    @property
+    def nbytes(self):
+        return sum(self.storages.values())
+
+    def __enter__(self):
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+
+
+def test_evaluation_saves_nothing_for_a_backward():
+    """Under no_grad, or with nothing requiring grad, no graph is built and nothing is
+    kept for a backward (in particular not the pre-activations)."""
+    model = _model(3, num_layers=2).eval()
+    tokens = torch.randint(0, 7, (2, 6))
+    with torch.no_grad(), _SavedTensors() as saved:
+        logits, final = model(tokens, model.initial_state(2))
+    assert saved.count == 0 and logits.grad_fn is None and final.grad_fn is None
+    model.requires_grad_(False)
+    model.train()  # training mode, dropout and zoneout on, but no gradient wanted
+    model.layers[0].z_states = 0.3
+    with _SavedTensors() as saved:
+        logits, final = model(tokens, model.initial_state(2))
+    assert saved.count == 0 and logits.grad_fn is None and final.grad_fn is None
+
+
+@pytest.mark.parametrize("masks_kind", ["none", "shared", "separate"])
+def test_training_saves_a_fixed_number_of_tensors_and_half_the_bytes(masks_kind):
+    """The Function saves a fixed number of tensors whatever T and D (the autograd loop
+    saves some for every micro-step), holding about half the bytes the loop keeps:
+    the pre-activations (2H per micro-step) and the outputs, against s * m_h, h, g and
+    h - s."""
+    B, H, D = 4, 16, 4
+    saved = {}
+    for T in (3, 9):
+        model = _model(D, H=H, tied_noise=masks_kind != "separate").train()
+        layer = model.layers[0]
+        mask = None
+        if masks_kind != "none":
+            mask = model.draw_masks(torch.zeros(B, T, dtype=torch.long))["h"][0]
+        x = torch.randn(B, T, layer.input_weight.shape[1], dtype=torch.float64).requires_grad_()
+        state = torch.randn(B, H, dtype=torch.float64, requires_grad=True)
+        projected = layer._project(x, None)
+        exclude = (*layer.parameters(), projected, state, x)
+        for fast in (True, False):
+            layer.fast = fast
+            with _SavedTensors(exclude) as counter:
+                layer(x, state, None, mask)
+            saved[fast, T] = counter
+    assert saved[True, 3].count == saved[True, 9].count
+    assert saved[False, 9].count > saved[False, 3].count
+    for T in (3, 9):
+        unit = 8 * B * H * D * T  # one float64 number per unit, micro-step, step, row
+        assert saved[True, T].nbytes <= 2.5 * unit
+        assert saved[True, T].nbytes <= 0.6 * saved[False, T].nbytes
+
+
+def test_state_mask_that_needs_a_gradient_goes_through_the_loop():
+    model = _model(2).train()
+    layer = model.layers[0]
+    mask = torch.full((2, 5), 1.0, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 5, dtype=torch.float64)
+    outputs, _ = layer(x, torch.zeros(2, 5, dtype=torch.float64), None, mask)
+    outputs.sum().backward()
+    assert mask.grad is not None and mask.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="no gradient"):
+        rhn_fast.recurrence(
+            layer._project(x, None), torch.zeros(2, 5), layer.recurrent_weight, layer.bias, mask
+        )
