@@ -95,10 +95,14 @@ CASES = [
 @pytest.mark.parametrize("z_states", [0.0, 0.3], ids=["no-zoneout", "zoneout"])
 @pytest.mark.parametrize(("depth", "num_layers", "B", "T"), CASES)
 @pytest.mark.parametrize("chunk_rows", [256, 2], ids=["one-chunk", "chunks"])
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep-p", "recompute-p"])
 def test_fast_equals_autograd_loop_and_baseline(
-    monkeypatch, depth, num_layers, B, T, masks_kind, z_states, chunk_rows
+    monkeypatch, depth, num_layers, B, T, masks_kind, z_states, chunk_rows, recompute
 ):
     monkeypatch.setattr(rhn_fast, "CHUNK_ROWS", chunk_rows)  # 2: chunks of 1-2 steps
+    if recompute:  # micro-layers 1, 3, ... recomputed in the backward (never 0)
+        monkeypatch.setattr(rhn_fast, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
+        monkeypatch.setattr(rhn_fast, "RECOMPUTE_EVERY", 2)
     model = _model(depth, num_layers, tied_noise=masks_kind != "separate", z_states=z_states)
     tokens = torch.randint(0, 7, (B, T))
     state = torch.randn(num_layers, B, 5, dtype=torch.float64)
@@ -190,10 +194,15 @@ def test_float32_agrees_with_float64_to_rounding():
         ("separate", 0.3, False),
     ],
 )
-def test_gradcheck(monkeypatch, masks_kind, z_states, training):
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep-p", "recompute-p"])
+def test_gradcheck(monkeypatch, masks_kind, z_states, training, recompute):
     """Finite differences of the Function w.r.t. projected inputs, initial state,
-    recurrent weights and biases, across chunk boundaries (2 + 1 steps)."""
+    recurrent weights and biases, across chunk boundaries (2 + 1 steps), with every
+    micro-layer's p kept or the second one's recomputed."""
     monkeypatch.setattr(rhn_fast, "CHUNK_ROWS", 3)
+    if recompute:
+        monkeypatch.setattr(rhn_fast, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
+        monkeypatch.setattr(rhn_fast, "RECOMPUTE_EVERY", 2)
     B, T, H, D = 2, 3, 3, 2
     gen = torch.Generator().manual_seed(3)
 
@@ -302,3 +311,33 @@ def test_state_mask_that_needs_a_gradient_goes_through_the_loop():
         rhn_fast.recurrence(
             layer._project(x, None), torch.zeros(2, 5), layer.recurrent_weight, layer.bias, mask
         )
+
+
+def test_large_windows_recompute_a_third_of_the_preactivations(monkeypatch):
+    """Past KEEP_ALL_PREACTIVATIONS_UP_TO bytes of p, micro-layers 2, 5, 8... are not
+    kept (enwik8_sota's window: 768 MB of p otherwise); the gradients do not change."""
+    assert rhn_fast.recomputed_layers(10, 10 * 2**20) == frozenset()
+    assert rhn_fast.recomputed_layers(10, 77 * 2**20) == {2, 5, 8}  # enwik8_sota
+    B, T, H, D = 3, 4, 5, 6
+    model = _model(D, H=H).train()
+    tokens = torch.randint(0, 7, (B, T))
+    state = torch.randn(1, B, H, dtype=torch.float64)
+    masks = model.draw_masks(tokens)
+    kept = _run(model, tokens, state, masks), _grads(model)
+    monkeypatch.setattr(rhn_fast, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
+    pre_bytes = []
+    original = rhn_fast._forward
+
+    def spy(*args, **kwargs):
+        pre = args[7]
+        if pre is not None:
+            pre_bytes.append(pre.nbytes)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(rhn_fast, "_forward", spy)
+    recomputed = _run(model, tokens, state, masks), _grads(model)
+    assert pre_bytes == [(D - 2) * T * B * 2 * H * 8]  # layers 2 and 5 not kept
+    for got, want in zip(recomputed[0], kept[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=TOL)
+    for name, grad in recomputed[1].items():
+        torch.testing.assert_close(grad, kept[1][name], rtol=0, atol=TOL, msg=name)

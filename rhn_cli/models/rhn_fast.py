@@ -54,6 +54,11 @@ from torch.autograd.function import once_differentiable
 # Rows (K time steps x B) of each weight-gradient product. Their inputs, dp and s^i, are
 # kept for K steps: 3 * H * D * K * B numbers, against 2 * H * D * T * B for all of p.
 CHUNK_ROWS = 256
+# Keeping p costs 2H numbers per micro-step: 768 MB for one enwik8_sota window (B=128,
+# T=50, H=1500, D=10), four times the weights. Past this size the backward recomputes
+# a third of the micro-layers' p (one more [B, H] x [H, 2H] product each) instead.
+KEEP_ALL_PREACTIVATIONS_UP_TO = 256 * 2**20
+RECOMPUTE_EVERY = 3
 
 
 def recurrence(
@@ -86,40 +91,58 @@ class _Recurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, projected, state, recurrent_weight, bias, state_mask, z_states, training):
         B, T, width = projected.shape
-        pre = projected.new_empty(recurrent_weight.shape[0], T, B, width)
+        D = recurrent_weight.shape[0]
+        recomputed = recomputed_layers(D, T * B * width * projected.element_size())
+        pre = projected.new_empty(D - len(recomputed), T, B, width)
         keep = None
         if z_states > 0 and training:
             keep = torch.empty(B, T, width // 2, dtype=torch.bool, device=projected.device)
         outputs, final = _forward(
-            projected, state, recurrent_weight, bias, state_mask, z_states, training, pre, keep
-        )
-        ctx.save_for_backward(state, recurrent_weight, state_mask, pre, outputs, keep)
-        ctx.z_states, ctx.training = z_states, training
+            projected, state, recurrent_weight, bias, state_mask, z_states, training, pre, keep,
+            recomputed,
+        )  # fmt: skip
+        ctx.save_for_backward(state, recurrent_weight, bias, state_mask, pre, outputs, keep)
+        ctx.z_states, ctx.training, ctx.recomputed = z_states, training, recomputed
         return outputs, final
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_outputs, d_final):
-        state, weight, mask, pre, outputs, keep = ctx.saved_tensors
+        state, weight, bias, mask, pre, outputs, keep = ctx.saved_tensors
         need_weights = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
         d_projected, d_state, d_weight, d_bias = _backward(
-            d_outputs, d_final, state, weight, mask, pre, outputs, keep,
-            ctx.z_states, ctx.training, need_weights,
+            d_outputs, d_final, state, weight, bias, mask, pre, outputs, keep,
+            ctx.z_states, ctx.training, need_weights, ctx.recomputed,
         )  # fmt: skip
         return d_projected, d_state, d_weight, d_bias, None, None, None
 
 
-def _forward(projected, state, weight, bias, mask, z_states, training, pre=None, keep=None):
-    """The plain loop; writes p into ``pre`` [D, T, B, 2H] and zoneout draws into ``keep``
-    when given (else p lives in one scratch buffer)."""
+def recomputed_layers(depth: int, bytes_per_layer: int) -> frozenset[int]:
+    """The micro-layers whose p the backward recomputes instead of keeping: none while
+    all of p fits in ``KEEP_ALL_PREACTIVATIONS_UP_TO`` bytes, else every
+    ``RECOMPUTE_EVERY``-th one (2, 5, 8, ...; never 0, whose input term is not kept)."""
+    if depth * bytes_per_layer <= KEEP_ALL_PREACTIVATIONS_UP_TO:
+        return frozenset()
+    return frozenset(range(RECOMPUTE_EVERY - 1, depth, RECOMPUTE_EVERY))
+
+
+def _forward(
+    projected, state, weight, bias, mask, z_states, training, pre=None, keep=None,
+    recomputed=frozenset(),
+):  # fmt: skip
+    """The plain loop; writes p into ``pre`` [D - len(recomputed), T, B, 2H] and zoneout
+    draws into ``keep`` when given (else, and for recomputed layers, p lives in one
+    scratch buffer)."""
     B, T, _ = projected.shape
     D, H = weight.shape[0], weight.shape[2]
     outputs = projected.new_empty(B, T, H)
     layers = list(zip(weight.unbind(0), bias.unbind(0), strict=True))
+    scratch = [projected.new_empty(B, 2 * H)] * T
     if pre is None:  # slots[i][t]: where p^i_t goes
-        slots = [[projected.new_empty(B, 2 * H)] * T] * D
+        slots = [scratch] * D
     else:
-        slots = [p_i.unbind(0) for p_i in pre.unbind(0)]
+        kept = iter(p_i.unbind(0) for p_i in pre.unbind(0))
+        slots = [scratch if i in recomputed else next(kept) for i in range(D)]
     s = state
     for t, x in enumerate(projected.unbind(1)):
         previous = s
@@ -154,9 +177,12 @@ def _preactivation(out, s, weight, bias, mask):
         torch.addmm(bias[H:], s * mask[:, 1], weight[H:].t(), out=out[:, H:])
 
 
-def _backward(d_outputs, d_final, state, weight, mask, pre, outputs, keep, z, training, weights):
-    D, T, B, width = pre.shape
-    H = width // 2
+def _backward(
+    d_outputs, d_final, state, weight, bias, mask, pre, outputs, keep, z, training, weights,
+    recomputed,
+):  # fmt: skip
+    _, T, B, width = pre.shape
+    D, H = weight.shape[0], width // 2
     K = min(T, -(-CHUNK_ROWS // B))
     # Per chunk of K steps: dp (first the gates) and the states s^i, for the weight
     # gradients; per step: h - s (then dp_T / a) and 1 - g.
@@ -174,10 +200,19 @@ def _backward(d_outputs, d_final, state, weight, mask, pre, outputs, keep, z, tr
         for t in reversed(range(start, end)):
             dp, S = dps[:, t - start], states[:, t - start]  # [D, B, 2H], [D, B, H]
             h, g = dp[..., :H], dp[..., H:]
-            torch.tanh(pre[:, t, :, :H], out=h)
-            torch.sigmoid(pre[:, t, :, H:], out=g)
             S[0] = state if t == 0 else outputs[:, t - 1]
+            if not recomputed:  # all gates of the step at once
+                torch.tanh(pre[:, t, :, :H], out=h)
+                torch.sigmoid(pre[:, t, :, H:], out=g)
+            kept = 0
             for i in range(D):  # the states s^i, exactly as the forward made them
+                if recomputed and i in recomputed:  # p^i = b^i + (s^i * m_h) R^i^T again
+                    _preactivation(dp[i], S[i], weight[i], bias[i], mask)
+                    h[i].tanh_(), g[i].sigmoid_()
+                elif recomputed:
+                    torch.tanh(pre[kept, t, :, :H], out=h[i])
+                    torch.sigmoid(pre[kept, t, :, H:], out=g[i])
+                kept += i not in recomputed
                 torch.sub(h[i], S[i], out=diff[i])
                 if i + 1 < D:
                     torch.addcmul(S[i], diff[i], g[i], out=S[i + 1])
