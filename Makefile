@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # multi-GB CUDA build. Sacred 0.8.7 needs pkg_resources, gone in setuptools 82.
 TORCH ?= torch==2.13.0
 
-.PHONY: quickstart test lint format clean install bench
+.PHONY: quickstart test lint format clean install bench bench-quick bench-data
 
 install: $(VENV)/.installed
 
@@ -27,13 +27,17 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
-# Each script in benchmarks/ prints its own figures (wall time, peak memory);
-# rhn_baseline.py is a module: the straightforward RHN the benchmarks compare against.
+# The performance suite (benchmarks/suite.py): one process, a table of tokens/s, peak
+# memory, roofline fraction and start-up times, then the targets as PASS/MISS.
 bench: install
-	@for script in benchmarks/*.py; do \
-		case $$script in benchmarks/rhn_baseline.py) continue;; esac; \
-		echo "== $$script"; $(BIN)/python $$script || exit 1; \
-	done
+	$(BIN)/python benchmarks/suite.py
+
+bench-quick: install
+	$(BIN)/python benchmarks/suite.py --quick
+
+# Preparing a generated 100 MB enwik8-like file through the data pipeline.
+bench-data: install
+	$(BIN)/python benchmarks/prepare_enwik8.py
 
 lint: install
 	$(BIN)/ruff check .

@@ -15,7 +15,12 @@ import torch
 
 from rhn_cli.data.batching import SplitTooShortError, minibatches, num_minibatches
 from rhn_cli.data.corpus import Corpus
-from rhn_cli.engine.objective import l2_penalty, learning_rate_at, sequence_loss
+from rhn_cli.engine.objective import (
+    add_l2_gradient,
+    l2_penalty,
+    learning_rate_at,
+    sequence_loss,
+)
 from rhn_cli.engine.train import Trainer, TrainingDiverged, build_model, train
 from rhn_cli.experiment.schema import defaults
 from tests.conftest import Recorder
@@ -76,6 +81,32 @@ def test_l2_penalty_is_tensorflow_l2_loss_over_every_parameter():
     names = [name for name, _ in model.named_parameters()]
     assert any(name.endswith("bias") for name in names)
     assert l2_penalty(params, 0.0) == 0.0
+
+
+def test_l2_gradient_in_place_equals_differentiating_the_penalty():
+    """The training step adds weight_decay * p to p.grad after backward() instead of
+    differentiating the penalty in the loss: the same gradients, before clipping."""
+    model = build_model({**defaults(), "hidden_size": 8, "depth": 2}, vocab_size=5)
+    params = list(model.parameters())
+    tokens = torch.randint(0, 5, (3, 4))
+    model.train()
+
+    def loss():
+        torch.manual_seed(0)  # the same dropout masks both times
+        logits, _ = model(tokens, model.initial_state(3))
+        return sequence_loss(logits, tokens)
+
+    model.zero_grad(set_to_none=True)
+    (loss() + 0.05 * 0.5 * sum(p.pow(2).sum() for p in params)).backward()
+    expected = [p.grad.clone() for p in params]
+    model.zero_grad(set_to_none=True)
+    loss().backward()
+    add_l2_gradient(params, 0.05)
+    for p, want in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.grad, want, rtol=1e-6, atol=1e-7)
+    unused = torch.nn.Parameter(torch.ones(2))  # no gradient yet: just the penalty's
+    add_l2_gradient([unused], 0.05)
+    assert unused.grad.tolist() == pytest.approx([0.05, 0.05])
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,9 @@ from rhn_cli.models.rhn import RHNLanguageModel
 
 FULL_EVALUATION_CHUNK = 1000
 MC_REJECT_PERPLEXITY = 500.0
+# MC samples run as rows of one batch: past a few rows the recurrence stops being bound
+# by reading the weights, and the output layer costs the same per sample either way.
+MC_BATCH = 32
 
 
 def _stream(tokens: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +113,7 @@ def mc_dropout_perplexity(
     tokens: np.ndarray,
     samples: int,
     *,
-    batch: int = 32,
+    batch: int = MC_BATCH,
     chunk: int = FULL_EVALUATION_CHUNK,
     progress=None,
 ) -> MCResult:

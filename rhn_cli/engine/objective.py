@@ -8,7 +8,11 @@ the Zoneout and char-rnn code. Padded targets (``-100``) count in neither.
 
 ``l2_penalty`` is TensorFlow's ``l2_loss`` over
 every trainable tensor, biases included, added to the loss *before* gradient clipping
-(not the decoupled ``weight_decay`` of ``torch.optim.SGD``).
+(not the decoupled ``weight_decay`` of ``torch.optim.SGD``). Its gradient, weight_decay *
+p, is added to each ``p.grad`` in place by ``add_l2_gradient`` after the backward pass
+instead of being differentiated through the loss: the same sum, without autograd's
+temporaries (p^2, weight_decay * p, and their sum with the loss's gradient, each the size
+of the largest parameter tensor: 180 MB for enwik8_sota's fused recurrent weights).
 """
 
 from __future__ import annotations
@@ -32,11 +36,27 @@ def sequence_loss(
     return total / targets.shape[0]
 
 
-def l2_penalty(parameters: Iterable[torch.Tensor], weight_decay: float) -> torch.Tensor | float:
-    """weight_decay * sum(p^2) / 2 over ``parameters`` (0.0 when weight_decay is 0)."""
+@torch.no_grad()
+def l2_penalty(parameters: Iterable[torch.Tensor], weight_decay: float) -> float:
+    """weight_decay * sum(p^2) / 2 over ``parameters`` (0.0 when weight_decay is 0): the
+    penalty's value, for the reported cost; its gradient comes from ``add_l2_gradient``."""
     if weight_decay == 0:
         return 0.0
-    return weight_decay * 0.5 * sum(p.pow(2).sum() for p in parameters)
+    squares = sum(torch.linalg.vector_norm(p).double().square() for p in parameters)
+    return weight_decay * 0.5 * float(squares)
+
+
+@torch.no_grad()
+def add_l2_gradient(parameters: Iterable[torch.Tensor], weight_decay: float) -> None:
+    """p.grad += weight_decay * p for every parameter (a missing gradient counts as zero):
+    the penalty's gradient, after ``backward()`` and before clipping."""
+    if weight_decay == 0:
+        return
+    for p in parameters:
+        if p.grad is None:
+            p.grad = p.detach() * weight_decay
+        else:
+            p.grad.add_(p.detach(), alpha=weight_decay)
 
 
 def learning_rate_at(epoch: int, learning_rate: float, lr_decay: float, max_epoch: int) -> float:

@@ -49,7 +49,12 @@ from rhn_cli.data.batching import (
 )
 from rhn_cli.data.corpus import Corpus
 from rhn_cli.engine import checkpoint
-from rhn_cli.engine.objective import l2_penalty, learning_rate_at, sequence_loss
+from rhn_cli.engine.objective import (
+    add_l2_gradient,
+    l2_penalty,
+    learning_rate_at,
+    sequence_loss,
+)
 from rhn_cli.engine.optim import clip_and_step, make_optimizer
 from rhn_cli.engine.regularizers import norm_stabilizer, weight_noise
 from rhn_cli.engine.timing import parse_duration
@@ -406,13 +411,14 @@ class Trainer:
                     cost = sequence_loss(logits, target_tensor, config["loss"])
                     if beta > 0:
                         cost = cost + norm_stabilizer(out[2], beta)
-                    cost = cost + l2_penalty(parameters, config["weight_decay"])
+                    penalty = l2_penalty(parameters, config["weight_decay"])
                     self.optimizer.zero_grad(set_to_none=True)
                     cost.backward()
+                    add_l2_gradient(parameters, config["weight_decay"])
                 grad_norm = clip_and_step(
                     self.optimizer, parameters, config["clip"], config["max_grad_norm"]
                 )
-                cost_value = cost.item()
+                cost_value = cost.item() + penalty
                 if not (math.isfinite(cost_value) and math.isfinite(grad_norm.item())):
                     raise TrainingDiverged(
                         f"training diverged at {self._where(self.step + 1)}: loss {cost_value}, "
