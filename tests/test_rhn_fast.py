@@ -341,3 +341,26 @@ def test_large_windows_recompute_a_third_of_the_preactivations(monkeypatch):
         torch.testing.assert_close(got, want, rtol=0, atol=TOL)
     for name, grad in recomputed[1].items():
         torch.testing.assert_close(grad, kept[1][name], rtol=0, atol=TOL, msg=name)
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep-p", "recompute-p"])
+def test_fast_path_keeps_to_the_inputs_device(monkeypatch, recompute):
+    """Forward and backward on the 'meta' device (shapes only, no data): a CPU tensor
+    mixed in, or a read of a value on the host (.item(), NumPy), would raise here, as
+    it would slow down or break a GPU run. (No GPU is available to test on.)"""
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *args: False)  # meta has none
+    monkeypatch.setattr(rhn_fast, "CHUNK_ROWS", 2)
+    if recompute:
+        monkeypatch.setattr(rhn_fast, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
+    for tied_noise, z_states in ((True, 0.0), (False, 0.3)):
+        with torch.device("meta"):
+            model = _model(4, tied_noise=tied_noise, z_states=z_states, dtype=torch.float32)
+            tokens = torch.zeros(3, 5, dtype=torch.long)
+            model.train()
+            logits, final = model(tokens, model.initial_state(3))
+            (logits.sum() + final.sum()).backward()
+            assert logits.device.type == "meta"
+            assert all(p.grad.device.type == "meta" for p in model.parameters())
+            model.eval()
+            with torch.no_grad():
+                assert model(tokens, model.initial_state(3))[0].device.type == "meta"
