@@ -68,6 +68,14 @@ def cli() -> None:
 @click.argument("updates", nargs=-1, metavar="[with] [NAMED_CONFIG|FILE.yaml|KEY=VALUE]...")
 @click.option("--name", help="Name of the run (recorded as the experiment name).")
 @click.option("--comment", help="A note stored with the run (Omniboard shows it as Notes).")
+@click.option(
+    "--tag",
+    "tags",
+    multiple=True,
+    metavar="TEXT",
+    help="Tag the run (repeat for several): recorded in its meta.tags and shown by "
+    "Omniboard; 'rhn runs ls --tag TEXT' finds it. 'rhn sweep' tags runs with its name.",
+)
 @click.option("--seed", type=int, help="Random seed (default: drawn at random and recorded).")
 @runs_dir_option
 @mongo_option
@@ -84,8 +92,26 @@ def cli() -> None:
     is_flag=True,
     help="Only deterministic torch kernels (reproducible GPU runs; sets deterministic=True).",
 )
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Train data-parallel on N local processes (torchrun --standalone --nproc-per-node "
+    "N): each takes batch_size/N of the streams; the run is the same experiment, recorded "
+    "once. OMP_NUM_THREADS defaults to cores/N. Several machines: see the README.",
+)
 def train(
-    updates, name, comment, seed, runs_dir, mongo_url, unobserved, resume_target, deterministic
+    updates,
+    name,
+    comment,
+    tags,
+    seed,
+    runs_dir,
+    mongo_url,
+    unobserved,
+    resume_target,
+    deterministic,
+    nproc,
 ) -> None:
     """Train a model; per epoch, print and record train/valid perplexity and bits.
 
@@ -101,6 +127,7 @@ def train(
     def warn(message: str) -> None:
         _stderr(f"Warning: {message}", "yellow")
 
+    tags = _check_tags(tags)
     plan = None
     if resume_target is not None:
         if seed is not None or deterministic or unobserved:
@@ -114,7 +141,12 @@ def train(
         if deterministic:
             extra["deterministic"] = True
         resolved = _resolve(updates, extra)
+    if nproc is not None:
+        _launch_processes(nproc, resolved.config)
+        return
+    from rhn_cli.engine.distributed import env_rank
 
+    rank = env_rank()  # under torchrun: only rank 0 speaks
     try:
         outcome = run_training(
             resolved,
@@ -123,14 +155,19 @@ def train(
             unobserved=unobserved,
             name=name,
             comment=comment,
+            tags=tags,
             resume=plan,
             warn=warn,
         )
     except RunInterrupted as stop:
+        if rank != 0:
+            sys.exit(128 + (stop.signal_number or 2) if stop.status != "TIMEOUT" else 0)
         _report_stop(stop)
     except RunFailed as failure:
         where = f" (traceback recorded in {failure.run_dir}/run.json)" if failure.run_dir else ""
-        _fail(f"{failure.cause}{where}", code=1)
+        _fail(f"{'' if rank == 0 else f'rank {rank}: '}{failure.cause}{where}", code=1)
+    if rank != 0:
+        return
     result = f"result (best valid ppl) {outcome.result:.4f}"
     if outcome.run_id is None:
         click.echo(f"{outcome.status} (unobserved: not recorded); {result}")
@@ -139,6 +176,44 @@ def train(
     if outcome.mongo_url:
         where += f" and in MongoDB {outcome.mongo_url}"
     click.echo(f"run {outcome.run_id} {outcome.status}{where}; {result}")
+
+
+def _launch_processes(nproc: int, config: dict) -> None:
+    """``rhn train --nproc N``: this same command line, without --nproc, on N local
+    processes under torchrun; a failed rank is named, and the exit code is non-zero."""
+    from rhn_cli.engine.distributed import DistributedError, Shard, launch_local, launched
+
+    if launched():
+        _fail("--nproc starts its own processes, and this one is already one of a job; drop it")
+    try:
+        Shard(world_size=nproc).check_config(config)
+    except DistributedError as error:
+        _fail(f"--nproc {nproc}: {error}")
+    argv = sys.argv[1:]
+    if "train" not in argv:
+        _fail("--nproc relaunches the 'rhn train' command line, and it cannot be found")
+    args, rest = [], iter(argv[argv.index("train") + 1 :])
+    for arg in rest:
+        if arg == "--nproc":
+            next(rest, None)
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    outcome = launch_local(nproc, ["train", *args])
+    if outcome.exit_code and not outcome.interrupted:
+        _fail(outcome.describe(), code=outcome.exit_code)
+    sys.exit(outcome.exit_code)
+
+
+def _check_tags(tags: tuple[str, ...]) -> list[str]:
+    """The --tag values, each once, in order; an empty or multi-line tag is an error."""
+    checked: list[str] = []
+    for tag in tags:
+        text = tag.strip()
+        if not text or any(c in text for c in "\n\r\t"):
+            _fail(f"--tag {tag!r}: expected a non-empty tag on one line")
+        if text not in checked:
+            checked.append(text)
+    return checked
 
 
 def _plan_resume(target: str, runs_dir: str, updates: tuple[str, ...]):
@@ -478,11 +553,13 @@ def rm(name, yes) -> None:
 def _register_command_modules() -> None:
     from rhn_cli.commands.board import board
     from rhn_cli.commands.runs import runs
+    from rhn_cli.commands.sweep import sweep
     from rhn_cli.commands.sync import sync
 
     runs.add_command(sync)
     cli.add_command(runs)
     cli.add_command(board)
+    cli.add_command(sweep)
 
 
 _register_command_modules()

@@ -108,6 +108,13 @@ def runs() -> None:
     help="Keep runs whose name matches this glob pattern (case-insensitive): --name 'depth*'.",
 )
 @click.option(
+    "--tag",
+    "tags",
+    multiple=True,
+    metavar="TAG",
+    help="Keep runs tagged TAG ('rhn train --tag', or a sweep's name); repeat to AND.",
+)
+@click.option(
     "--sort",
     "sort_key",
     metavar="[-]KEY",
@@ -125,7 +132,7 @@ def runs() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the runs as a JSON list (all fields).")
 @runs_dir_option
 @mongo_source_option
-def list_runs(wheres, statuses, name_pattern, sort_key, limit, as_json, runs_dir, mongo_url):
+def list_runs(wheres, statuses, name_pattern, tags, sort_key, limit, as_json, runs_dir, mongo_url):
     """List runs: id, name, status, start, duration, key config values, best metrics.
 
     The config columns are model, dataset and the keys whose values differ between the
@@ -152,7 +159,7 @@ def list_runs(wheres, statuses, name_pattern, sort_key, limit, as_json, runs_dir
     store, records = _load(runs_dir, mongo_url)
     try:
         check_keys(conditions, records)
-        shown = filter_runs(records, conditions, wanted, name_pattern)
+        shown = filter_runs(records, conditions, wanted, name_pattern, tags)
         if sort_key:
             shown = sort_runs(shown, sort_key) if shown else shown
     except QueryError as error:
@@ -196,22 +203,36 @@ def show(run_ids, as_json, runs_dir, mongo_url) -> None:
 
 
 @runs.command()
-@click.argument("run_ids", nargs=-1, required=True, metavar="RUN_ID...")
+@click.argument("run_ids", nargs=-1, metavar="[RUN_ID]...")
+@click.option(
+    "--tag",
+    "tags",
+    multiple=True,
+    metavar="TAG",
+    help="The runs tagged TAG (a sweep's name), or those of the given ids that are; repeat to AND.",
+)
 @click.option(
     "--all", "all_keys", is_flag=True, help="Every config key, not only those that differ."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @runs_dir_option
 @mongo_source_option
-def compare(run_ids, all_keys, as_json, runs_dir, mongo_url) -> None:
+def compare(run_ids, tags, all_keys, as_json, runs_dir, mongo_url) -> None:
     """Runs side by side, one column each: the config keys that differ, then results.
 
-    Run ids: 3, ranges 1-10 and comma lists 1,4,9.
+    Run ids: 3, ranges 1-10 and comma lists 1,4,9; or --tag TAG for a sweep's runs.
     """
+    from rhn_cli.tracking.records import filter_runs
     from rhn_cli.tracking.report import compare_dict, compare_lines
 
+    if not run_ids and not tags:
+        _fail("compare needs run ids (3, 1-10, 1,4,9) or --tag TAG")
     store, records = _load(runs_dir, mongo_url)
-    chosen = _select(records, run_ids, store.label)
+    chosen = _select(records, run_ids, store.label) if run_ids else records
+    if tags:
+        chosen = filter_runs(chosen, tags=tags)
+        if not chosen:
+            _fail(f"no run tagged {' and '.join(map(repr, tags))} in {store.label}", code=1)
     if len(chosen) < 2:
         _fail(f"compare needs at least two runs; got {', '.join(r.key for r in chosen)}")
     if as_json:

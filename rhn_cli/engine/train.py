@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import signal
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from rhn_cli.data.batching import (
 )
 from rhn_cli.data.corpus import Corpus
 from rhn_cli.engine import checkpoint
+from rhn_cli.engine.distributed import SINGLE, Shard, batch_dims, rank_seed
 from rhn_cli.engine.objective import (
     add_l2_gradient,
     l2_penalty,
@@ -190,15 +192,22 @@ def evaluate(
     num_steps: int,
     device: torch.device,
     split: str,
+    shard: Shard = SINGLE,
 ) -> float:
-    """Batched perplexity of ``tokens`` with no dropout, state carried from the initial one."""
+    """Batched perplexity of ``tokens`` with no dropout, state carried from the initial one.
+
+    On several processes each rank reads its own streams of the B and the sums are
+    added up, which gives the one-process number."""
     model.eval()
-    state = model.initial_state(batch_size)
+    rows, local_batch = shard.rows(batch_size), shard.local_batch(batch_size)
+    state = model.initial_state(local_batch)
     total_nll, count = 0.0, 0
     for inputs, targets in minibatches(tokens, batch_size, num_steps, split):
+        inputs, targets = inputs[rows], targets[rows]
         logits, state = model(_as_tensor(inputs, device), state)
-        total_nll += sequence_loss(logits, _as_tensor(targets, device)).item() * batch_size
+        total_nll += sequence_loss(logits, _as_tensor(targets, device)).item() * local_batch
         count += targets.size
+    total_nll, count = shard.sum([total_nll, count])
     return math.exp(total_nll / count)
 
 
@@ -229,6 +238,7 @@ class Trainer:
         progress: TextIO | None = None,
         run_dir: Path | None = None,
         stop: StopRequest | None = None,
+        shard: Shard = SINGLE,
     ) -> None:
         self.config = config
         self.corpus = corpus
@@ -237,10 +247,22 @@ class Trainer:
         self.progress = progress
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.stop = stop or StopRequest()
+        # This process's part of a data-parallel job (SINGLE: all of it).
+        self.shard = shard
+        shard.check_config(config)
         self.device = pick_device(config["device"])
+        if shard.backend == "nccl":
+            self.device = torch.device("cuda", shard.local_rank)
         self.model = build_model(config, corpus.vocab_size).to(self.device)
+        # What the training step calls: the model, or on several processes the model in
+        # DistributedDataParallel (rank 0's weights everywhere, gradients averaged).
+        self.parallel_model = shard.data_parallel(self.model)
         self.optimizer = make_optimizer(config, self.model.parameters())
         self.batch_size, self.num_steps = config["batch_size"], config["num_steps"]
+        self.local_batch = shard.local_batch(self.batch_size)  # the streams this rank owns
+        self.state_dims = batch_dims(self.model.initial_state) if shard.distributed else []
+        # Only rank 0 writes, and every rank must take part in gathering what it writes.
+        self.records = shard.sum([self.run_dir is not None])[0] > 0
         self.batching = config.get("batching", "streams")
         self.seed = config.get("seed") or 0
         self.sentences: dict[str, list[np.ndarray]] = {}
@@ -255,7 +277,11 @@ class Trainer:
         self.epoch_index = 0
         self.step = 0
         self.costs, self.iters = 0.0, 0
-        self.state = self.model.initial_state(self.batch_size)
+        self.state = self.model.initial_state(self.local_batch)
+        if shard.distributed:
+            # The model is built (the same on every rank); from here each rank draws its
+            # dropout masks from its own stream, fixed by the seed and the rank.
+            torch.manual_seed(rank_seed(self.seed, shard.rank))
         self.history: dict[str, list[float]] = {"train": [], "valid": [], "test": [], "lr": []}
         self.best_valid = math.inf
         self.best_epoch = 0
@@ -278,7 +304,9 @@ class Trainer:
                 self.sentences["train"], self.batch_size, self._rng(epoch_index)
             )
         steps = num_minibatches(len(tokens), self.batch_size, self.num_steps)
-        return steps, minibatches(tokens, self.batch_size, self.num_steps, "train")
+        rows = self.shard.rows(self.batch_size)  # this rank's streams (all of them in one)
+        batches = minibatches(tokens, self.batch_size, self.num_steps, "train")
+        return steps, ((inputs[rows], targets[rows]) for inputs, targets in batches)
 
     def evaluate_split(self, split: str) -> float:
         """The per-epoch perplexity of a split: carried streams with the training B and T,
@@ -290,7 +318,9 @@ class Trainer:
                 self.device,
             )
         tokens = self.corpus.split(split)
-        return evaluate(self.model, tokens, self.batch_size, self.num_steps, self.device, split)
+        return evaluate(
+            self.model, tokens, self.batch_size, self.num_steps, self.device, split, self.shard
+        )
 
     def evaluate_chunks(self, split: str, epoch_index: int) -> float:
         """The Zoneout scripts' dev metric: independent chunks after a random offset, each
@@ -307,14 +337,18 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        """The whole training state. On several processes this is a collective (every
+        rank must call it): the hidden state of all B streams is gathered, so the
+        checkpoint is the one a single process would write, plus every rank's RNG."""
+        hidden = self.shard.gather_state(detach_state(self.state), self.state_dims)
+        state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "epoch_index": self.epoch_index,
             "step": self.step,
             "costs": self.costs,
             "iters": self.iters,
-            "hidden_state": map_state(lambda t: t.detach().cpu(), self.state),
+            "hidden_state": map_state(lambda t: t.detach().cpu(), hidden),
             "rng": checkpoint.rng_state(),
             "history": {k: list(v) for k, v in self.history.items()},
             "best_valid": self.best_valid,
@@ -322,27 +356,50 @@ class Trainer:
             "epochs_without_improvement": self.epochs_without_improvement,
             "config": dict(self.config),
         }
+        if self.shard.distributed:
+            state["world_size"] = self.shard.world_size
+            state["rank_rng"] = self.shard.gather_objects(checkpoint.rng_state())
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch_index, self.step = state["epoch_index"], state["step"]
         self.costs, self.iters = state["costs"], state["iters"]
-        self.state = map_state(lambda t: t.to(self.device), state["hidden_state"])
+        hidden = map_state(lambda t: t.to(self.device), state["hidden_state"])
+        self.state = self.shard.slice_state(hidden, self.state_dims, self.batch_size)
         self.history = {k: list(v) for k, v in state["history"].items()}
         self.best_valid, self.best_epoch = state["best_valid"], state["best_epoch"]
         self.epochs_without_improvement = state["epochs_without_improvement"]
-        checkpoint.restore_rng_state(state["rng"])
+        rank_rngs = state.get("rank_rng")
+        if not self.shard.distributed:
+            checkpoint.restore_rng_state(state["rng"])
+        elif rank_rngs is not None and len(rank_rngs) == self.shard.world_size:
+            checkpoint.restore_rng_state(rank_rngs[self.shard.rank])
+        else:
+            # Saved by another number of processes: the data and the weights continue
+            # exactly, the dropout masks from fresh rank streams.
+            self.echo(
+                f"checkpoint written by {state.get('world_size', 1)} process(es), resumed on "
+                f"{self.shard.world_size}: dropout masks are drawn afresh from here"
+            )
+            torch.manual_seed(rank_seed(self.seed, self.shard.rank, self.epoch_index, self.step))
 
     def save_checkpoint(self) -> Path | None:
-        if self.run_dir is None:
+        if not self.records:
+            return None
+        state = self.state_dict()  # every rank: a collective on several processes
+        self.last_checkpoint = time.monotonic()
+        if self.run_dir is None:  # a rank other than 0
             return None
         path = self.run_dir / checkpoint.LAST
-        checkpoint.save(path, self.state_dict())
+        checkpoint.save(path, state)
         self.last_checkpoint = time.monotonic()
         return path
 
     def _save_best_model(self, epoch: int, valid_ppl: float) -> None:
+        if not self.shard.is_main:  # only rank 0 evaluates the best model at the end
+            return
         if self.run_dir is None:  # unobserved: keep the best weights in memory instead
             self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         else:
@@ -360,18 +417,39 @@ class Trainer:
         step = self.step if step is None else step
         return f"epoch {self.epoch_index + 1}, step {step}/{self.steps_per_epoch}"
 
-    def _stop_if_requested(self) -> None:
-        if self.stop.requested:
+    def _stop_flags(self) -> list[float]:
+        """What this process asks for after a step, as numbers every rank can add up:
+        [stop on SIGINT, stop on SIGTERM, stop otherwise, max_time reached, checkpoint due]."""
+        signal_number = self.stop.signal if self.stop.requested else None
+        now = time.monotonic()
+        every = self.config["checkpoint_every"]
+        known = (signal.SIGINT, signal.SIGTERM)
+        return [
+            float(signal_number == signal.SIGINT),
+            float(signal_number == signal.SIGTERM),
+            float(signal_number is not None and signal_number not in known),
+            float(self.max_time is not None and now - self.started >= self.max_time),
+            float(bool(every) and now - self.last_checkpoint >= every * 60),
+        ]
+
+    def _act_on_flags(self, flags: list[float]) -> None:
+        """Stop or checkpoint as the (summed) flags say: any rank's wish goes for all, so
+        every rank stops at the same step and the checkpoint is consistent."""
+        by_int, by_term, by_other, late, due = (flag > 0 for flag in flags)
+        if by_int or by_term or by_other:
+            number = signal.SIGINT if by_int else signal.SIGTERM if by_term else self.stop.signal
             path = self.save_checkpoint()
-            raise TrainingStopped(f"stopped at {self._where()}", path, self.stop.signal)
-        if self.max_time is not None and time.monotonic() - self.started >= self.max_time:
+            raise TrainingStopped(f"stopped at {self._where()}", path, number)
+        if late:
             path = self.save_checkpoint()
             raise TimeLimitReached(
                 f"max_time={self.config['max_time']} reached at {self._where()}", path
             )
-        every = self.config["checkpoint_every"]
-        if every and time.monotonic() - self.last_checkpoint >= every * 60:
+        if due:
             self.save_checkpoint()
+
+    def _stop_if_requested(self) -> None:
+        self._act_on_flags(self.shard.sum(self._stop_flags()))
 
     # -- one epoch ---------------------------------------------------------------------
 
@@ -402,23 +480,39 @@ class Trainer:
         with bar:
             for inputs, targets in batches:
                 rows = inputs.shape[0]
-                self.epoch_tokens += inputs.size
+                self.epoch_tokens += inputs.size * self.shard.world_size
                 start = model.initial_state(rows) if independent else self.state
                 target_tensor = _as_tensor(targets, self.device)
                 with weight_noise(model, noise):
-                    out = model(_as_tensor(inputs, self.device), start, return_hidden=beta > 0)
+                    out = self.parallel_model(
+                        _as_tensor(inputs, self.device), start, return_hidden=beta > 0
+                    )
                     logits, state = out[0], out[1]
                     cost = sequence_loss(logits, target_tensor, config["loss"])
                     if beta > 0:
                         cost = cost + norm_stabilizer(out[2], beta)
                     penalty = l2_penalty(parameters, config["weight_decay"])
                     self.optimizer.zero_grad(set_to_none=True)
-                    cost.backward()
+                    # On several processes the gradients come out averaged over the
+                    # ranks: the gradient of the global batch, so clipping and the step
+                    # below see what one process would.
+                    self.shard.backward(cost)
                     add_l2_gradient(parameters, config["weight_decay"])
                 grad_norm = clip_and_step(
                     self.optimizer, parameters, config["clip"], config["max_grad_norm"]
                 )
                 cost_value = cost.item() + penalty
+                # Running sums of the per-token cost (regularisers included, as the
+                # reference's training perplexity), over every rank's streams, with
+                # the stop/checkpoint wishes: one small reduction per step.
+                real_tokens = int((targets != -100).sum()) if independent else targets.size
+                weight = real_tokens if config["loss"] == "mean" else rows
+                cost_sum, tokens, *flags = self.shard.sum(
+                    [cost_value * weight, real_tokens, *self._stop_flags()]
+                )
+                if self.shard.distributed:  # the global batch's cost, for the check below
+                    mean = config["loss"] == "mean"
+                    cost_value = cost_sum / (tokens if mean else self.batch_size)
                 if not (math.isfinite(cost_value) and math.isfinite(grad_norm.item())):
                     raise TrainingDiverged(
                         f"training diverged at {self._where(self.step + 1)}: loss {cost_value}, "
@@ -427,14 +521,12 @@ class Trainer:
                     )
                 if not independent:
                     self.state = detach_state(state)
-                # Running sums of the per-token cost (regularisers included, as the
-                # reference's training perplexity).
-                real_tokens = int((targets != -100).sum()) if independent else targets.size
-                if config["loss"] == "mean":
-                    self.costs += cost_value * real_tokens
-                else:
-                    self.costs += cost_value * rows
-                self.iters += real_tokens
+                if self.shard.distributed:
+                    self.costs += cost_sum
+                    self.iters += int(tokens)
+                else:  # exactly as before: the local numbers are the global ones
+                    self.costs += cost_value * weight
+                    self.iters += real_tokens
                 self.step += 1
                 done = self.step - first_step
                 elapsed = time.monotonic() - started
@@ -449,7 +541,7 @@ class Trainer:
                         f"  epoch {epoch} {100 * self.step / self.steps_per_epoch:3.0f}%  "
                         + self._status(lr, per_step)
                     )
-                self._stop_if_requested()
+                self._act_on_flags(flags)
         return math.exp(self.costs / self.iters)
 
     def _status(self, lr: float, per_step: float) -> str:
@@ -530,7 +622,7 @@ class Trainer:
             self.epoch_index += 1
             self.step, self.costs, self.iters = 0, 0.0, 0
             if config["reset_state_each_epoch"]:
-                self.state = self.model.initial_state(self.batch_size)
+                self.state = self.model.initial_state(self.local_batch)
             self.save_checkpoint()
 
             patience = config["early_stopping"]
@@ -557,6 +649,10 @@ class Trainer:
         ("full") valid and test perplexity and, with ``mc_steps``, MC-dropout test."""
         from rhn_cli.engine.evaluation import full_perplexity, mc_dropout_perplexity
 
+        if not self.shard.is_main:
+            # One stream (B = 1) does not split; rank 0 evaluates while the others are
+            # done (they wait on nothing, so no collective can hang or time out).
+            return {}
         if self.run_dir is not None and (self.run_dir / checkpoint.BEST).exists():
             weights = checkpoint.load(self.run_dir / checkpoint.BEST)["model"]
         else:
@@ -648,12 +744,15 @@ def train(
     run_dir: Path | None = None,
     resume_from: Mapping[str, Any] | None = None,
     stop: StopRequest | None = None,
+    shard: Shard = SINGLE,
 ) -> TrainingSummary:
     """Train and evaluate a model on ``corpus`` as ``config`` says; returns the best epoch.
 
     Epoch summaries go to ``echo``; a per-epoch progress bar goes to ``progress`` if
     given, else a plain line every tenth of an epoch. Checkpoints are written into
     ``run_dir`` (none if it is None); ``resume_from`` is a loaded checkpoint to continue.
+    ``shard`` is this process's part of a data-parallel job
+    (:mod:`rhn_cli.engine.distributed`); only its rank 0 should get a ``run_dir``.
     """
     if config["vocab_size"] is not None and config["vocab_size"] != corpus.vocab_size:
         raise ValueError(
@@ -663,12 +762,24 @@ def train(
     corpus = apply_split(config, corpus)
     check_splits(config, corpus)
     trainer = Trainer(
-        config, corpus, reporter, echo=echo, progress=progress, run_dir=run_dir, stop=stop
+        config,
+        corpus,
+        reporter,
+        echo=echo,
+        progress=progress,
+        run_dir=run_dir,
+        stop=stop,
+        shard=shard,
     )
     echo(
         f"model: {trainer.model.describe()}, {trainer.model.num_parameters():,} parameters, "
         f"on {trainer.device}"
     )
+    if shard.distributed:
+        echo(
+            f"data-parallel: {shard.world_size} processes ({shard.backend}), "
+            f"{trainer.local_batch} of the {trainer.batch_size} streams each"
+        )
     entropy = corpus.entropy_rate_bits
     echo(
         f"data: {corpus.name}, vocabulary {corpus.vocab_size}, "

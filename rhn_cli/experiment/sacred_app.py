@@ -9,13 +9,16 @@ engine. A resumed run re-opens its own run directory under the same id.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import json
 import logging
+import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -89,13 +92,16 @@ class SacredReporter:
         self._run.info[key] = clean(value)
 
 
-def _main_function(progress: TextIO | None, stop, resume: ResumePlan | None):
-    """Sacred's main function: train on the resolved config, return best valid perplexity."""
+def _main_function(progress: TextIO | None, stop, resume: ResumePlan | None, shard=None):
+    """Sacred's main function: train on the resolved config, return best valid perplexity.
+
+    ``shard``: this process's part of a data-parallel job (None: a single process)."""
 
     def main(_config, _run, _seed):
         import torch
 
         from rhn_cli.data.registry import load_corpus
+        from rhn_cli.engine.distributed import SINGLE
         from rhn_cli.engine.train import configure_determinism, train
 
         config = validate(_config)  # plain, type-widened copy of Sacred's read-only config
@@ -110,6 +116,8 @@ def _main_function(progress: TextIO | None, stop, resume: ResumePlan | None):
         corpus = load_corpus(config, progress=progress)  # fetched and prepared on first use
         if corpus.description:  # the vocabulary convention and sources, with the run
             _run.info["dataset"] = clean(corpus.description)
+        if shard is not None:
+            _run.info["world_size"] = shard.world_size
         summary = train(
             config,
             corpus,
@@ -118,6 +126,7 @@ def _main_function(progress: TextIO | None, stop, resume: ResumePlan | None):
             run_dir=run_dir,
             resume_from=resume.state if resume is not None else None,
             stop=stop,
+            shard=shard or SINGLE,
         )
         return summary.best_valid_ppl
 
@@ -180,6 +189,7 @@ def build_experiment(
     stop=None,
     resume: ResumePlan | None = None,
     evaluation: tuple[tuple[str, ...], str | None] | None = None,
+    shard=None,
 ) -> Any:
     """A Sacred Experiment with rhn's defaults, the named configs used, and ``observers``."""
     with quiet_sacred_import():
@@ -198,7 +208,9 @@ def build_experiment(
             experiment.add_named_config(named.name, str(named.path))
     # Progress bars redraw with carriage returns; record only the final state of a line.
     experiment.captured_out_filter = apply_backspaces_and_linefeeds
-    experiment.main(_main_function(_terminal(), stop, resume))
+    # Progress bars from rank 0 only: the others' would draw over them.
+    progress = _terminal() if shard is None or shard.is_main else None
+    experiment.main(_main_function(progress, stop, resume, shard))
     if evaluation is not None:
         experiment.command(_evaluate_function(*evaluation))
     experiment.observers.extend(observers)
@@ -268,22 +280,25 @@ def finish_mongo_recording(
 
 
 @contextlib.contextmanager
-def graceful_stop(stop, warn: Callable[[str], None]) -> Iterator[None]:
+def graceful_stop(stop, warn: Callable[[str], None], hard_second: bool = True) -> Iterator[None]:
     """SIGINT/SIGTERM ask training to stop after the current step (checkpointed);
-    a second SIGINT stops at once."""
+    a second SIGINT stops at once, unless ``hard_second`` is False (under torchrun, whose
+    agent passes the user's Ctrl-C on as a second SIGINT, and kills workers that take
+    longer than its shutdown grace period)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handle(signal_number, frame):
         if stop.requested:
-            if signal_number == signal.SIGINT:
+            if signal_number == signal.SIGINT and hard_second:
                 raise KeyboardInterrupt
             return
         stop.request(signal_number)
+        again = " (Ctrl-C again to stop at once)" if hard_second else ""
         warn(
             f"{signal.Signals(signal_number).name}: stopping after the current step and "
-            "saving a checkpoint (Ctrl-C again to stop at once)"
+            f"saving a checkpoint{again}"
         )
 
     previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -294,6 +309,51 @@ def graceful_stop(stop, warn: Callable[[str], None]) -> Iterator[None]:
             signal.signal(signal_number, handler)
 
 
+def recorded_tags(run_dir: Path) -> list[str]:
+    """The tags recorded in ``run_dir/run.json`` (``meta.tags``), if any."""
+    try:
+        tags = json.loads((run_dir / "run.json").read_text()).get("meta", {}).get("tags")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [str(tag) for tag in tags] if isinstance(tags, list) else []
+
+
+def _join_job(resolved: ResolvedConfig) -> tuple[Any, ResolvedConfig]:
+    """(this process's Shard, the config with the job's seed) in a process torchrun
+    started; (None, ``resolved``) otherwise.
+
+    Joining waits for every rank, so no rank starts its run (and rank 0 marks a resumed
+    run RUNNING) before every rank has read the checkpoint. Rank 0's seed, given or
+    drawn, is the seed of every rank: one experiment, however many processes."""
+    from rhn_cli.engine import distributed
+
+    if not distributed.launched():
+        return None, resolved
+    try:
+        shard = distributed.init_from_env(str(resolved.config.get("device", "auto")))
+        shard.check_config(resolved.config)
+        seed = resolved.config.get("seed")
+        if seed is None and shard.is_main:
+            with quiet_sacred_import():
+                from sacred.randomness import get_seed
+            seed = get_seed()
+        seed = shard.broadcast_int(seed)
+    except distributed.DistributedError as error:
+        raise RunFailed(error, None) from error
+    atexit.register(distributed.shutdown, shard)
+    return shard, replace(resolved, updates={**resolved.updates, "seed": seed})
+
+
+@contextlib.contextmanager
+def _silenced(quiet: bool) -> Iterator[None]:
+    """Standard output to nowhere when ``quiet`` (the ranks other than 0)."""
+    if not quiet:
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
+
+
 def run_training(
     resolved: ResolvedConfig,
     *,
@@ -302,16 +362,24 @@ def run_training(
     unobserved: bool = False,
     name: str | None = None,
     comment: str | None = None,
+    tags: Sequence[str] = (),
     resume: ResumePlan | None = None,
     warn: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
 ) -> RunOutcome:
     """Run ``main`` as a Sacred run. Exceptions from training propagate after Sacred
-    has recorded the run as FAILED or INTERRUPTED."""
+    has recorded the run as FAILED or INTERRUPTED.
+
+    ``tags`` are recorded in the run's ``meta.tags`` (and, in MongoDB, in
+    ``omniboard.tags``, where Omniboard shows them); a resumed run keeps its own."""
     from rhn_cli.engine.train import StopRequest, TrainingStopped
 
     runs_dir = Path(runs_dir)
+    shard, resolved = _join_job(resolved)
+    quiet = shard is not None and not shard.is_main  # rank 0 alone records and speaks
     options: dict[str, Any] = {"--capture": "sys"}
-    if resume is not None:
+    if quiet:
+        observers, mongo, mongo_url = [], None, None
+    elif resume is not None:
         observers = [file_store_observer(resume.runs_dir, resume.completed_epochs)]
         options["--id"] = resume.run_id
         mongo = None
@@ -326,23 +394,27 @@ def run_training(
     else:
         observers, mongo = make_observers(runs_dir, mongo_url, warn)
     stop = StopRequest()
-    experiment = build_experiment(resolved, observers, stop=stop, resume=resume)
-    if unobserved:  # Sacred would warn that no observers were added; that is the point
+    experiment = build_experiment(resolved, observers, stop=stop, resume=resume, shard=shard)
+    if unobserved or quiet:  # Sacred would warn that no observers were added; that is the point
         experiment.logger.setLevel(logging.ERROR)
     if name:
         options["--name"] = name
     if comment:
         options["--comment"] = comment
+    if resume is not None:
+        tags = [*recorded_tags(resume.run_dir), *tags]
+    tags = list(dict.fromkeys(tags))
 
     def run_dir() -> Path | None:
         return next((Path(o.dir) for o in observers if getattr(o, "dir", None)), None)
 
     try:
-        with graceful_stop(stop, warn):
+        with graceful_stop(stop, warn, hard_second=shard is None), _silenced(quiet):
             try:
                 run = experiment.run(
                     config_updates=resolved.updates,
                     named_configs=_named_config_arguments(resolved),
+                    meta_info={"tags": tags} if tags else None,
                     options=options,
                 )
             finally:

@@ -364,6 +364,17 @@ def mongo_observer(
                 "resource", lambda: super(RhnMongoObserver, self).resource_event(filename)
             )
 
+        def insert(self):
+            # Omniboard shows (and edits) the tags in omniboard.tags. They go in with the
+            # new document only: later saves ($set of run_entry) leave a user's edits be.
+            tags = (self.run_entry.get("meta") or {}).get("tags")
+            if tags:
+                self.run_entry["omniboard"] = {"tags": list(tags)}
+            try:
+                return super().insert()
+            finally:
+                self.run_entry.pop("omniboard", None)
+
         def save(self):
             # Sacred ignores a lost connection here ("wait for the next save"), but the
             # metrics pushed meanwhile would be lost for good: treat it as the failure

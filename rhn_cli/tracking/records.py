@@ -78,6 +78,7 @@ class RunRecord:
     command: str | None = None
     comment: str | None = None
     named_configs: list = field(default_factory=list)
+    tags: list = field(default_factory=list)  # meta.tags; MongoDB: omniboard.tags (Omniboard's)
     resumed_at: list = field(default_factory=list)  # datetimes (UTC) of each resumption
     metrics: dict = field(default_factory=dict)  # name -> (steps, values)
     info: dict = field(default_factory=dict)
@@ -166,10 +167,15 @@ def _fill_from_run(record: RunRecord, run: dict, now: datetime) -> None:
     record.command = run.get("command") or meta.get("command")
     record.comment = meta.get("comment") or options.get("--comment")
     record.named_configs = list(meta.get("named_configs") or [])
+    record.tags = _tags(meta.get("tags"))
     record.resumed_at = [t for t in map(parse_time, meta.get("resumed_at") or []) if t]
     trace = run.get("fail_trace") or []
     record.fail_trace = "".join(trace).splitlines() if isinstance(trace, list) else [str(trace)]
     record.duration = _duration(record, now)
+
+
+def _tags(value: Any) -> list[str]:
+    return [str(tag) for tag in value] if isinstance(value, list) else []
 
 
 def _series(steps: Any, values: Any) -> tuple[list, list]:
@@ -298,6 +304,9 @@ def _record_from_document(doc: dict, location: str, now: datetime) -> RunRecord:
     _fill_from_run(record, doc, now)
     record.config = _unpickle(_plain(doc.get("config") or {}))
     record.info = _unpickle(_plain(doc.get("info") or {}))
+    omniboard = doc.get("omniboard")
+    if isinstance(omniboard, dict) and "tags" in omniboard:  # as edited in Omniboard
+        record.tags = _tags(omniboard["tags"])
     record.host = _plain(record.host)
     return record
 
@@ -672,11 +681,14 @@ def filter_runs(
     conditions: Sequence[Condition] = (),
     statuses: set[str] | None = None,
     name_pattern: str | None = None,
+    tags: Sequence[str] = (),
 ) -> list[RunRecord]:
-    """Runs matching every condition, any of ``statuses``, and the name glob."""
+    """Runs matching every condition, any of ``statuses``, the name glob and every tag."""
     kept = []
     for record in records:
         if statuses and record.status not in statuses:
+            continue
+        if any(tag not in record.tags for tag in tags):
             continue
         if name_pattern and not fnmatch.fnmatchcase(record.name.lower(), name_pattern.lower()):
             continue
@@ -773,6 +785,7 @@ def record_to_dict(record: RunRecord, with_series: bool = True) -> dict:
         "command": record.command,
         "comment": record.comment,
         "named_configs": record.named_configs,
+        "tags": record.tags,
         "resumed_at": [iso(t) for t in record.resumed_at],
         "host": record.host,
         "config": record.config,

@@ -363,6 +363,7 @@ def show_lines(record: RunRecord, style: Style = plain) -> list[str]:
         ("command", record.command or MISSING),
         ("comment", record.comment or MISSING),
         ("named configs", ", ".join(map(str, record.named_configs)) or MISSING),
+        ("tags", ", ".join(record.tags) or MISSING),
     ]
     if record.resumed_at:
         header.append(("resumed at", ", ".join(format_time(t) for t in record.resumed_at)))

@@ -538,7 +538,10 @@ def _push(
         if "omniboard" in previous:  # tags and notes a user added in Omniboard
             doc["omniboard"] = previous["omniboard"]
         _id = existing["_id"]
-    else:
+    meta = doc["meta"] if isinstance(doc["meta"], dict) else {}
+    if "omniboard" not in doc and meta.get("tags"):  # rhn train --tag
+        doc["omniboard"] = {"tags": list(meta["tags"])}
+    if existing is None:
         # Insert first, as Sacred does: metrics and artifacts need the run's id.
         _id = _insert_run(target.runs, doc, mongo_id)
 
