@@ -369,8 +369,8 @@ def _mb(value: int | None) -> str:
     return "   n/a" if value is None else f"{value / 2**20:7.0f}"
 
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
+def verdict(ok: bool | None) -> str:
+    return "n/a " if ok is None else "PASS" if ok else "MISS"
 
 
 def main() -> None:
@@ -491,8 +491,9 @@ def main() -> None:
         ),
         (
             f"enwik8_sota peak memory <= {TARGETS['enwik8_memory']}x baseline",
-            f"{enwik8_row.get('memory_ratio', float('nan')):.2f}x",
-            enwik8_row.get("memory_ratio", math.inf) <= TARGETS["enwik8_memory"],
+            f"{enwik8_row.get('memory_ratio', float('nan')):.2f}x"
+            + (" (at T=10, not the target's shape)" if quick else ""),
+            None if quick else enwik8_row.get("memory_ratio", math.inf) <= TARGETS["enwik8_memory"],
         ),
         (
             f"MC dropout batched >= {TARGETS['mc_speedup']:g}x sequential",

@@ -32,18 +32,26 @@ rest elementwise, one step at a time: the gates from p (one tanh and one sigmoid
 all D micro-layers of the step) and the states s^1..s^{D-1} from s_{t-1}, by the
 forward's operations on the same numbers. The autograd loop keeps about
 4H per micro-step (s * m_h, h, g, h - s) and this 2H; the backward's scratch space is
-3H per micro-step of one chunk of K steps.
+3H per micro-step of one chunk of K steps. When all of p would exceed
+``KEEP_ALL_PREACTIVATIONS_UP_TO`` (256 MB; enwik8_sota's window holds 768 MB), every
+third micro-layer's p (2, 5, 8, ...) is not kept: the backward recomputes it from the
+reconstructed s^i with the forward's product, one [B, H] x [H, 2H] product more per
+such micro-step, for a third less memory. Recurrent weights up to
+``TRANSPOSED_COPY_UP_TO`` get a transposed copy for the backward's dp @ R^i products.
 
 No gradient wanted (``torch.no_grad()``, or no input requires grad, e.g. evaluation):
 the same loop runs without storing p and without the autograd Function, so nothing is
 saved for a backward.
 
 Devices: only torch operations on the inputs' device and dtype (no NumPy, no host
-syncs), so the same code runs on CUDA, where the products go to cuBLAS and every
+syncs; a test runs forward and backward on the 'meta' device, where either would
+raise), so the same code runs on CUDA, where the products go to cuBLAS and every
 elementwise operation is its own kernel: about 7 launches per micro-step forward and 6
 backward, so it will be launch-bound for small B x H (the kernels are microseconds).
 Fusing them (torch.compile) or capturing a step in a CUDA graph would help there;
-neither is done, because this code is tested on CPU only and has never run on a GPU.
+neither is done, because no GPU has been available to test them on, and an untested
+compiled path is more likely to break a GPU run than to speed it up. Expect the GPU
+path to be correct and no faster than the autograd loop's kernels would allow.
 """
 
 from __future__ import annotations
