@@ -249,7 +249,18 @@ def _report_stop(stop) -> None:
     if stop.run_dir is not None and (stop.run_dir / "checkpoint.pt").exists():
         runs_dir = stop.run_dir.parent
         option = "" if runs_dir == Path("runs") else f" --runs-dir {runs_dir}"
-        _stderr(f"Resume with: rhn train --resume {stop.run_dir.name}{option}")
+        from rhn_cli.engine.distributed import launched
+
+        resume = f"--resume {stop.run_dir.name}{option}"
+        if launched() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # A checkpoint resumes on any number of processes; suggest the same ones.
+            local = os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
+            _stderr(
+                f"Resume with: rhn train --nproc {local} {resume} "
+                f"(or the same torchrun command with rhn_cli train {resume})"
+            )
+        else:
+            _stderr(f"Resume with: rhn train {resume}")
     if stop.status == "TIMEOUT":
         sys.exit(0)
     sys.exit(128 + (stop.signal_number or signal.SIGINT))

@@ -194,6 +194,7 @@ def test_a_stop_is_agreed_and_resumes_exactly(tmp_path):
     assert job.returncode == 128 + signal.SIGTERM, stderr
     assert "Error" not in stderr
     assert "checkpoint saved in stopped/1/checkpoint.pt" in stderr
+    assert "Resume with: rhn train --nproc 2 --resume 1 --runs-dir stopped" in stderr
     saved = checkpoint.load(tmp_path / "stopped" / "1" / checkpoint.LAST)
     assert (saved["epoch_index"], saved["step"]) != (0, 0)
     resumed = run_job(
