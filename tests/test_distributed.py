@@ -125,24 +125,12 @@ def test_two_processes_train_exactly_like_one(tmp_path, runner):
 def test_a_killed_rank_ends_the_job_naming_it(tmp_path):
     """kill -9 of rank 1: the survivors are stopped, the job fails within seconds, the
     error names rank 1, and rank 0's run is recorded as FAILED."""
-    log = tmp_path / "stdout.txt"
-    with open(log, "w") as out:
-        job = subprocess.Popen(
-            [sys.executable, "-m", "rhn_cli", "train", "--nproc", "2", "--runs-dir", "runs"]
-            + ["with", "depth=2", "hidden_size=16", "max_max_epoch=100"]
-            + ["synthetic.train_tokens=200000", "checkpoint_every=0"],
-            cwd=tmp_path,
-            env=job_env(),
-            stdout=out,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+    job = start_training(
+        tmp_path,
+        ["--nproc", "2", "--runs-dir", "runs", "with", "depth=2", "hidden_size=16"]
+        + ["max_max_epoch=100", "synthetic.train_tokens=200000", "checkpoint_every=0"],
+    )
     try:
-        deadline = time.monotonic() + 60
-        while "epoch 1" not in log.read_text():  # both ranks are training
-            assert job.poll() is None, job.stderr.read()
-            assert time.monotonic() < deadline, "training did not start"
-            time.sleep(0.2)
         rank1 = [pid for pid in children(job.pid) if environment(pid).get("RANK") == "1"]
         assert len(rank1) == 1
         killed = time.monotonic()
@@ -167,23 +155,8 @@ def test_a_stop_is_agreed_and_resumes_exactly(tmp_path):
     run = ["--seed", "3", "with", "depth=2", "hidden_size=16", "max_max_epoch=2"]
     run += ["max_epoch=1", "synthetic.train_tokens=80000", "synthetic.valid_tokens=2000"]
     run += ["synthetic.test_tokens=2000", "drop_x=0.2", "drop_i=0.3", "drop_h=0.2"]
-    log = tmp_path / "stdout.txt"
-    with open(log, "w") as out:
-        job = subprocess.Popen(
-            [sys.executable, "-m", "rhn_cli", "train", "--nproc", "2", "--runs-dir", "stopped"]
-            + run,
-            cwd=tmp_path,
-            env=job_env(),
-            stdout=out,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+    job = start_training(tmp_path, ["--nproc", "2", "--runs-dir", "stopped", *run])
     try:
-        deadline = time.monotonic() + 60
-        while "epoch 1" not in log.read_text():
-            assert job.poll() is None, job.stderr.read()
-            assert time.monotonic() < deadline, "training did not start"
-            time.sleep(0.1)
         (rank1,) = [pid for pid in children(job.pid) if environment(pid).get("RANK") == "1"]
         os.kill(rank1, signal.SIGTERM)
         _, stderr = job.communicate(timeout=60)
@@ -207,6 +180,32 @@ def test_a_stop_is_agreed_and_resumes_exactly(tmp_path):
     )
     assert whole.returncode == 0, whole.stderr
     assert_same_run(tmp_path / "whole" / "1", tmp_path / "stopped" / "1")
+
+
+def start_training(tmp_path: Path, arguments: list[str]) -> subprocess.Popen:
+    """``rhn train ARGUMENTS`` in the background, once both ranks are training (its
+    output in tmp_path/stdout.txt, its stderr a pipe)."""
+    log = tmp_path / "stdout.txt"
+    with open(log, "w") as out:
+        job = subprocess.Popen(
+            [sys.executable, "-m", "rhn_cli", "train", *arguments],
+            cwd=tmp_path,
+            env=job_env(),
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    deadline = time.monotonic() + 60
+    try:
+        while "epoch 1" not in log.read_text():
+            assert job.poll() is None, job.stderr.read()
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.1)
+    except BaseException:
+        job.kill()
+        job.wait()
+        raise
+    return job
 
 
 def children(pid: int) -> list[int]:
