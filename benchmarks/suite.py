@@ -12,19 +12,26 @@ training   tokens/s and peak memory of one training step (forward, the reference
            (one layer, the fused library RNN) with the RHN's parameter count.
 roofline   the step's matrix products (forward and backward, recurrent ones cycling
            through the D distinct weight matrices as the recurrence does) timed alone at
-           exactly those shapes: their summed time is the fastest a step can be while
-           doing those products, and rhn's tokens/s is quoted as a fraction of it.
+           exactly those shapes, each in the fastest layout of its operands: their summed
+           time is the fastest a step can be while doing those products, and rhn's
+           tokens/s is quoted as a fraction of it.
 evaluation no-grad tokens/s, batched (training B and T) and full (B = 1, the whole
            stream in chunks of 1000), at the ptb_sota shape.
-mc         MC-dropout samples/s, the samples as rows of one batch vs one after another
-           (B = 1 each), at the ptb_sota shape; the log-probabilities must agree.
+mc         MC-dropout samples/s, 32 samples as rows of one batch (as rhn evaluates) vs
+           one after another (B = 1 each), at the ptb_sota shape; the log-probabilities
+           must agree.
 startup    wall time of ``rhn --help`` and ``rhn print-config with ptb_sota``, best of 3.
 
-Peak memory is the growth of the process's peak resident set (VmHWM, reset through
-/proc/self/clear_refs before each model is built) over its resident set at that moment:
-model, gradients, activations and scratch of that step. glibc is told to return large
-blocks to the system at once (mallopt), so one model's freed memory is not counted in
-the next one's peak.
+Training is measured in rounds: each round takes one step of every model, then times
+the roofline's products once, and every ratio (x baseline, fraction of the roofline) is
+the median of the per-round ratios, so a machine that speeds up or slows down during
+the run (shared hosts do) moves both sides of a ratio alike.
+
+Peak memory is the growth of a process's peak resident set (VmHWM, reset through
+/proc/self/clear_refs) over its resident set before the model is built, through the
+first training step: model, gradients, activations and scratch. Each model is measured
+in a fresh process, where glibc is told to return large blocks to the system at once
+(mallopt), so no earlier model's freed memory serves its allocations.
 
 ``--quick`` (under 2 minutes) runs fewer steps, shorter streams and the enwik8 shape
 with 10 time steps instead of 50, so its enwik8 memory figures are not comparable with
@@ -41,6 +48,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -68,6 +76,7 @@ from rhn_cli.engine.train import build_model, evaluate  # noqa: E402
 from rhn_cli.experiment.resolve import resolve  # noqa: E402
 from rhn_cli.models.base import detach_state  # noqa: E402
 
+KINDS = ("rhn", "baseline", "lstm")
 TARGETS = {
     "ptb_speedup": 1.3,  # x the baseline's training tokens/s
     "ptb_roofline": 0.85,  # fraction of the same-run roofline
@@ -122,6 +131,25 @@ class PeakMemory:
         peak = _status_kib("VmHWM")
         if self.usable and peak is not None:
             self.bytes = (peak - self.start) * 1024
+
+
+def peak_memory_of(kind: str, shape: Shape) -> int | None:
+    """Peak RSS growth (bytes) of building ``kind`` and taking its first training step,
+    in a fresh process: freed blocks of earlier models would otherwise serve some of its
+    allocations and hide them."""
+    command = [sys.executable, __file__, "--memory-of", kind, shape.name, str(shape.T)]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+def _measure_memory(kind: str, name: str, num_steps: int) -> None:
+    shape = shape_of(name, num_steps)
+    small = shape_of("ptb_sota", 5)
+    small.config.update(hidden_size=64, depth=2)
+    Trainee(build(kind, small), small).step()  # one-time costs first
+    with PeakMemory() as memory:
+        Trainee(build(kind, shape), shape).step()
+    print(json.dumps({"peak_bytes": memory.bytes}))
 
 
 # --- models ------------------------------------------------------------------------
@@ -191,109 +219,116 @@ def build(kind: str, shape: Shape) -> nn.Module:
 # --- training ----------------------------------------------------------------------
 
 
-def training_steps(model: nn.Module, shape: Shape, steps: int, warmup: int = 1) -> float:
-    """Seconds per training step, the mean over ``steps`` after ``warmup`` steps."""
-    config = shape.config
-    parameters = list(model.parameters())
-    optimizer = make_optimizer(config, parameters)
-    rng = np.random.default_rng(0)
-    state = model.initial_state(shape.B)
-    model.train()
-    elapsed = 0.0
-    for step in range(warmup + steps):
-        tokens = torch.from_numpy(rng.integers(0, shape.V, (shape.B, shape.T + 1)))
+class Trainee:
+    """A model with its optimiser and carried state, taking timed training steps on
+    random tokens."""
+
+    def __init__(self, model: nn.Module, shape: Shape) -> None:
+        self.model, self.shape = model, shape
+        self.parameters = list(model.parameters())
+        self.optimizer = make_optimizer(shape.config, self.parameters)
+        self.rng = np.random.default_rng(0)
+        self.state = model.initial_state(shape.B)
+        model.train()
+
+    def step(self) -> float:
+        """One training step as rhn's trainer takes it; returns its seconds."""
+        config, shape, parameters = self.shape.config, self.shape, self.parameters
+        tokens = torch.from_numpy(self.rng.integers(0, shape.V, (shape.B, shape.T + 1)))
         started = time.perf_counter()
-        logits, state = model(tokens[:, :-1], state)
+        logits, state = self.model(tokens[:, :-1], self.state)
         cost = sequence_loss(logits, tokens[:, 1:])
         l2_penalty(parameters, config["weight_decay"])  # its value, reported by training
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         cost.backward()
         add_l2_gradient(parameters, config["weight_decay"])
-        clip_and_step(optimizer, parameters, "grad_norm", config["max_grad_norm"])
-        state = detach_state(state)
-        if step >= warmup:
-            elapsed += time.perf_counter() - started
-    return elapsed / steps
+        clip_and_step(self.optimizer, parameters, "grad_norm", config["max_grad_norm"])
+        self.state = detach_state(state)
+        return time.perf_counter() - started
 
 
 # --- roofline ----------------------------------------------------------------------
 
 
-def _time_calls(call, calls: int, repeats: int) -> float:
-    """Seconds per call: best of ``repeats`` runs of ``calls`` calls (after one run)."""
-    call()
-    best = math.inf
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for _ in range(calls):
-            call()
-        best = min(best, (time.perf_counter() - started) / calls)
-    return best
+def _seconds_per_call(call, calls: int) -> float:
+    started = time.perf_counter()
+    for _ in range(calls):
+        call()
+    return (time.perf_counter() - started) / calls
 
 
-def roofline(shape: Shape, repeats: int) -> dict:
+class Roofline:
     """The step's matrix products timed alone at their shapes, each in the fastest
-    layout of its operands: seconds per step at that rate, and the step's GEMM FLOPs."""
-    c = shape.config
-    B, T, V, D, H = shape.B, shape.T, shape.V, c["depth"], c["hidden_size"]
-    E = rhn_on_meta(shape).config.in_size
-    N = B * T
-    g = torch.Generator().manual_seed(0)
+    layout of its operands (chosen at the first measurement): the fastest a step doing
+    those products can be. The recurrent products take the weights of the D
+    micro-layers in turn, as the recurrence reads them (5.5 MB each for ptb_sota, more
+    than the caches hold)."""
 
-    def rand(*size):
-        return torch.rand(*size, generator=g) - 0.5
+    def __init__(self, shape: Shape) -> None:
+        c = shape.config
+        B, T, V, D, H = shape.B, shape.T, shape.V, c["depth"], c["hidden_size"]
+        E = rhn_on_meta(shape).config.in_size
+        N = shape.tokens
+        self.tokens = N
+        g = torch.Generator().manual_seed(0)
 
-    def stored(rows, cols, transposed):
-        """A [rows, cols] operand held row-major, or column-major (a transposed copy)."""
-        return rand(cols, rows).t() if transposed else rand(rows, cols)
+        def rand(*size):
+            return torch.rand(*size, generator=g) - 0.5
 
-    products = []  # (what, seconds per call, calls per step, flops per call)
-    layouts = [(False, False), (False, True), (True, False), (True, True)]
-    per_step = T * D
-    calls = max(per_step // 5, D)
-    # The recurrent products, with the weights of the D micro-layers in turn (as the
-    # recurrence reads them: 5.5 MB each for ptb_sota, more than the caches hold), in
-    # the faster of the weights' two layouts.
-    for what, rows, k, n in (("recurrent s R^T", B, H, 2 * H), ("recurrent dp R", B, 2 * H, H)):
-        left = rand(rows, k)
-        out = torch.empty(rows, n)
-        best = math.inf
-        for transposed in (False, True):
-            weights = [stored(k, n, transposed) for _ in range(D)]
-            cycle = itertools.cycle(weights)
-            seconds = _time_calls(
-                lambda c=cycle, a=left, o=out: torch.mm(a, next(c), out=o), calls, repeats
-            )
-            best = min(best, seconds)
-        products.append((what, best, per_step, 2 * rows * k * n))
+        def stored(rows, cols, transposed):
+            """A [rows, cols] operand held row-major, or column-major."""
+            return rand(cols, rows).t() if transposed else rand(rows, cols)
 
-    def big(name, m, k, n, times=1):
-        """An [m, k] x [k, n] product in the fastest of the operands' four layouts."""
-        out = torch.empty(m, n)
-        best = math.inf
-        for transposed_a, transposed_b in layouts:
-            a, b = stored(m, k, transposed_a), stored(k, n, transposed_b)
-            best = min(best, _time_calls(functools.partial(torch.mm, a, b, out=out), 2, repeats))
-        products.append((name, best, times, 2 * m * k * n))
+        # (what, calls per step, flops per call, calls per timing, one call per layout)
+        self.products = []
+        per_step = T * D
+        for what, k, n in (("recurrent s R^T", H, 2 * H), ("recurrent dp R", 2 * H, H)):
+            left, out = rand(B, k), torch.empty(B, n)
+            candidates = []
+            for transposed in (False, True):
+                cycle = itertools.cycle([stored(k, n, transposed) for _ in range(D)])
+                candidates.append(lambda c=cycle, a=left, o=out: torch.mm(a, next(c), out=o))
+            self.products.append((what, per_step, 2 * B * k * n, max(per_step // 5, D), candidates))
+        for what, m, k, n, times in (
+            ("input projection", N, E, 2 * H, 1),
+            ("d input projection", N, 2 * H, E, 1),
+            ("d W_x", 2 * H, N, E, 1),
+            ("d R (whole sequence)", 2 * H, N, H, D),
+            ("output", N, H, V, 1),
+            ("d output input", N, V, H, 1),
+            ("d output weight", V, N, H, 1),
+        ):
+            out = torch.empty(m, n)
+            candidates = [
+                functools.partial(torch.mm, stored(m, k, ta), stored(k, n, tb), out=out)
+                for ta in (False, True)
+                for tb in (False, True)
+            ]
+            self.products.append((what, times, 2 * m * k * n, 1, candidates))
+        self.chosen: list[int] | None = None
+        self.flops = sum(times * flops for _, times, flops, _, _ in self.products)
+        self.recurrent_flops = sum(
+            times * flops for what, times, flops, _, _ in self.products if "recurrent" in what
+        )
 
-    big("input projection", N, E, 2 * H)
-    big("d input projection", N, 2 * H, E)
-    big("d W_x", 2 * H, N, E)
-    big("d R (whole sequence)", 2 * H, N, H, times=D)
-    big("output", N, H, V)
-    big("d output input", N, V, H)
-    big("d output weight", V, N, H)
-    seconds = sum(t * n for _, t, n, _ in products)
-    flops = sum(f * n for _, _, n, f in products)
-    recurrent = sum(t * n for what, t, n, _ in products if what.startswith("recurrent"))
-    return {
-        "seconds_per_step": seconds,
-        "tokens_per_s": N / seconds,
-        "gemm_gflops": flops / seconds / 1e9,
-        "flops_per_token": flops / N,
-        "recurrent_share": recurrent / seconds,
-        "recurrent_gflops": 4 * B * H * H * 2 * per_step / recurrent / 1e9,
-    }
+    def measure(self) -> tuple[float, float]:
+        """(seconds per step of the products, of which the recurrent ones)."""
+        if self.chosen is None:  # warm every layout up, keep the fastest
+            self.chosen = []
+            for _, _, _, calls, candidates in self.products:
+                times = []
+                for call in candidates:
+                    call()
+                    times.append(_seconds_per_call(call, calls))
+                self.chosen.append(times.index(min(times)))
+        total = recurrent = 0.0
+        for (what, times, _, calls, candidates), index in zip(
+            self.products, self.chosen, strict=True
+        ):
+            seconds = times * _seconds_per_call(candidates[index], calls)
+            total += seconds
+            recurrent += seconds if "recurrent" in what else 0.0
+        return total, recurrent
 
 
 # --- evaluation --------------------------------------------------------------------
@@ -377,8 +412,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run in under 2 minutes")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument(
+        "--memory-of", nargs=3, metavar=("KIND", "SHAPE", "T"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     _return_freed_memory_at_once()
+    if args.memory_of:
+        kind, name, num_steps = args.memory_of
+        _measure_memory(kind, name, int(num_steps))
+        return
     wall = time.perf_counter()
     quick = args.quick
     results: dict = {"threads": torch.get_num_threads(), "quick": quick, "torch": torch.__version__}
@@ -392,51 +434,86 @@ def main() -> None:
     # One-time costs (thread pools, kernel set-up, allocator arenas) before anything counts.
     small = shape_of("ptb_sota", 5)
     small.config.update(hidden_size=64, depth=2)
-    for kind in ("rhn", "baseline", "lstm"):
-        training_steps(build(kind, small), small, 1)
-    steps = {"ptb_sota": 2 if quick else 4, "enwik8_sota": 1 if quick else 2}
-    print("\nTraining step (dropout on; tokens/s after one warm-up step; peak = RSS growth)")
-    print(f"  {'shape':<12} {'model':<34} {'params':>11} {'tok/s':>8} {'x base':>7} {'peak MB':>8}")
+    for kind in KINDS:
+        Trainee(build(kind, small), small).step()
+    rounds = {"ptb_sota": 2 if quick else 5, "enwik8_sota": 1 if quick else 3}
+    print(
+        "\nTraining step (dropout on; tokens/s: median of rounds that take one step of each "
+        "model,\nthen the roofline's products; peak: RSS growth over the first step, in a "
+        "fresh process)"
+    )
+    print(f"  {'shape':<16} {'model':<32} {'params':>11} {'tok/s':>7} {'x base':>7} {'peak MB':>8}")
     for shape in shapes:
         row = results.setdefault(shape.name, {"B": shape.B, "T": shape.T})
-        for kind in ("rhn", "baseline", "lstm"):
-            with PeakMemory() as memory:
-                model = build(kind, shape)
-                seconds = training_steps(model, shape, steps[shape.name])
+        trainees = {}
+        for kind in KINDS:
+            trainees[kind] = Trainee(build(kind, shape), shape)
+            trainees[kind].step()  # warm-up
+            model = trainees[kind].model
             row[kind] = {
-                "tokens_per_s": shape.tokens / seconds,
-                "peak_bytes": memory.bytes,
+                "peak_bytes": peak_memory_of(kind, shape),
                 "parameters": count(model),
                 "hidden": getattr(model, "hidden", None),
+                "step_seconds": [],
             }
-            del model
-            base = row.get("baseline", row[kind])["tokens_per_s"]
+        roofline = Roofline(shape)
+        roofline.measure()  # warm-up, and the fastest layouts chosen
+        measured = []
+        # Interleaved, so that a machine that speeds up or slows down during the run
+        # (shared hosts do) changes every figure of a round alike: ratios are per round.
+        for _ in range(rounds[shape.name]):
+            for kind in KINDS:
+                row[kind]["step_seconds"].append(trainees[kind].step())
+            measured.append(roofline.measure())
+        del trainees
+        rhn_seconds = row["rhn"]["step_seconds"]
+        for kind in KINDS:
+            row[kind]["tokens_per_s"] = shape.tokens / statistics.median(row[kind]["step_seconds"])
+            row[kind]["x_baseline"] = statistics.median(
+                base / own
+                for own, base in zip(
+                    row[kind]["step_seconds"], row["baseline"]["step_seconds"], strict=True
+                )
+            )
+        row["speedup"] = row["rhn"]["x_baseline"]
+        if row["rhn"]["peak_bytes"] and row["baseline"]["peak_bytes"]:
+            row["memory_ratio"] = row["rhn"]["peak_bytes"] / row["baseline"]["peak_bytes"]
+        roof_seconds = statistics.median(total for total, _ in measured)
+        recurrent_seconds = statistics.median(recurrent for _, recurrent in measured)
+        row["roofline"] = {
+            "seconds_per_step": roof_seconds,
+            "tokens_per_s": shape.tokens / roof_seconds,
+            "gemm_gflops": roofline.flops / roof_seconds / 1e9,
+            "flops_per_token": roofline.flops / shape.tokens,
+            "recurrent_share": recurrent_seconds / roof_seconds,
+            "recurrent_gflops": roofline.recurrent_flops / recurrent_seconds / 1e9,
+        }
+        row["roofline_fraction"] = statistics.median(
+            total / own for (total, _), own in zip(measured, rhn_seconds, strict=True)
+        )
+        for kind in KINDS:
+            figures = row[kind]
             label = {
                 "rhn": f"rhn RHN (depth {shape.config['depth']}, {shape.config['hidden_size']})",
                 "baseline": "straightforward RHN (baseline)",
-                "lstm": f"nn.LSTM, 1 layer x {row[kind].get('hidden', 0)}",
+                "lstm": f"nn.LSTM, 1 layer x {figures['hidden']}",
             }[kind]
-            ratio = row[kind]["tokens_per_s"] / base if kind != "rhn" else None
             print(
-                f"  {shape.name + f' T={shape.T}':<12} {label:<34} "
-                f"{row[kind]['parameters']:>11,} {row[kind]['tokens_per_s']:>8.0f} "
-                f"{'' if ratio is None else f'{ratio:.2f}':>7} {_mb(memory.bytes):>8}",
+                f"  {shape.name + f' T={shape.T}':<16} {label:<32} {figures['parameters']:>11,} "
+                f"{figures['tokens_per_s']:>7.0f} {figures['x_baseline']:>7.2f} "
+                f"{_mb(figures['peak_bytes']):>8}",
                 flush=True,
             )
-        row["speedup"] = row["rhn"]["tokens_per_s"] / row["baseline"]["tokens_per_s"]
-        if row["rhn"]["peak_bytes"] and row["baseline"]["peak_bytes"]:
-            row["memory_ratio"] = row["rhn"]["peak_bytes"] / row["baseline"]["peak_bytes"]
         print(
-            f"  {'':<12} rhn vs baseline: {row['speedup']:.2f}x tokens/s, "
-            f"{row.get('memory_ratio', float('nan')):.2f}x peak memory"
+            f"  {'':<16} rhn vs baseline: {row['speedup']:.2f}x tokens/s, "
+            f"{row.get('memory_ratio', float('nan')):.2f}x peak memory "
+            f"({rounds[shape.name]} round(s))"
         )
 
-    print("\nRoofline (the step's matrix products alone, at the step's shapes, this run)")
+    print("\nRoofline (the step's matrix products alone, fastest operand layouts, same rounds)")
     for shape in shapes:
-        line = roofline(shape, repeats=2 if quick else 3)
         row = results[shape.name]
-        row["roofline"] = line
-        row["roofline_fraction"] = row["rhn"]["tokens_per_s"] / line["tokens_per_s"]
+        line = row["roofline"]
         share = 100 * line["recurrent_share"]
         print(
             f"  {shape.name:<12} {line['flops_per_token'] / 1e6:6.1f} MFLOP/token in products, "
