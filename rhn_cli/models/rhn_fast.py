@@ -283,13 +283,18 @@ def _accumulate_weight_gradients(d_weight, d_bias, dp, states, mask):
     H = width // 2
     rows = dp.reshape(D, n * B, width)
     d_bias = rows.sum(1) if d_bias is None else d_bias.add_(rows.sum(1))
-    if d_weight is None:
-        d_weight = dp.new_zeros(D, width, H)
     if mask is None or mask.dim() == 2:
         inputs = (states if mask is None else states.mul_(mask)).reshape(D, n * B, H)
-        for i in range(D):
-            d_weight[i].addmm_(rows[i].t(), inputs[i])
+        if d_weight is None:  # written by the first chunk's products, not zeroed first
+            d_weight = dp.new_empty(D, width, H)
+            for i in range(D):
+                torch.mm(rows[i].t(), inputs[i], out=d_weight[i])
+        else:
+            for i in range(D):
+                d_weight[i].addmm_(rows[i].t(), inputs[i])
         return d_weight, d_bias
+    if d_weight is None:
+        d_weight = dp.new_zeros(D, width, H)
     for half, m in ((slice(0, H), mask[:, 0]), (slice(H, width), mask[:, 1])):
         inputs = (states * m).reshape(D, n * B, H)
         for i in range(D):
