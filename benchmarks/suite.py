@@ -31,7 +31,8 @@ Peak memory is the growth of a process's peak resident set (VmHWM, reset through
 /proc/self/clear_refs) over its resident set before the model is built, through the
 first training step: model, gradients, activations and scratch. Each model is measured
 in a fresh process, where glibc is told to return large blocks to the system at once
-(mallopt), so no earlier model's freed memory serves its allocations.
+(mallopt), so the resident set follows what is allocated. (Not in the timed process:
+the page faults would slow the steps, the baseline's most.)
 
 ``--quick`` (under 2 minutes) runs fewer steps, shorter streams and the enwik8 shape
 with 10 time steps instead of 50, so its enwik8 memory figures are not comparable with
@@ -416,8 +417,10 @@ def main() -> None:
         "--memory-of", nargs=3, metavar=("KIND", "SHAPE", "T"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
-    _return_freed_memory_at_once()
     if args.memory_of:
+        # Only here: returning every large block at once costs page faults, which would
+        # slow the timed steps (the baseline's many allocations most).
+        _return_freed_memory_at_once()
         kind, name, num_steps = args.memory_of
         _measure_memory(kind, name, int(num_steps))
         return
