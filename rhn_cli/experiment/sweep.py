@@ -453,7 +453,12 @@ class Runner:
         child.handle.close()
         returncode = child.process.returncode
         record = self.find_run(child.plan, child.known)
-        status = record.status if record is not None else "FAILED"
+        if record is not None:
+            status = record.status
+        elif self.stop_signal is not None:  # stopped by the sweep before it recorded a run
+            status = "INTERRUPTED"
+        else:
+            status = "FAILED"
         return Outcome(
             child.plan,
             status,
