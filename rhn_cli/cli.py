@@ -206,10 +206,12 @@ def _launch_processes(nproc: int, config: dict) -> None:
 
 def _check_tags(tags: tuple[str, ...]) -> list[str]:
     """The --tag values, each once, in order; an empty or multi-line tag is an error."""
+    from rhn_cli.tracking.records import check_tag
+
     checked: list[str] = []
     for tag in tags:
-        text = tag.strip()
-        if not text or any(c in text for c in "\n\r\t"):
+        text = check_tag(tag)
+        if text is None:
             _fail(f"--tag {tag!r}: expected a non-empty tag on one line")
         if text not in checked:
             checked.append(text)

@@ -122,6 +122,23 @@ def test_two_processes_train_exactly_like_one(tmp_path, runner):
     assert saved["world_size"] == 2 and len(saved["rank_rng"]) == 2
 
 
+def test_a_parameter_used_in_some_steps_only_trains_like_one_process(tmp_path, runner):
+    """The Zoneout LSTM's learned initial state takes part in the first window only:
+    DistributedDataParallel must expect unused parameters, and leave their gradient
+    None as one process does (Adam would move them with a zero gradient)."""
+    lstm_run = [update for update in EQUAL_RUN if not update.startswith("depth=")]
+    run = ["--seed", "4", *lstm_run, "model='zoneout_lstm'", "z_cells=0.0", "z_states=0.0"]
+    run += ["optimizer='adam'", "learning_rate=0.01"]
+    single = runner.invoke(cli, ["train", "--runs-dir", "one", *run])
+    assert single.exit_code == 0, single.output
+    launched = run_job(
+        ["-m", "rhn_cli", "train", "--nproc", "2", "--runs-dir", "two", *run], tmp_path
+    )
+    assert launched.returncode == 0, launched.stderr
+    (one,), (two,) = run_dirs(tmp_path / "one"), run_dirs(tmp_path / "two")
+    assert_same_run(one, two)
+
+
 def test_a_killed_rank_ends_the_job_naming_it(tmp_path):
     """kill -9 of rank 1: the survivors are stopped, the job fails within seconds, the
     error names rank 1, and rank 0's run is recorded as FAILED."""

@@ -100,9 +100,11 @@ def test_fast_equals_autograd_loop_and_baseline(
     monkeypatch, depth, num_layers, B, T, masks_kind, z_states, chunk_rows, recompute
 ):
     monkeypatch.setattr(rhn_fast, "CHUNK_ROWS", chunk_rows)  # 2: chunks of 1-2 steps
-    if recompute:  # micro-layers 1, 3, ... recomputed in the backward (never 0)
+    if recompute:  # as for large windows: micro-layers 1, 3, ... recomputed in the
+        # backward (never 0), and no transposed copy of the recurrent weights
         monkeypatch.setattr(rhn_fast, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
         monkeypatch.setattr(rhn_fast, "RECOMPUTE_EVERY", 2)
+        monkeypatch.setattr(rhn_fast, "TRANSPOSED_COPY_UP_TO", 0)
     model = _model(depth, num_layers, tied_noise=masks_kind != "separate", z_states=z_states)
     tokens = torch.randint(0, 7, (B, T))
     state = torch.randn(num_layers, B, 5, dtype=torch.float64)
@@ -200,9 +202,10 @@ def test_gradcheck(monkeypatch, masks_kind, z_states, training, recompute):
     recurrent weights and biases, across chunk boundaries (2 + 1 steps), with every
     micro-layer's p kept or the second one's recomputed."""
     monkeypatch.setattr(rhn_fast, "CHUNK_ROWS", 3)
-    if recompute:
+    if recompute:  # and, as for large weights, no transposed copy of them
         monkeypatch.setattr(rhn_fast, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
         monkeypatch.setattr(rhn_fast, "RECOMPUTE_EVERY", 2)
+        monkeypatch.setattr(rhn_fast, "TRANSPOSED_COPY_UP_TO", 0)
     B, T, H, D = 2, 3, 3, 2
     gen = torch.Generator().manual_seed(3)
 

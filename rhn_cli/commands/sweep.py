@@ -14,6 +14,7 @@ import click
 from click.core import ParameterSource
 
 from rhn_cli.commands.options import mongo_option, runs_dir_option
+from rhn_cli.commands.runs import _fail, _stderr
 
 SWEEP_EPILOG = """
 \b
@@ -31,15 +32,6 @@ crashed or was interrupted: COMPLETED points are skipped, interrupted ones with 
 checkpoint are resumed, the others run again. 'rhn runs ls --tag NAME' and
 'rhn runs compare --tag NAME' find the sweep's runs later.
 """
-
-
-def _stderr(message: str, color: str | None = None) -> None:
-    click.secho(message, fg=color, file=sys.stderr)
-
-
-def _fail(message: str, code: int = 2) -> None:
-    _stderr(f"Error: {message}", "red")
-    sys.exit(code)
 
 
 def _given(ctx: click.Context, name: str) -> bool:

@@ -336,11 +336,17 @@ class LaunchOutcome:
 _STOP_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)
 
 
+def threads_per_process(processes: int) -> str:
+    """OMP_NUM_THREADS for ``processes`` torch processes sharing this machine's cores:
+    more threads than cores in all would make them fight over the cores."""
+    return str(max((os.cpu_count() or 1) // processes, 1))
+
+
 def launch_local(nproc: int, module_args: list[str]) -> LaunchOutcome:
     """Run ``python -m rhn_cli <module_args>`` on ``nproc`` local processes with torchrun's
     own launcher (``torch.distributed.run --standalone``), in this process so that the
     failed ranks come back as data. ``OMP_NUM_THREADS`` defaults to cores // nproc."""
-    os.environ.setdefault("OMP_NUM_THREADS", str(max((os.cpu_count() or 1) // nproc, 1)))
+    os.environ.setdefault("OMP_NUM_THREADS", threads_per_process(nproc))
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run

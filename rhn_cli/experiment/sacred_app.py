@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -309,15 +308,6 @@ def graceful_stop(stop, warn: Callable[[str], None], hard_second: bool = True) -
             signal.signal(signal_number, handler)
 
 
-def recorded_tags(run_dir: Path) -> list[str]:
-    """The tags recorded in ``run_dir/run.json`` (``meta.tags``), if any."""
-    try:
-        tags = json.loads((run_dir / "run.json").read_text()).get("meta", {}).get("tags")
-    except (OSError, ValueError, AttributeError):
-        return []
-    return [str(tag) for tag in tags] if isinstance(tags, list) else []
-
-
 def _join_job(resolved: ResolvedConfig) -> tuple[Any, ResolvedConfig]:
     """(this process's Shard, the config with the job's seed) in a process torchrun
     started; (None, ``resolved``) otherwise.
@@ -402,7 +392,9 @@ def run_training(
     if comment:
         options["--comment"] = comment
     if resume is not None:
-        tags = [*recorded_tags(resume.run_dir), *tags]
+        from rhn_cli.tracking.records import load_run_dir
+
+        tags = [*load_run_dir(resume.run_dir).tags, *tags]
     tags = list(dict.fromkeys(tags))
 
     def run_dir() -> Path | None:

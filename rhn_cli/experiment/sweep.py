@@ -160,10 +160,13 @@ def default_name(named: Sequence[str], keys: Sequence[str], today: date | None =
 
 
 def check_name(name: str) -> str:
-    name = name.strip()
-    if not name or any(c in name for c in "\n\r\t"):
+    """The sweep's name, which tags its runs: a valid tag."""
+    from rhn_cli.tracking.records import check_tag
+
+    checked = check_tag(name)
+    if checked is None:
         raise SweepError(f"sweep name {name!r}: expected a non-empty name on one line")
-    return name
+    return checked
 
 
 def expand(
@@ -320,9 +323,11 @@ def thread_environment(jobs: int, environ: dict | None = None) -> dict[str, str]
     several jobs at once, OMP_NUM_THREADS = cores // jobs unless the user set it, so
     the jobs share the cores instead of each taking all of them."""
     env = dict(os.environ if environ is None else environ)
+    from rhn_cli.engine.distributed import threads_per_process
+
     env["PYTHONUNBUFFERED"] = "1"
     if jobs > 1 and "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+        env["OMP_NUM_THREADS"] = threads_per_process(jobs)
     return env
 
 

@@ -229,7 +229,8 @@ def _backward(
             for i in range(D):  # the states s^i, exactly as the forward made them
                 if recomputed and i in recomputed:  # p^i = b^i + (s^i * m_h) R^i^T again
                     _preactivation(dp[i], S[i], weight[i], bias[i], mask)
-                    h[i].tanh_(), g[i].sigmoid_()
+                    h[i].tanh_()
+                    g[i].sigmoid_()
                 elif recomputed:
                     torch.tanh(pre[kept, t, :, :H], out=h[i])
                     torch.sigmoid(pre[kept, t, :, H:], out=g[i])

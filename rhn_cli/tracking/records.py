@@ -178,6 +178,15 @@ def _tags(value: Any) -> list[str]:
     return [str(tag) for tag in value] if isinstance(value, list) else []
 
 
+def check_tag(text: str) -> str | None:
+    """``text`` stripped, if it can be a run tag (a sweep's name is one); None if it is
+    empty or spans lines."""
+    text = text.strip()
+    if not text or any(c in text for c in "\n\r\t"):
+        return None
+    return text
+
+
 def _series(steps: Any, values: Any) -> tuple[list, list]:
     steps, values = list(steps or []), list(values or [])
     n = min(len(steps), len(values))
