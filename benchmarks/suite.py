@@ -251,6 +251,21 @@ class Trainee:
 # --- roofline ----------------------------------------------------------------------
 
 
+# oneDNN's products with a prepacked right operand, as rhn's native loop runs the
+# recurrent ones: a candidate for every product, so the roofline stays the fastest way
+# this torch build has to run each of them.
+_ONEDNN = torch.backends.mkldnn.is_available()
+
+
+def _pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+
+
+def _linear(left: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """left @ W^T for the packed linear weight W."""
+    return torch.ops.mkldnn._linear_pointwise(left, packed, None, "none", [], "")
+
+
 def _seconds_per_call(call, calls: int) -> float:
     started = time.perf_counter()
     for _ in range(calls):
@@ -289,6 +304,9 @@ class Roofline:
             for transposed in (False, True):
                 cycle = itertools.cycle([stored(k, n, transposed) for _ in range(D)])
                 candidates.append(lambda c=cycle, a=left, o=out: torch.mm(a, next(c), out=o))
+            if _ONEDNN:  # the weights packed ahead (rhn packs once per forward/backward)
+                packed = itertools.cycle([_pack(rand(n, k), B) for _ in range(D)])
+                candidates.append(lambda c=packed, a=left: _linear(a, next(c)))
             self.products.append((what, per_step, 2 * B * k * n, max(per_step // 5, D), candidates))
         for what, m, k, n, times in (
             ("input projection", N, E, 2 * H, 1),
@@ -305,6 +323,9 @@ class Roofline:
                 for ta in (False, True)
                 for tb in (False, True)
             ]
+            if _ONEDNN:  # packing the right operand is part of each call
+                a, b_t = rand(m, k), rand(n, k)
+                candidates.append(lambda a=a, b_t=b_t, m=m: _linear(a, _pack(b_t, m)))
             self.products.append((what, times, 2 * m * k * n, 1, candidates))
         self.chosen: list[int] | None = None
         self.flops = sum(times * flops for _, times, flops, _, _ in self.products)

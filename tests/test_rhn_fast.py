@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import rhn_cli.models.rhn_fast as rhn_fast
+import rhn_cli.models.rhn_native as rhn_native
 from rhn_cli.models.rhn import RHNConfig, RHNLanguageModel
 
 _spec = importlib.util.spec_from_file_location(
@@ -30,6 +31,17 @@ baseline = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(baseline)
 
 TOL = 1e-10
+
+
+@pytest.fixture(params=["native", "python"])
+def loop(request, monkeypatch):
+    """The fast path's time loop: the C++ one (rhn_native.cpp, which must build here)
+    or the Python one it falls back to."""
+    native = request.param == "native"
+    monkeypatch.setattr(rhn_fast, "NATIVE", native)
+    if native:
+        assert rhn_native.load() is not None, "the native RHN loop could not be built"
+    return request.param
 
 
 def _model(depth, num_layers=1, tied_noise=True, z_states=0.0, dtype=torch.float64, H=5):
@@ -97,7 +109,7 @@ CASES = [
 @pytest.mark.parametrize("chunk_rows", [256, 2], ids=["one-chunk", "chunks"])
 @pytest.mark.parametrize("recompute", [False, True], ids=["keep-p", "recompute-p"])
 def test_fast_equals_autograd_loop_and_baseline(
-    monkeypatch, depth, num_layers, B, T, masks_kind, z_states, chunk_rows, recompute
+    monkeypatch, loop, depth, num_layers, B, T, masks_kind, z_states, chunk_rows, recompute
 ):
     monkeypatch.setattr(rhn_fast, "CHUNK_ROWS", chunk_rows)  # 2: chunks of 1-2 steps
     if recompute:  # as for large windows: micro-layers 1, 3, ... recomputed in the
@@ -152,22 +164,42 @@ def test_fast_path_is_the_default_and_records_one_node():
     assert logits.requires_grad
 
 
-def test_float32_agrees_with_float64_to_rounding():
+@pytest.mark.parametrize(
+    ("masks_kind", "z_states", "recompute"),
+    [("shared", 0.0, False), ("separate", 0.0, True), ("separate", 0.3, False)],
+)  # fmt: skip
+def test_float32_agrees_with_float64_to_rounding(
+    monkeypatch, loop, masks_kind, z_states, recompute
+):
     """float32 fast path vs the float64 autograd loop on the same weights: ~1e-5 relative,
-    no worse than the float32 autograd loop itself."""
-    model64 = _model(3, num_layers=2, H=32).train()
+    no worse than the float32 autograd loop itself. The native loop's float32 products
+    go through oneDNN with prepacked weights (another summation order than MKL's).
+    With zoneout, in eval (float32 and float64 draws differ)."""
+    packs = []
+    packed = rhn_fast._packed
+    monkeypatch.setattr(rhn_fast, "_packed", lambda *a: packs.append(packed(*a)) or packs[-1])
+    if recompute:
+        monkeypatch.setattr(rhn_fast, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
+        monkeypatch.setattr(rhn_fast, "RECOMPUTE_EVERY", 2)
+    tied = masks_kind == "shared"
+    model64 = _model(3, num_layers=2, H=32, tied_noise=tied, z_states=z_states).train()
     with torch.no_grad():
         for p in model64.parameters():
             p.mul_(0.1)
     tokens = torch.randint(0, 7, (4, 8))
     state = torch.randn(2, 4, 32, dtype=torch.float64)
     masks = model64.draw_masks(tokens)
+    if z_states:
+        model64.eval()
     _set_fast(model64, False)
     want = _run(model64, tokens, state, masks)
     want_grads = _grads(model64)
 
-    model32 = _model(3, num_layers=2, H=32, dtype=torch.float32).train()
+    model32 = _model(
+        3, num_layers=2, H=32, dtype=torch.float32, tied_noise=tied, z_states=z_states
+    ).train()
     model32.load_state_dict(model64.state_dict())
+    model32.train(model64.training)
     masks32 = {
         "x": masks["x"].float(),
         "i": [m.float() for m in masks["i"]],
@@ -184,6 +216,30 @@ def test_float32_agrees_with_float64_to_rounding():
         errors[fast] = max(((g.double() - w).abs().max() / w.abs().max()).item() for g, w in pairs)
     assert errors[True] < 2e-5
     assert errors[True] < 3 * errors[False] + 1e-7
+    used_onednn = any(packs)
+    assert used_onednn == (loop == "native" and torch.backends.mkldnn.is_available())
+
+
+def test_native_float32_with_training_zoneout_equals_the_python_loop(monkeypatch):
+    """Training zoneout, separate masks and recomputed p in float32: the native loop (its
+    oneDNN products, its zoneout draws) against the Python loop, to float32 rounding."""
+    monkeypatch.setattr(rhn_fast, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
+    monkeypatch.setattr(rhn_fast, "RECOMPUTE_EVERY", 2)
+    assert rhn_native.load() is not None
+    model = _model(3, num_layers=2, H=32, dtype=torch.float32, tied_noise=False, z_states=0.3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.1)
+    model.train()
+    tokens = torch.randint(0, 7, (4, 8))
+    state = torch.randn(2, 4, 32)
+    masks = model.draw_masks(tokens)
+    runs = {}
+    for native in (True, False):
+        monkeypatch.setattr(rhn_fast, "NATIVE", native)
+        runs[native] = (*_run(model, tokens, state, masks), *_grads(model).values())
+    for got, want in zip(runs[True], runs[False], strict=True):
+        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
 
 
 @pytest.mark.parametrize(
@@ -197,7 +253,7 @@ def test_float32_agrees_with_float64_to_rounding():
     ],
 )
 @pytest.mark.parametrize("recompute", [False, True], ids=["keep-p", "recompute-p"])
-def test_gradcheck(monkeypatch, masks_kind, z_states, training, recompute):
+def test_gradcheck(monkeypatch, loop, masks_kind, z_states, training, recompute):
     """Finite differences of the Function w.r.t. projected inputs, initial state,
     recurrent weights and biases, across chunk boundaries (2 + 1 steps), with every
     micro-layer's p kept or the second one's recomputed."""
@@ -367,3 +423,65 @@ def test_fast_path_keeps_to_the_inputs_device(monkeypatch, recompute):
             model.eval()
             with torch.no_grad():
                 assert model(tokens, model.initial_state(3))[0].device.type == "meta"
+
+
+def _recurrence_inputs(D=3, B=2, T=4, H=5, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(7)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_(True)
+
+    mask = torch.bernoulli(torch.full((B, 2, H), 0.5, dtype=dtype), generator=gen) * 2
+    return (rand(B, T, 2 * H), rand(B, H), rand(D, 2 * H, H), rand(D, 2 * H)), mask
+
+
+def test_native_loop_runs_the_whole_recurrence(monkeypatch):
+    """With the native loop on, neither the forward nor the backward goes through the
+    Python loop's per-step functions (with recomputed p and separate masks)."""
+    assert rhn_native.load() is not None
+
+    def python_loop(*args):
+        raise AssertionError("the Python loop ran")
+
+    monkeypatch.setattr(rhn_fast, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
+    monkeypatch.setattr(rhn_fast, "_preactivation", python_loop)
+    monkeypatch.setattr(rhn_fast, "_state_gradient", python_loop)
+    inputs, mask = _recurrence_inputs()
+    outputs, final = rhn_fast.recurrence(*inputs, mask, z_states=0.2, training=True)
+    (outputs.sum() + final.sum()).backward()
+    assert all(t.grad is not None for t in inputs)
+    monkeypatch.setattr(rhn_fast, "NATIVE", False)
+    with pytest.raises(AssertionError, match="the Python loop ran"):
+        rhn_fast.recurrence(*inputs, mask, z_states=0.2, training=True)
+
+
+def test_a_native_build_failure_falls_back_to_the_python_loop(monkeypatch, caplog):
+    def no_compiler():
+        raise RuntimeError("Error building extension 'rhn_native': g++: not found")
+
+    monkeypatch.setattr(rhn_native, "_build", no_compiler)
+    rhn_native.load.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger=rhn_native.__name__):
+            assert rhn_native.load() is None
+            assert rhn_native.load() is None  # tried once per process, said once
+        assert len(caplog.records) == 1
+        message = caplog.records[0].getMessage()
+        assert "g++: not found" in message and "Python loop" in message
+        inputs, mask = _recurrence_inputs()
+        outputs, final = rhn_fast.recurrence(*inputs, mask, training=True)
+        monkeypatch.setattr(rhn_fast, "NATIVE", False)
+        want = rhn_fast.recurrence(*inputs, mask, training=True)
+        torch.testing.assert_close(outputs, want[0], rtol=0, atol=0)
+    finally:
+        rhn_native.load.cache_clear()
+
+
+def test_rhn_native_0_skips_the_build(monkeypatch):
+    monkeypatch.setenv("RHN_NATIVE", "0")
+    monkeypatch.setattr(rhn_native, "_build", lambda: pytest.fail("built despite RHN_NATIVE=0"))
+    rhn_native.load.cache_clear()
+    try:
+        assert rhn_native.load() is None
+    finally:
+        rhn_native.load.cache_clear()

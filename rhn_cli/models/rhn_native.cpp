@@ -1,0 +1,477 @@
+// The time loop of rhn_fast's recurrence in C++ (CPU, float32/float64), built on first
+// use by rhn_cli/models/rhn_native.py. Same operations, same order, as the Python loop
+// in rhn_fast.py, whose docstring has the equations; what changes is how they run:
+//
+// - the matrix products are the same ATen calls (addmm/mm into preallocated buffers),
+//   without Python's interpreter between them;
+// - each micro-step's elementwise work (gates, highway update, the mask for the next
+//   product; in the backward the gates again, dp, 1 - g and the states s^i) is one
+//   vectorised pass (ATen's Vectorized, the SLEEF tanh/exp that torch.tanh and
+//   torch.sigmoid use) split over rows with at::parallel_for, where the Python loop
+//   issues about ten single-threaded kernels that each read and write the whole [B, H].
+//
+// Zoneout draws come from at::rand_like on the same generator, in the same order, as
+// torch.rand_like in the Python loop, so a seed gives the same masks on either path.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// Rows per parallel task: at least ~4k numbers of work, so small B x H stays on one
+// thread instead of paying for a parallel region.
+int64_t grain(int64_t width) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, width)); }
+
+template <typename T>
+inline Vec<T> sigmoid(Vec<T> x) {  // as torch.sigmoid's CPU kernel: 1 / (1 + exp(-x))
+  return (Vec<T>(T(1)) + (Vec<T>(T(0)) - x).exp()).reciprocal();
+}
+
+// Row-major [rows, cols] with a row stride: where a [B, H] operand lives.
+template <typename T>
+struct Rows {
+  T* data = nullptr;
+  int64_t ld = 0;
+  T* row(int64_t b) const { return data ? data + b * ld : nullptr; }
+};
+
+template <typename T>
+Rows<T> rows(const Tensor& t) {  // a [B, n] tensor (or view) with unit column stride
+  TORCH_CHECK(t.stride(-1) == 1, "rhn_native: rows need unit column stride");
+  return {t.data_ptr<T>(), t.stride(0)};
+}
+
+// The masks of s for the next product: none, shared ([B, H]) or separate ([B, 2, H]).
+template <typename T>
+struct Masks {
+  const T* m0 = nullptr;  // H rows' (or shared) mask
+  const T* m1 = nullptr;  // T rows' mask (separate masks only)
+  int64_t ld = 0;
+};
+
+// One micro-step forward, from the product's result (ph, pt: H and T halves, bias
+// included): p = result (+ x for layer 0) stored into p, h = tanh(p_H),
+// g = sigmoid(p_T), out = s + (h - s) g; and s_next * m into sm0/sm1 for the next product.
+template <typename T>
+void gate_forward(int64_t B, int64_t H, Rows<T> ph_in, Rows<T> pt_in, Rows<T> p, Rows<T> x,
+                  Rows<T> s, Rows<T> out, Masks<T> m, Rows<T> sm0, Rows<T> sm1) {
+  constexpr int64_t V = Vec<T>::size();
+  at::parallel_for(0, B, grain(2 * H), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const T* phr = ph_in.row(b);
+      const T* ptr = pt_in.row(b);
+      T* pr = p.row(b);
+      const bool store = x.data || phr != pr;
+      const T* xr = x.row(b);
+      const T* sr = s.row(b);
+      T* outr = out.row(b);
+      const T* m0 = m.m0 ? m.m0 + b * m.ld : nullptr;
+      const T* m1 = m.m1 ? m.m1 + b * m.ld : nullptr;
+      for (int64_t j = 0; j < H; j += V) {
+        const int64_t n = std::min(V, H - j);
+        auto ph = Vec<T>::loadu(phr + j, n);
+        auto pt = Vec<T>::loadu(ptr + j, n);
+        if (xr) {
+          ph = ph + Vec<T>::loadu(xr + j, n);
+          pt = pt + Vec<T>::loadu(xr + H + j, n);
+        }
+        if (store) {
+          ph.store(pr + j, n);
+          pt.store(pr + H + j, n);
+        }
+        auto h = ph.tanh();
+        auto g = sigmoid(pt);
+        auto sv = Vec<T>::loadu(sr + j, n);
+        auto next = sv + (h - sv) * g;
+        next.store(outr + j, n);
+        if (sm0.data) (next * Vec<T>::loadu(m0 + j, n)).store(sm0.row(b) + j, n);
+        if (sm1.data) (next * Vec<T>::loadu(m1 + j, n)).store(sm1.row(b) + j, n);
+      }
+    }
+  });
+}
+
+// The backward's reconstruction of micro-layers [first, last) of one step: from s^first
+// in S[first] and the pre-activations (pre[i] for each layer), the gates again, then
+//   dp[i] = [g (1 - h^2) | (h - s^i) g (1 - g)]   (still to be multiplied by a)
+//   carry[i] = 1 - g,   S[i + 1] = s^i + (h - s^i) g   (for i + 1 < D).
+template <typename T>
+void gate_reconstruct(int64_t B, int64_t H, int64_t D, int64_t first, int64_t last,
+                      const std::vector<Rows<T>>& pre, const std::vector<Rows<T>>& dp,
+                      const std::vector<Rows<T>>& carry, const std::vector<Rows<T>>& S) {
+  constexpr int64_t V = Vec<T>::size();
+  const Vec<T> one(T(1));
+  at::parallel_for(0, B, grain(2 * H * (last - first)), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t j = 0; j < H; j += V) {
+        const int64_t n = std::min(V, H - j);
+        auto s = Vec<T>::loadu(S[first].row(b) + j, n);
+        for (int64_t i = first; i < last; ++i) {
+          const T* pr = pre[i].row(b);
+          auto h = Vec<T>::loadu(pr + j, n).tanh();
+          auto g = sigmoid(Vec<T>::loadu(pr + H + j, n));
+          auto diff = h - s;
+          auto keep = one - g;
+          T* dr = dp[i].row(b);
+          (g * (one - h * h)).store(dr + j, n);
+          (diff * g * keep).store(dr + H + j, n);
+          keep.store(carry[i].row(b) + j, n);
+          if (i + 1 < D) {
+            s = s + diff * g;
+            s.store(S[i + 1].row(b) + j, n);
+          }
+        }
+      }
+    }
+  });
+}
+
+// dp[i] *= a (both halves), carry[i] *= a: a micro-layer's dp and dL/ds^i's first term.
+template <typename T>
+inline void scale_row(int64_t H, T* dr, T* cr, const T* ar, int64_t j, int64_t n) {
+  auto a = Vec<T>::loadu(ar + j, n);
+  (Vec<T>::loadu(dr + j, n) * a).store(dr + j, n);
+  (Vec<T>::loadu(dr + H + j, n) * a).store(dr + H + j, n);
+  (Vec<T>::loadu(cr + j, n) * a).store(cr + j, n);
+}
+
+template <typename T>
+void scale(int64_t B, int64_t H, Rows<T> dp, Rows<T> carry, Rows<T> a) {
+  constexpr int64_t V = Vec<T>::size();
+  at::parallel_for(0, B, grain(3 * H), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      for (int64_t j = 0; j < H; j += V)
+        scale_row(H, dp.row(b), carry.row(b), a.row(b), j, std::min(V, H - j));
+  });
+}
+
+// dL/ds^i = carry[i] + (dp_H R_H) m0 + (dp_T R_T) m1  (or + (dp R) m, or + dp R), then
+// the next micro-layer's scale by it (when there is one: dp_next non-null).
+template <typename T>
+void combine(int64_t B, int64_t H, Rows<T> carry, Rows<T> prod0, Rows<T> prod1, Masks<T> m,
+             Rows<T> ds, Rows<T> dp_next, Rows<T> carry_next) {
+  constexpr int64_t V = Vec<T>::size();
+  at::parallel_for(0, B, grain(4 * H), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const T* m0 = m.m0 ? m.m0 + b * m.ld : nullptr;
+      const T* m1 = m.m1 ? m.m1 + b * m.ld : nullptr;
+      for (int64_t j = 0; j < H; j += V) {
+        const int64_t n = std::min(V, H - j);
+        auto term = Vec<T>::loadu(prod0.row(b) + j, n);
+        if (m0) term = term * Vec<T>::loadu(m0 + j, n);
+        auto a = Vec<T>::loadu(carry.row(b) + j, n) + term;
+        if (m1) a = a + Vec<T>::loadu(prod1.row(b) + j, n) * Vec<T>::loadu(m1 + j, n);
+        a.store(ds.row(b) + j, n);
+        if (dp_next.data) scale_row(H, dp_next.row(b), carry_next.row(b), ds.row(b), j, n);
+      }
+    }
+  });
+}
+
+enum MaskKind { kNone, kShared, kSeparate };
+
+MaskKind mask_kind(const c10::optional<Tensor>& mask) {
+  if (!mask.has_value() || !mask->defined()) return kNone;
+  return mask->dim() == 2 ? kShared : kSeparate;
+}
+
+template <typename T>
+Masks<T> masks_of(const Tensor& mask, MaskKind kind) {
+  if (kind == kNone) return {};
+  if (kind == kShared) return {mask.data_ptr<T>(), nullptr, mask.size(1)};
+  return {mask.data_ptr<T>(), mask.data_ptr<T>() + mask.size(2), 2 * mask.size(2)};
+}
+
+// A product x W^T (+ bias) for a linear weight W [out, in]: through oneDNN with W
+// prepacked by mkldnn::_reorder_linear_weight when ``packed`` is defined (a new tensor),
+// else ATen's addmm/mm into ``out``. Returns where the result is.
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& packed, const Tensor& bias,
+              Tensor out) {
+  if (packed.defined()) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                         .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                                       c10::string_view, c10::List<std::optional<c10::Scalar>>,
+                                       std::optional<c10::string_view>)>();
+    return op.call(x.contiguous(), packed, bias.defined() ? std::optional<Tensor>(bias) : std::nullopt,
+                   "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+  }
+  if (bias.defined())
+    at::addmm_out(out, bias, x, weight.t());
+  else
+    at::mm_out(out, x, weight.t());
+  return out;
+}
+
+// One micro-layer's weights for the products: W [2H, H] (or its halves with separate
+// masks) as linear weights, with their packed forms where given.
+struct Linear {
+  Tensor weight[2], packed[2], bias[2];
+};
+
+// p = b + (s * m) R^T, from the masked copies of s (sm0, sm1) or s itself without mask:
+// the results for the H and T halves (views of one [B, 2H] tensor but with separate masks).
+std::pair<Tensor, Tensor> preactivation(const Tensor& s, const Tensor& sm0, const Tensor& sm1,
+                                        const Linear& layer, MaskKind kind, const Tensor& out) {
+  const int64_t H = s.size(1);
+  if (kind == kSeparate) {
+    auto ph = linear(sm0, layer.weight[0], layer.packed[0], layer.bias[0], out.narrow(1, 0, H));
+    auto pt = linear(sm1, layer.weight[1], layer.packed[1], layer.bias[1], out.narrow(1, H, H));
+    return {ph, pt};
+  }
+  auto p = linear(kind == kShared ? sm0 : s, layer.weight[0], layer.packed[0], layer.bias[0], out);
+  return {p.narrow(1, 0, H), p.narrow(1, H, H)};
+}
+
+std::vector<Linear> layers_of(const Tensor& weight, const Tensor& bias,
+                              const std::vector<Tensor>& packed, MaskKind kind) {
+  const int64_t D = weight.size(0), H = weight.size(2);
+  const int64_t parts = kind == kSeparate ? 2 : 1;
+  std::vector<Linear> layers(D);
+  for (int64_t i = 0; i < D; ++i) {
+    auto w = weight.select(0, i);
+    auto b = bias.defined() ? bias.select(0, i) : Tensor();
+    for (int64_t k = 0; k < parts; ++k) {
+      layers[i].weight[k] = parts == 1 ? w : w.narrow(0, k * H, H);
+      layers[i].bias[k] = !b.defined() ? b : (parts == 1 ? b : b.narrow(0, k * H, H));
+      if (!packed.empty()) layers[i].packed[k] = packed.at(i * parts + k);
+    }
+  }
+  return layers;
+}
+
+void mask_into(const Tensor& s, const Tensor& mask, MaskKind kind, Tensor& sm0, Tensor& sm1) {
+  if (kind == kShared) at::mul_out(sm0, s, mask);
+  if (kind == kSeparate) {
+    at::mul_out(sm0, s, mask.select(1, 0));
+    at::mul_out(sm1, s, mask.select(1, 1));
+  }
+}
+
+template <typename T>
+std::vector<Tensor> forward_impl(const Tensor& projected_in, const Tensor& state_in,
+                                 const Tensor& weight, const Tensor& bias,
+                                 const c10::optional<Tensor>& mask_in, double z, bool training,
+                                 const c10::optional<Tensor>& pre,
+                                 const c10::optional<Tensor>& keep,
+                                 const std::vector<bool>& recomputed,
+                                 const std::vector<Tensor>& packed) {
+  const auto projected = projected_in.contiguous();
+  const auto state = state_in.contiguous();
+  const int64_t B = projected.size(0), T_ = projected.size(1), W = projected.size(2);
+  const int64_t D = weight.size(0), H = weight.size(2);
+  const MaskKind kind = mask_kind(mask_in);
+  const Tensor mask = kind == kNone ? Tensor() : mask_in->contiguous();
+  const auto m = masks_of<T>(mask, kind);
+  const auto opts = projected.options();
+  const auto layers = layers_of(weight, bias, packed, kind);
+  auto outputs = at::empty({B, T_, H}, opts);
+  auto scratch = at::empty({B, W}, opts);
+  Tensor buffers[2] = {at::empty({B, H}, opts), at::empty({B, H}, opts)};
+  auto last = z > 0 ? at::empty({B, H}, opts) : Tensor();
+  Tensor sm0, sm1;
+  if (kind != kNone) sm0 = at::empty({B, H}, opts);
+  if (kind == kSeparate) sm1 = at::empty({B, H}, opts);
+  std::vector<int64_t> slot(D, -1);  // layer -> index into pre, -1: scratch
+  if (pre.has_value()) {
+    int64_t kept = 0;
+    for (int64_t i = 0; i < D; ++i)
+      if (!recomputed[i]) slot[i] = kept++;
+  }
+
+  Tensor previous = state;
+  mask_into(previous, mask, kind, sm0, sm1);
+  for (int64_t t = 0; t < T_; ++t) {
+    auto x = projected.select(1, t);
+    auto out_t = outputs.select(1, t);
+    Tensor s = previous;
+    for (int64_t i = 0; i < D; ++i) {
+      auto p = slot[i] >= 0 ? pre->select(0, slot[i]).select(0, t) : scratch;
+      auto [ph, pt] = preactivation(s, sm0, sm1, layers[i], kind, p);
+      const bool final_layer = i + 1 == D;
+      Tensor dest = !final_layer ? buffers[i % 2] : (z > 0 ? last : out_t);
+      // The next product's masked input; after the last layer only without zoneout
+      // (zoneout changes s first) and when there is a next step.
+      const bool masked = kind != kNone && (!final_layer || (z == 0 && t + 1 < T_));
+      gate_forward<T>(B, H, rows<T>(ph), rows<T>(pt), rows<T>(p),
+                      i == 0 ? rows<T>(x) : Rows<T>{}, rows<T>(s), rows<T>(dest), m,
+                      masked ? rows<T>(sm0) : Rows<T>{},
+                      masked && kind == kSeparate ? rows<T>(sm1) : Rows<T>{});
+      s = dest;
+    }
+    if (z > 0) {  // as rhn_cli.models.zoneout, with the draw kept for the backward
+      if (training) {
+        auto keep_old = at::rand_like(last) < z;
+        if (keep.has_value()) keep->select(1, t).copy_(keep_old);
+        at::where_out(out_t, keep_old, previous, last);
+      } else {
+        at::add_out(out_t, previous * z, last * (1.0 - z));
+      }
+      if (t + 1 < T_) mask_into(out_t, mask, kind, sm0, sm1);
+    }
+    previous = out_t;
+  }
+  return {outputs, previous.clone()};
+}
+
+template <typename T>
+Tensor backward_impl(int64_t start, int64_t end, Tensor ds, const Tensor& d_outputs,
+                     const Tensor& state, const Tensor& operands, const Tensor& weight,
+                     const Tensor& bias, const c10::optional<Tensor>& mask_in,
+                     const Tensor& pre, const Tensor& outputs, const c10::optional<Tensor>& keep,
+                     double z, bool training, const std::vector<bool>& recomputed,
+                     const Tensor& dps, const Tensor& states, const Tensor& carry,
+                     const std::vector<Tensor>& packed, const std::vector<Tensor>& packed_forward) {
+  const int64_t D = weight.size(0), H = weight.size(2), B = outputs.size(0);
+  const MaskKind kind = mask_kind(mask_in);
+  const Tensor mask = kind == kNone ? Tensor() : mask_in->contiguous();
+  const auto m = masks_of<T>(mask, kind);
+  const auto opts = outputs.options();
+  const int64_t parts = kind == kSeparate ? 2 : 1;
+  // dL/ds^i's product dp R^i = dp (R^i^T)^T: linear weights R^i^T [H, 2H], or with
+  // separate masks dp_H R_H + dp_T R_T (in-dimension halves).
+  std::vector<Linear> down(D);
+  for (int64_t i = 0; i < D; ++i) {
+    auto ops = operands.select(0, i);
+    for (int64_t k = 0; k < parts; ++k) {
+      down[i].weight[k] = (parts == 1 ? ops : ops.narrow(0, k * H, H)).t();
+      if (!packed.empty()) down[i].packed[k] = packed.at(i * parts + k);
+    }
+  }
+  std::vector<Tensor> recompute_packed;  // packed_forward holds the recomputed layers' only
+  if (!packed_forward.empty()) {
+    recompute_packed.resize(D * parts);
+    int64_t next = 0;
+    for (int64_t i = 0; i < D; ++i)
+      if (recomputed[i])
+        for (int64_t k = 0; k < parts; ++k) recompute_packed[i * parts + k] = packed_forward.at(next++);
+  }
+  std::vector<Linear> up = layers_of(weight, bias, {}, kind);
+  if (!recompute_packed.empty())
+    for (int64_t i = 0; i < D; ++i)
+      for (int64_t k = 0; k < parts; ++k) up[i].packed[k] = recompute_packed[i * parts + k];
+  Tensor prod[2] = {at::empty({B, H}, opts), kind == kSeparate ? at::empty({B, H}, opts) : Tensor()};
+  Tensor sm0 = kind != kNone ? at::empty({B, H}, opts) : Tensor();
+  Tensor sm1 = kind == kSeparate ? at::empty({B, H}, opts) : Tensor();
+  Tensor ds_buffers[2] = {at::empty({B, H}, opts), at::empty({B, H}, opts)};
+  std::vector<int64_t> slot(D, -1);
+  {
+    int64_t kept = 0;
+    for (int64_t i = 0; i < D; ++i)
+      if (!recomputed[i]) slot[i] = kept++;
+  }
+  std::vector<Rows<T>> carry_rows(D), pre_rows(D), dp_rows(D), S_rows(D);
+  for (int64_t i = 0; i < D; ++i) carry_rows[i] = rows<T>(carry.select(0, i));
+
+  for (int64_t t = end - 1; t >= start; --t) {
+    auto dp = dps.select(1, t - start);     // [D, B, 2H]
+    auto S = states.select(1, t - start);   // [D, B, H]
+    S.select(0, 0).copy_(t == 0 ? state : outputs.select(1, t - 1));
+    for (int64_t i = 0; i < D; ++i) {
+      dp_rows[i] = rows<T>(dp.select(0, i));
+      S_rows[i] = rows<T>(S.select(0, i));
+      pre_rows[i] = slot[i] >= 0 ? rows<T>(pre.select(0, slot[i]).select(0, t)) : dp_rows[i];
+    }
+    // The states s^i, exactly as the forward made them: segments of kept layers, each
+    // recomputed layer's p first computed again from its s^i by the forward's product.
+    for (int64_t first = 0; first < D;) {
+      int64_t last = first + 1;
+      while (last < D && !recomputed[last]) ++last;
+      if (recomputed[first]) {
+        auto s = S.select(0, first);
+        auto p = dp.select(0, first);
+        mask_into(s, mask, kind, sm0, sm1);
+        auto [ph, pt] = preactivation(s, sm0, sm1, up[first], kind, p);
+        if (ph.data_ptr() != p.data_ptr()) {  // a packed product's new tensor
+          p.narrow(1, 0, H).copy_(ph);
+          p.narrow(1, H, H).copy_(pt);
+        }
+      }
+      gate_reconstruct<T>(B, H, D, first, last, pre_rows, dp_rows, carry_rows, S_rows);
+      first = last;
+    }
+    Tensor kept_part;
+    if (z > 0) {  // split dL/ds_t between the new state s^D_t and the kept s_{t-1}
+      if (training) {
+        auto k = keep->select(1, t);
+        kept_part = at::where(k, ds, 0.0);
+        ds = at::where(k, 0.0, ds);
+      } else {
+        kept_part = z * ds;
+        ds = (1.0 - z) * ds;
+      }
+    }
+    ds = ds.contiguous();
+    scale<T>(B, H, dp_rows[D - 1], carry_rows[D - 1], rows<T>(ds));
+    for (int64_t i = D - 1; i >= 0; --i) {
+      auto dpi = dp.select(0, i);
+      Tensor r0, r1;
+      if (kind == kSeparate) {
+        r0 = linear(dpi.narrow(1, 0, H), down[i].weight[0], down[i].packed[0], Tensor(), prod[0]);
+        r1 = linear(dpi.narrow(1, H, H), down[i].weight[1], down[i].packed[1], Tensor(), prod[1]);
+      } else {
+        r0 = linear(dpi, down[i].weight[0], down[i].packed[0], Tensor(), prod[0]);
+      }
+      Tensor& next = ds_buffers[i % 2];
+      combine<T>(B, H, carry_rows[i], rows<T>(r0), r1.defined() ? rows<T>(r1) : Rows<T>{}, m,
+                 rows<T>(next), i > 0 ? dp_rows[i - 1] : Rows<T>{},
+                 i > 0 ? carry_rows[i - 1] : Rows<T>{});
+      ds = next;
+    }
+    ds = ds.clone();  // the buffers are reused by the next step
+    if (z > 0) ds.add_(kept_part);
+    if (t > 0) ds.add_(d_outputs.select(1, t - 1));
+  }
+  return ds;
+}
+
+std::vector<bool> layer_flags(int64_t depth, const std::vector<int64_t>& recomputed) {
+  std::vector<bool> flags(depth, false);
+  for (auto i : recomputed) flags.at(i) = true;
+  return flags;
+}
+
+std::vector<Tensor> forward(const Tensor& projected, const Tensor& state, const Tensor& weight,
+                            const Tensor& bias, const c10::optional<Tensor>& mask, double z,
+                            bool training, const c10::optional<Tensor>& pre,
+                            const c10::optional<Tensor>& keep, std::vector<int64_t> recomputed,
+                            std::vector<Tensor> packed) {
+  at::NoGradGuard no_grad;
+  const auto flags = layer_flags(weight.size(0), recomputed);
+  return AT_DISPATCH_FLOATING_TYPES(projected.scalar_type(), "rhn_forward", [&] {
+    return forward_impl<scalar_t>(projected, state, weight, bias, mask, z, training, pre, keep,
+                                  flags, packed);
+  });
+}
+
+Tensor backward(int64_t start, int64_t end, const Tensor& ds, const Tensor& d_outputs,
+                const Tensor& state, const Tensor& operands, const Tensor& weight,
+                const Tensor& bias, const c10::optional<Tensor>& mask, const Tensor& pre,
+                const Tensor& outputs, const c10::optional<Tensor>& keep, double z,
+                bool training, std::vector<int64_t> recomputed, const Tensor& dps,
+                const Tensor& states, const Tensor& carry, std::vector<Tensor> packed,
+                std::vector<Tensor> packed_forward) {
+  at::NoGradGuard no_grad;
+  const auto flags = layer_flags(weight.size(0), recomputed);
+  return AT_DISPATCH_FLOATING_TYPES(ds.scalar_type(), "rhn_backward", [&] {
+    return backward_impl<scalar_t>(start, end, ds, d_outputs, state, operands, weight, bias, mask,
+                                   pre, outputs, keep, z, training, flags, dps, states, carry,
+                                   packed, packed_forward);
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("forward", &forward, "RHN recurrence forward (see rhn_fast.py)");
+  module.def("backward", &backward, "RHN recurrence backward over steps [start, end)");
+}
