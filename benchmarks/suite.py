@@ -12,7 +12,9 @@ training   tokens/s and peak memory of one training step (forward, the reference
            (one layer, the fused library RNN) with the RHN's parameter count.
 roofline   the step's matrix products (forward and backward, recurrent ones cycling
            through the D distinct weight matrices as the recurrence does) timed alone at
-           exactly those shapes, each in the fastest layout of its operands: their summed
+           exactly those shapes, each the fastest of MKL's four operand layouts and
+           oneDNN (torch.ops.mkldnn; recurrent weights packed ahead, as rhn does once
+           per forward and backward, other right operands packed in the call): their summed
            time is the fastest a step can be while doing those products, and rhn's
            tokens/s is quoted as a fraction of it.
 evaluation no-grad tokens/s, batched (training B and T) and full (B = 1, the whole
@@ -274,11 +276,11 @@ def _seconds_per_call(call, calls: int) -> float:
 
 
 class Roofline:
-    """The step's matrix products timed alone at their shapes, each in the fastest
-    layout of its operands (chosen at the first measurement): the fastest a step doing
-    those products can be. The recurrent products take the weights of the D
-    micro-layers in turn, as the recurrence reads them (5.5 MB each for ptb_sota, more
-    than the caches hold)."""
+    """The step's matrix products timed alone at their shapes, each the fastest way this
+    torch build has (MKL in its four operand layouts, oneDNN; chosen at the first
+    measurement): the fastest a step doing those products can be. The recurrent
+    products take the weights of the D micro-layers in turn, as the recurrence reads
+    them (5.5 MB each for ptb_sota, more than the caches hold)."""
 
     def __init__(self, shape: Shape) -> None:
         c = shape.config
@@ -300,13 +302,15 @@ class Roofline:
         per_step = T * D
         for what, k, n in (("recurrent s R^T", H, 2 * H), ("recurrent dp R", 2 * H, H)):
             left, out = rand(B, k), torch.empty(B, n)
-            candidates = []
+            candidates = {}
             for transposed in (False, True):
                 cycle = itertools.cycle([stored(k, n, transposed) for _ in range(D)])
-                candidates.append(lambda c=cycle, a=left, o=out: torch.mm(a, next(c), out=o))
+                candidates[f"MKL{' (B transposed)' if transposed else ''}"] = (
+                    lambda c=cycle, a=left, o=out: torch.mm(a, next(c), out=o)
+                )
             if _ONEDNN:  # the weights packed ahead (rhn packs once per forward/backward)
                 packed = itertools.cycle([_pack(rand(n, k), B) for _ in range(D)])
-                candidates.append(lambda c=packed, a=left: _linear(a, next(c)))
+                candidates["oneDNN, prepacked"] = lambda c=packed, a=left: _linear(a, next(c))
             self.products.append((what, per_step, 2 * B * k * n, max(per_step // 5, D), candidates))
         for what, m, k, n, times in (
             ("input projection", N, E, 2 * H, 1),
@@ -318,16 +322,21 @@ class Roofline:
             ("d output weight", V, N, H, 1),
         ):
             out = torch.empty(m, n)
-            candidates = [
-                functools.partial(torch.mm, stored(m, k, ta), stored(k, n, tb), out=out)
+            candidates = {
+                f"MKL ({'AT' if ta else 'A'}, {'BT' if tb else 'B'})": functools.partial(
+                    torch.mm, stored(m, k, ta), stored(k, n, tb), out=out
+                )
                 for ta in (False, True)
                 for tb in (False, True)
-            ]
+            }
             if _ONEDNN:  # packing the right operand is part of each call
                 a, b_t = rand(m, k), rand(n, k)
-                candidates.append(lambda a=a, b_t=b_t, m=m: _linear(a, _pack(b_t, m)))
+                candidates["oneDNN, packed in the call"] = lambda a=a, b_t=b_t, m=m: _linear(
+                    a, _pack(b_t, m)
+                )
             self.products.append((what, times, 2 * m * k * n, 1, candidates))
-        self.chosen: list[int] | None = None
+        self.chosen: list[str] | None = None
+        self.seconds: dict[str, list[float]] = {what: [] for what, *_ in self.products}
         self.flops = sum(times * flops for _, times, flops, _, _ in self.products)
         self.recurrent_flops = sum(
             times * flops for what, times, flops, _, _ in self.products if "recurrent" in what
@@ -335,22 +344,36 @@ class Roofline:
 
     def measure(self) -> tuple[float, float]:
         """(seconds per step of the products, of which the recurrent ones)."""
-        if self.chosen is None:  # warm every layout up, keep the fastest
+        if self.chosen is None:  # warm every way up, keep the fastest
             self.chosen = []
             for _, _, _, calls, candidates in self.products:
-                times = []
-                for call in candidates:
+                times = {}
+                for label, call in candidates.items():
                     call()
-                    times.append(_seconds_per_call(call, calls))
-                self.chosen.append(times.index(min(times)))
+                    times[label] = _seconds_per_call(call, calls)
+                self.chosen.append(min(times, key=times.get))
+            return 0.0, 0.0
         total = recurrent = 0.0
-        for (what, times, _, calls, candidates), index in zip(
+        for (what, times, _, calls, candidates), label in zip(
             self.products, self.chosen, strict=True
         ):
-            seconds = times * _seconds_per_call(candidates[index], calls)
+            seconds = times * _seconds_per_call(candidates[label], calls)
+            self.seconds[what].append(seconds)
             total += seconds
             recurrent += seconds if "recurrent" in what else 0.0
         return total, recurrent
+
+    def breakdown(self) -> list[dict]:
+        """Per product: calls per step, median seconds per step and the way chosen."""
+        return [
+            {
+                "product": what,
+                "calls": times,
+                "seconds_per_step": statistics.median(self.seconds[what]),
+                "way": label,
+            }
+            for (what, times, *_), label in zip(self.products, self.chosen, strict=True)
+        ]
 
 
 # --- evaluation --------------------------------------------------------------------
@@ -481,7 +504,7 @@ def main() -> None:
                 "step_seconds": [],
             }
         roofline = Roofline(shape)
-        roofline.measure()  # warm-up, and the fastest layouts chosen
+        roofline.measure()  # warm-up, and the fastest ways chosen
         measured = []
         # Interleaved, so that a machine that speeds up or slows down during the run
         # (shared hosts do) changes every figure of a round alike: ratios are per round.
@@ -511,6 +534,7 @@ def main() -> None:
             "flops_per_token": roofline.flops / shape.tokens,
             "recurrent_share": recurrent_seconds / roof_seconds,
             "recurrent_gflops": roofline.recurrent_flops / recurrent_seconds / 1e9,
+            "products": roofline.breakdown(),
         }
         row["roofline_fraction"] = statistics.median(
             total / own for (total, _), own in zip(measured, rhn_seconds, strict=True)
@@ -534,7 +558,10 @@ def main() -> None:
             f"({rounds[shape.name]} round(s))"
         )
 
-    print("\nRoofline (the step's matrix products alone, fastest operand layouts, same rounds)")
+    print(
+        "\nRoofline (the step's matrix products alone, each the fastest of MKL's operand "
+        "layouts and oneDNN, same rounds)"
+    )
     for shape in shapes:
         row = results[shape.name]
         line = row["roofline"]
@@ -546,6 +573,11 @@ def main() -> None:
             f"{line['tokens_per_s']:6.0f} tok/s; rhn reaches {100 * row['roofline_fraction']:.0f}%",
             flush=True,
         )
+        for product in line["products"]:
+            print(
+                f"  {'':<12}   {product['product']:<22} x{product['calls']:<4} "
+                f"{1e3 * product['seconds_per_step']:8.1f} ms/step  {product['way']}"
+            )
 
     print("\nEvaluation at the ptb_sota shape (no gradient)")
     ptb = shapes[0]

@@ -220,9 +220,13 @@ def test_float32_agrees_with_float64_to_rounding(
     assert used_onednn == (loop == "native" and torch.backends.mkldnn.is_available())
 
 
-def test_native_float32_with_training_zoneout_equals_the_python_loop(monkeypatch):
+@pytest.mark.parametrize("large", [False, True], ids=["backward-packed", "large-weights"])
+def test_native_float32_with_training_zoneout_equals_the_python_loop(monkeypatch, large):
     """Training zoneout, separate masks and recomputed p in float32: the native loop (its
-    oneDNN products, its zoneout draws) against the Python loop, to float32 rounding."""
+    oneDNN products, its zoneout draws) against the Python loop, to float32 rounding;
+    also as for large weights, whose backward products are ATen's on the weights."""
+    if large:
+        monkeypatch.setattr(rhn_fast, "TRANSPOSED_COPY_UP_TO", 0)
     monkeypatch.setattr(rhn_fast, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
     monkeypatch.setattr(rhn_fast, "RECOMPUTE_EVERY", 2)
     assert rhn_native.load() is not None

@@ -38,25 +38,31 @@ forward's operations on the same numbers. The autograd loop keeps about
 third micro-layer's p (2, 5, 8, ...) is not kept: the backward recomputes it from the
 reconstructed s^i with the forward's product, one [B, H] x [H, 2H] product more per
 such micro-step, for a third less memory. Recurrent weights up to
-``TRANSPOSED_COPY_UP_TO`` get a transposed copy for the backward's dp @ R^i products.
+``TRANSPOSED_COPY_UP_TO`` get a second copy for the backward's dp @ R^i products
+(packed for oneDNN, see below, or else transposed).
 
 No gradient wanted (``torch.no_grad()``, or no input requires grad, e.g. evaluation):
 the same loop runs without storing p and without the autograd Function, so nothing is
 saved for a backward.
 
 On the CPU (float32, float64) the loop runs in C++: :mod:`rhn_cli.models.rhn_native`
-builds ``rhn_native.cpp`` on first use. The same operations in the same order, without
-the interpreter between them, each micro-step's elementwise work fused into one
-vectorised, multi-threaded pass, and, in float32, the recurrent products through oneDNN
-with the D weight matrices packed once per forward and once per backward
-(``mkldnn::_reorder_linear_weight``; ptb_sota's [20, 830] x [830, 1660] product takes
-0.37 ms there against 0.8 ms in ATen's MKL ``addmm`` on the 2-core dev CPU). The Python
-loop below is its reference and its fallback (no compiler, ``RHN_NATIVE=0``, other
-devices and dtypes); tests hold both to the autograd loop.
+builds ``rhn_native.cpp`` on first use. The same operations in the same order, minus
+the interpreter between them, with each micro-step's elementwise work fused into one
+vectorised pass split over rows (forward: p += x, the gates, the update and the
+masked copy of s for the next product; backward: the gates again, dp / a, 1 - g and
+s^{i+1} for all kept micro-layers of a step at once, then one pass per micro-layer for
+dL/ds^i), and, in float32, the recurrent products through oneDNN with the weights
+packed once per forward and once per backward (``mkldnn::_reorder_linear_weight``;
+ptb_sota's [20, 830] x [830, 1660] product takes 0.37 ms so against 0.8 ms in ATen's
+``addmm``, which goes to MKL, on the 2-core dev CPU). Its products sum in another order
+than MKL's, so float32 results differ from the Python loop's by rounding (~1e-6
+relative); float64 goes through ATen's products in both. The Python loop below is the
+native loop's reference and its fallback (no compiler, ``RHN_NATIVE=0``, other devices
+and dtypes); the tests hold both to the autograd loop.
 
-Devices: only torch operations on the inputs' device and dtype (no NumPy, no host
-syncs; a test runs forward and backward on the 'meta' device, where either would
-raise), so the same code runs on CUDA, where the products go to cuBLAS and every
+Other devices: the Python loop uses only torch operations on the inputs' device and
+dtype (no NumPy, no host syncs; a test runs forward and backward on the 'meta' device,
+where either would raise), so the same code runs on CUDA, where the products go to cuBLAS and every
 elementwise operation is its own kernel: about 7 launches per micro-step forward and 6
 backward, so it will be launch-bound for small B x H (the kernels are microseconds).
 Fusing them (torch.compile) or capturing a step in a CUDA graph would help there;
@@ -80,8 +86,10 @@ CHUNK_BYTES = 64 * 2**20
 # a third of the micro-layers' p (one more [B, H] x [H, 2H] product each) instead.
 KEEP_ALL_PREACTIVATIONS_UP_TO = 256 * 2**20
 RECOMPUTE_EVERY = 3
-# Recurrent weights up to this size get a transposed copy for the backward (see
-# _backward); enwik8_sota's 180 MB would cost more memory than the copy saves time.
+# Recurrent weights up to this size get a second copy for the backward's products, packed
+# for oneDNN or else transposed (see _backward); for enwik8_sota's 180 MB that copy (and
+# the packed forward weights of its recomputed micro-layers) would cost more than the
+# memory budget allows: its backward runs ATen's products on the weights as they are.
 TRANSPOSED_COPY_UP_TO = 64 * 2**20
 # The time loop in C++ (rhn_native.cpp; built on first use, CPU only), with the Python
 # loop below as its fallback and reference. False: always the Python loop.
@@ -233,8 +241,8 @@ def _packed(weights, rows):
     ``rows`` rows, when ``PACK`` is on and they are float32; else [] (ATen's products)."""
     if not PACK or not weights or weights[0].dtype != torch.float32:
         return []
-    if not torch.backends.mkldnn.is_available():
-        return []
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return []  # a build without oneDNN, or a user who turned it off
     return [torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows) for w in weights]
 
 
@@ -286,12 +294,13 @@ def _backward(
     carry = pre.new_empty(D, B, H)
     d_projected = pre.new_empty(B, T, width)
     d_weight = d_bias = None
-    # dL/ds^i needs dp @ R^i; a transposed copy makes it dp @ (R^i^T)^T, the operand
-    # layout of the forward's (s * m_h) R^i^T, which MKL runs ~25% faster at RHN's skinny
-    # shapes (ptb_sota: 0.63 vs 0.83 ms per product on the 2-core dev CPU).
+    # dL/ds^i needs dp @ R^i. Small weights get a second copy for it: packed for oneDNN
+    # (native loop, float32), or transposed, making it dp @ (R^i^T)^T, the operand layout
+    # of the forward's (s * m_h) R^i^T, which MKL runs ~25% faster at RHN's skinny shapes
+    # (ptb_sota: 0.63 vs 0.83 ms per product on the 2-core dev CPU).
     native = _native(pre, state, weight, bias, mask)
-    packed = _packed(_backward_weights(weight, mask), B) if native is not None else []
     small = weight.numel() * weight.element_size() <= TRANSPOSED_COPY_UP_TO
+    packed = _packed(_backward_weights(weight, mask), B) if native and small else []
     if small and not packed:
         operands = weight.transpose(1, 2).contiguous().transpose(1, 2)
     else:
