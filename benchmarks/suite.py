@@ -16,7 +16,9 @@ roofline   the step's matrix products (forward and backward, recurrent ones cycl
            oneDNN (torch.ops.mkldnn; recurrent weights packed ahead, as rhn does once
            per forward and backward, other right operands packed in the call): their summed
            time is the fastest a step can be while doing those products, and rhn's
-           tokens/s is quoted as a fraction of it.
+           tokens/s is quoted as a fraction of it (the target's figure). Also shown:
+           the roofline with torch.mm (MKL) alone, the GEMM the straightforward
+           implementation and the rest of rhn's step use.
 evaluation no-grad tokens/s, batched (training B and T) and full (B = 1, the whole
            stream in chunks of 1000), at the ptb_sota shape.
 mc         MC-dropout samples/s, 32 samples as rows of one batch (as rhn evaluates) vs
@@ -336,7 +338,9 @@ class Roofline:
                 )
             self.products.append((what, times, 2 * m * k * n, 1, candidates))
         self.chosen: list[str] | None = None
+        self.chosen_mkl: list[str] | None = None  # the fastest of torch.mm's layouts
         self.seconds: dict[str, list[float]] = {what: [] for what, *_ in self.products}
+        self.mkl_totals: list[float] = []
         self.flops = sum(times * flops for _, times, flops, _, _ in self.products)
         self.recurrent_flops = sum(
             times * flops for what, times, flops, _, _ in self.products if "recurrent" in what
@@ -345,22 +349,27 @@ class Roofline:
     def measure(self) -> tuple[float, float]:
         """(seconds per step of the products, of which the recurrent ones)."""
         if self.chosen is None:  # warm every way up, keep the fastest
-            self.chosen = []
+            self.chosen, self.chosen_mkl = [], []
             for _, _, _, calls, candidates in self.products:
                 times = {}
                 for label, call in candidates.items():
                     call()
                     times[label] = _seconds_per_call(call, calls)
                 self.chosen.append(min(times, key=times.get))
+                mkl = {label: t for label, t in times.items() if label.startswith("MKL")}
+                self.chosen_mkl.append(min(mkl, key=mkl.get))
             return 0.0, 0.0
-        total = recurrent = 0.0
-        for (what, times, _, calls, candidates), label in zip(
-            self.products, self.chosen, strict=True
+        total = recurrent = mkl_total = 0.0
+        for (what, times, _, calls, candidates), label, mkl in zip(
+            self.products, self.chosen, self.chosen_mkl, strict=True
         ):
             seconds = times * _seconds_per_call(candidates[label], calls)
             self.seconds[what].append(seconds)
             total += seconds
             recurrent += seconds if "recurrent" in what else 0.0
+            same = mkl == label
+            mkl_total += seconds if same else times * _seconds_per_call(candidates[mkl], calls)
+        self.mkl_totals.append(mkl_total)
         return total, recurrent
 
     def breakdown(self) -> list[dict]:
@@ -535,7 +544,12 @@ def main() -> None:
             "recurrent_share": recurrent_seconds / roof_seconds,
             "recurrent_gflops": roofline.recurrent_flops / recurrent_seconds / 1e9,
             "products": roofline.breakdown(),
+            # The same products in torch.mm (MKL) only, as the earlier suite measured them.
+            "mkl_tokens_per_s": shape.tokens / statistics.median(roofline.mkl_totals),
         }
+        row["mkl_roofline_fraction"] = statistics.median(
+            mkl / own for mkl, own in zip(roofline.mkl_totals, rhn_seconds, strict=True)
+        )
         row["roofline_fraction"] = statistics.median(
             total / own for (total, _), own in zip(measured, rhn_seconds, strict=True)
         )
@@ -572,6 +586,10 @@ def main() -> None:
             f"{line['recurrent_gflops']:5.1f} GFLOP/s ({share:.0f}% of the time): "
             f"{line['tokens_per_s']:6.0f} tok/s; rhn reaches {100 * row['roofline_fraction']:.0f}%",
             flush=True,
+        )
+        print(
+            f"  {'':<12}   with torch.mm (MKL) alone: {line['mkl_tokens_per_s']:6.0f} tok/s; "
+            f"rhn reaches {100 * row['mkl_roofline_fraction']:.0f}%"
         )
         for product in line["products"]:
             print(
