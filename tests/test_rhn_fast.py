@@ -221,16 +221,26 @@ def test_float32_agrees_with_float64_to_rounding(
 
 
 @pytest.mark.parametrize("large", [False, True], ids=["backward-packed", "large-weights"])
-def test_native_float32_with_training_zoneout_equals_the_python_loop(monkeypatch, large):
-    """Training zoneout, separate masks and recomputed p in float32: the native loop (its
-    oneDNN products, its zoneout draws) against the Python loop, to float32 rounding;
-    also as for large weights, whose backward products are ATen's on the weights."""
+@pytest.mark.parametrize("masks_kind", ["shared", "separate"])
+@pytest.mark.parametrize("weight_gradients", ["mkl", "onednn"])
+def test_native_float32_with_training_zoneout_equals_the_python_loop(
+    monkeypatch, large, masks_kind, weight_gradients
+):
+    """Training zoneout and recomputed p in float32: the native loop (its oneDNN
+    products, its zoneout draws) against the Python loop, to float32 rounding; also as
+    for large weights, whose backward products are ATen's on the weights, and with the
+    weight gradients' products in either library."""
+    onednn = weight_gradients == "onednn"
+    monkeypatch.setattr(  # the Python loop, the reference, keeps MKL's
+        rhn_fast, "_weight_gradients_through_onednn", lambda *a: onednn and rhn_fast.NATIVE
+    )
     if large:
         monkeypatch.setattr(rhn_fast, "TRANSPOSED_COPY_UP_TO", 0)
     monkeypatch.setattr(rhn_fast, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
     monkeypatch.setattr(rhn_fast, "RECOMPUTE_EVERY", 2)
     assert rhn_native.load() is not None
-    model = _model(3, num_layers=2, H=32, dtype=torch.float32, tied_noise=False, z_states=0.3)
+    tied = masks_kind == "shared"
+    model = _model(3, num_layers=2, H=32, dtype=torch.float32, tied_noise=tied, z_states=0.3)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(0.1)
@@ -489,3 +499,30 @@ def test_rhn_native_0_skips_the_build(monkeypatch):
         assert rhn_native.load() is None
     finally:
         rhn_native.load.cache_clear()
+
+
+def test_the_weight_gradients_library_is_timed_once_per_shape(monkeypatch):
+    """MKL or oneDNN for the weight-gradient products: decided by timing both once per
+    shape in the native loop's float32 setting, never for float64."""
+    monkeypatch.setattr(rhn_fast, "_ONEDNN_WEIGHT_GRADIENTS", {})
+    ways = []
+    product = rhn_fast._weight_gradient
+    monkeypatch.setattr(
+        rhn_fast,
+        "_weight_gradient",
+        lambda out, left, right, accumulate, onednn=False: (
+            ways.append(onednn) or product(out, left, right, accumulate, onednn)
+        ),
+    )
+    left, right = torch.randn(12, 8), torch.randn(12, 4)
+    out = torch.empty(8, 4)
+    choice = rhn_fast._weight_gradients_through_onednn(out, left, right)
+    assert ways == ([False, True] * 3 if torch.backends.mkldnn.is_available() else [])
+    assert rhn_fast._weight_gradients_through_onednn(out, left, right) == choice
+    assert len(ways) in (0, 6)  # the second call only looked the choice up
+    for onednn in (False, True):
+        rhn_fast._weight_gradient(out, left, right, False, onednn)
+        torch.testing.assert_close(out, left.t() @ right)
+        rhn_fast._weight_gradient(out, left, right, True, onednn)
+        torch.testing.assert_close(out, 2 * left.t() @ right)
+    assert not rhn_fast._weight_gradients_through_onednn(out, left.double(), right.double())

@@ -73,6 +73,8 @@ path to be correct and no faster than the autograd loop's kernels would allow.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -239,11 +241,17 @@ def _native(*tensors):
 def _packed(weights, rows):
     """``weights`` (linear weights [out, in]) prepacked for oneDNN's products with
     ``rows`` rows, when ``PACK`` is on and they are float32; else [] (ATen's products)."""
-    if not PACK or not weights or weights[0].dtype != torch.float32:
+    if not weights or not _onednn(weights[0].dtype):
         return []
-    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
-        return []  # a build without oneDNN, or a user who turned it off
     return [torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows) for w in weights]
+
+
+def _onednn(dtype) -> bool:
+    """oneDNN's products for the native loop: ``PACK`` on, float32, and a torch build
+    with oneDNN that the user has not turned off."""
+    if not PACK or dtype != torch.float32:
+        return False
+    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
 
 
 def _forward_weights(weight, mask, layers=None):
@@ -386,13 +394,12 @@ def _accumulate_weight_gradients(d_weight, d_bias, dp, states, mask):
     d_bias = rows.sum(1) if d_bias is None else d_bias.add_(rows.sum(1))
     if mask is None or mask.dim() == 2:
         inputs = (states if mask is None else states.mul_(mask)).reshape(D, n * B, H)
-        if d_weight is None:  # written by the first chunk's products, not zeroed first
+        first = d_weight is None  # written by the first chunk's products, not zeroed first
+        if first:
             d_weight = dp.new_empty(D, width, H)
-            for i in range(D):
-                torch.mm(rows[i].t(), inputs[i], out=d_weight[i])
-        else:
-            for i in range(D):
-                d_weight[i].addmm_(rows[i].t(), inputs[i])
+        onednn = _weight_gradients_through_onednn(d_weight[0], rows[0], inputs[0])
+        for i in range(D):
+            _weight_gradient(d_weight[i], rows[i], inputs[i], not first, onednn)
         return d_weight, d_bias
     if d_weight is None:
         d_weight = dp.new_zeros(D, width, H)
@@ -401,3 +408,51 @@ def _accumulate_weight_gradients(d_weight, d_bias, dp, states, mask):
         for i in range(D):
             d_weight[i, half].addmm_(rows[i, :, half].t(), inputs[i])
     return d_weight, d_bias
+
+
+def _weight_gradient(out, left, right, accumulate, onednn=False):
+    """out = left^T right, or out += left^T right: ATen's (MKL's) product, or oneDNN's
+    on a transposed copy of ``left`` with ``right`` packed in the call."""
+    if not onednn:
+        if accumulate:
+            out.addmm_(left.t(), right)
+        else:
+            torch.mm(left.t(), right, out=out)
+        return
+    product = torch.ops.mkldnn._linear_pointwise(
+        left.t().contiguous(),
+        torch.ops.mkldnn._reorder_linear_weight(right.t(), left.shape[1]),
+        None,
+        "none",
+        [],
+        "",
+    )
+    if accumulate:
+        out.add_(product)
+    else:
+        out.copy_(product)
+
+
+# Shapes of the weight-gradient products -> whether oneDNN runs them faster than MKL on
+# this machine (timed once per process and shape: neither wins everywhere; on the 2-core
+# dev CPU MKL does at ptb_sota's [1660, 700] x [700, 830], oneDNN by ~15% at
+# enwik8_sota's [3000, 256] x [256, 1500]).
+_ONEDNN_WEIGHT_GRADIENTS: dict[tuple, bool] = {}
+
+
+def _weight_gradients_through_onednn(scratch, left, right) -> bool:
+    """Whether this shape's weight-gradient products go through oneDNN: only in the
+    native loop's setting (float32, CPU, oneDNN on), decided by timing each way three
+    times, interleaved (the fastest counts: the first oneDNN call builds its kernel),
+    into ``scratch``, which the caller then overwrites."""
+    key = (tuple(left.shape), tuple(right.shape), left.dtype)
+    if key not in _ONEDNN_WEIGHT_GRADIENTS:
+        usable = _native(left, right) is not None and _onednn(left.dtype)
+        seconds = {False: [], True: []}
+        for onednn in (False, True) * 3 if usable else ():
+            started = time.perf_counter()
+            _weight_gradient(scratch, left, right, False, onednn)
+            seconds[onednn].append(time.perf_counter() - started)
+        seconds = {way: min(times, default=0.0) for way, times in seconds.items()}
+        _ONEDNN_WEIGHT_GRADIENTS[key] = usable and seconds[True] < seconds[False]
+    return _ONEDNN_WEIGHT_GRADIENTS[key]
