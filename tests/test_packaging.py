@@ -11,7 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_wheel_contains_the_named_configs_and_the_console_script(tmp_path):
+def test_wheel_contains_the_named_configs_the_native_source_and_the_console_script(tmp_path):
     source = tmp_path / "src"
     source.mkdir()
     for name in ("setup.cfg", "pyproject.toml", "README.md"):
@@ -45,3 +45,4 @@ def test_wheel_contains_the_named_configs_and_the_console_script(tmp_path):
     assert shipped, "the repository ships at least one named config"
     assert {f"rhn_cli/named_configs/{name}" for name in shipped} <= names
     assert "rhn = rhn_cli.cli:main" in scripts
+    assert "rhn_cli/models/rhn_native.cpp" in names  # built on first use from the install

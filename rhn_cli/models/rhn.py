@@ -282,7 +282,7 @@ class RHNLanguageModel(LanguageModel):
         if masks is not None and masks["o"] is not None:
             x = x * masks["o"].unsqueeze(1)
         weight = self.embedding.weight if self.output_weight is None else self.output_weight
-        logits = x @ weight.t() + self.output_bias
+        logits = nn.functional.linear(x, weight, self.output_bias)  # the bias inside the product
         if return_hidden:
             return logits, torch.stack(final_states), hidden
         return logits, torch.stack(final_states)

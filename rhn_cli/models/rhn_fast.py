@@ -298,7 +298,6 @@ def _backward(
     # gradients; per step: h - s (then dp_T / a) and 1 - g.
     dps = pre.new_empty(D, K, B, width)
     states = pre.new_empty(D, K, B, H)
-    diff = pre.new_empty(D, B, H)
     carry = pre.new_empty(D, B, H)
     d_projected = pre.new_empty(B, T, width)
     d_weight = d_bias = None
@@ -315,6 +314,7 @@ def _backward(
         operands = weight
     down = list(zip(range(D - 1, -1, -1), operands.unbind(0)[::-1], strict=True))
 
+    diff = pre.new_empty(D, B, H) if native is None else None  # the Python loop's
     ds = d_final + d_outputs[:, T - 1]  # dL/ds_t, always a fresh tensor
     # The recomputed micro-layers' forward products, in the packed form too.
     recomputing = _forward_weights(weight, mask, sorted(recomputed)) if packed else []
