@@ -10,8 +10,9 @@ lock.
 
 When it cannot be built (no compiler, no ninja, a failed build), :func:`load` logs one
 warning with the reason and returns None, and rhn_fast runs its Python loop: the same
-numbers, about 10% slower at ptb_sota's shape. ``RHN_NATIVE=0`` in the environment
-skips the native loop altogether.
+model (float32 sums differ by rounding), with a ptb_sota training step taking about
+1.35x as long (1.22 s against 0.90 s on the 2-core dev CPU). ``RHN_NATIVE=0`` in the
+environment skips the native loop altogether.
 """
 
 from __future__ import annotations
