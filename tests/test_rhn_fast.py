@@ -526,3 +526,27 @@ def test_the_weight_gradients_library_is_timed_once_per_shape(monkeypatch):
         rhn_fast._weight_gradient(out, left, right, True, onednn)
         torch.testing.assert_close(out, 2 * left.t() @ right)
     assert not rhn_fast._weight_gradients_through_onednn(out, left.double(), right.double())
+
+
+@pytest.mark.parametrize("switch", ["no-operators", "turned-off"])
+def test_without_onednn_the_native_loop_uses_aten_products(monkeypatch, switch):
+    """A torch build without the oneDNN operators, or a user who turned oneDNN off: no
+    packing, ATen's products in the native loop, the same results as the Python loop."""
+    if switch == "no-operators":
+        monkeypatch.setattr(rhn_fast, "_onednn_operators", lambda: False)
+    packs = []
+    packed = rhn_fast._packed
+    monkeypatch.setattr(rhn_fast, "_packed", lambda *a: packs.append(packed(*a)) or packs[-1])
+    inputs, mask = _recurrence_inputs(dtype=torch.float32)
+    with torch.backends.mkldnn.flags(enabled=switch != "turned-off"):
+        runs = {}
+        for native in (True, False):
+            monkeypatch.setattr(rhn_fast, "NATIVE", native)
+            for t in inputs:
+                t.grad = None
+            outputs, final = rhn_fast.recurrence(*inputs, mask, training=True)
+            (outputs.sum() + final.sum()).backward()
+            runs[native] = (outputs.detach(), *(t.grad for t in inputs))
+    assert packs and not any(packs)
+    for got, want in zip(runs[True], runs[False], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

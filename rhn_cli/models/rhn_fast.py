@@ -73,6 +73,7 @@ path to be correct and no faster than the autograd loop's kernels would allow.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -248,10 +249,18 @@ def _packed(weights, rows):
 
 def _onednn(dtype) -> bool:
     """oneDNN's products for the native loop: ``PACK`` on, float32, and a torch build
-    with oneDNN that the user has not turned off."""
+    with oneDNN (and the two operators used) that the user has not turned off."""
     if not PACK or dtype != torch.float32:
         return False
-    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    return _onednn_operators() and torch.backends.mkldnn.enabled
+
+
+@functools.cache
+def _onednn_operators() -> bool:
+    if not torch.backends.mkldnn.is_available():
+        return False
+    names = ("_reorder_linear_weight", "_linear_pointwise")  # not in every build
+    return all(hasattr(torch.ops.mkldnn, name) for name in names)
 
 
 def _forward_weights(weight, mask, layers=None):
