@@ -529,6 +529,7 @@ def test_the_weight_gradients_library_is_timed_once_per_shape(monkeypatch):
 
 
 @pytest.mark.parametrize("switch", ["no-operators", "turned-off"])
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # from flags()
 def test_without_onednn_the_native_loop_uses_aten_products(monkeypatch, switch):
     """A torch build without the oneDNN operators, or a user who turned oneDNN off: no
     packing, ATen's products in the native loop, the same results as the Python loop."""
