@@ -15,6 +15,8 @@ Function itself. The memory claims are checked through what autograd saves.
 from __future__ import annotations
 
 import importlib.util
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -551,3 +553,22 @@ def test_without_onednn_the_native_loop_uses_aten_products(monkeypatch, switch):
     assert packs and not any(packs)
     for got, want in zip(runs[True], runs[False], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_killed_build_s_lock_does_not_hang_the_next_one(tmp_path, caplog):
+    """torch's builder waits for its lock file without end; a lock older than any build
+    (left by a killed one) is removed, a fresh one (a build under way) is left alone."""
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    rhn_native._remove_stale_lock(lock)
+    assert lock.exists()
+    old = time.time() - rhn_native.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    with caplog.at_level("WARNING", logger=rhn_native.__name__):
+        rhn_native._remove_stale_lock(lock)
+    assert not lock.exists()
+    assert "did not finish" in caplog.text
+    rhn_native._remove_stale_lock(lock)  # no lock: nothing to do

@@ -39,7 +39,8 @@ steps: s_t = zoneout(s^D, s_{t-1}) (:mod:`rhn_cli.models.zoneout`).
 
 The layer's recurrence runs through :mod:`rhn_cli.models.rhn_fast`: the same loop with a
 hand-written backward that keeps only the pre-activations and computes the weight
-gradients as a few large products after the time loop. ``RHNLayer.fast = False`` selects
+gradients as a few large products after the time loop, in C++ on the CPU
+(:mod:`rhn_cli.models.rhn_native`). ``RHNLayer.fast = False`` selects
 the loop below, differentiated by autograd; both give the same numbers up to rounding.
 """
 

@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ def _build():
     name = f"rhn_native_{capability.lower()}_{key}"
     directory = Path(platformdirs.user_cache_dir("rhn")) / "extensions" / name
     directory.mkdir(parents=True, exist_ok=True)
+    _remove_stale_lock(directory / "lock")
     if not (directory / f"{name}.so").exists():  # a pause of a minute deserves a word
         print(
             f"rhn: building the native RHN loop for this machine (once, about a minute) in "
@@ -90,3 +92,18 @@ def _build():
         build_directory=str(directory),
         verbose=False,
     )
+
+
+# A build takes about a minute; torch's builder waits without end for the lock file of a
+# build that was killed (SIGKILL, a lost node) before it could remove it.
+STALE_LOCK_SECONDS = 15 * 60
+
+
+def _remove_stale_lock(lock: Path) -> None:
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        log.warning("rhn: removing %s, left by a native-loop build that did not finish", lock)
+        lock.unlink(missing_ok=True)
