@@ -558,9 +558,6 @@ def test_without_onednn_the_native_loop_uses_aten_products(monkeypatch, switch):
 def test_a_killed_build_s_lock_does_not_hang_the_next_one(tmp_path, caplog):
     """torch's builder waits for its lock file without end; a lock older than any build
     (left by a killed one) is removed, a fresh one (a build under way) is left alone."""
-    import os
-    import time
-
     lock = tmp_path / "lock"
     lock.touch()
     rhn_native._remove_stale_lock(lock)
