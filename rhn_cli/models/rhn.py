@@ -56,6 +56,7 @@ from torch import nn
 from rhn_cli.models.base import LanguageModel
 from rhn_cli.models.dropout import variational_mask, word_type_mask
 from rhn_cli.models.rhn_fast import recurrence
+from rhn_cli.models.rhn_output import logits as output_logits
 from rhn_cli.models.zoneout import zoneout
 
 
@@ -283,7 +284,7 @@ class RHNLanguageModel(LanguageModel):
         if masks is not None and masks["o"] is not None:
             x = x * masks["o"].unsqueeze(1)
         weight = self.embedding.weight if self.output_weight is None else self.output_weight
-        logits = nn.functional.linear(x, weight, self.output_bias)  # the bias inside the product
+        logits = output_logits(x, weight, self.output_bias)
         if return_hidden:
             return logits, torch.stack(final_states), hidden
         return logits, torch.stack(final_states)
