@@ -2,8 +2,10 @@
 // use by rhn_cli/models/rhn_native.py. Same operations, same order, as the Python loop
 // in rhn_fast.py, whose docstring has the equations; what changes is how they run:
 //
-// - the matrix products are the same ATen calls (addmm/mm into preallocated buffers),
-//   without Python's interpreter between them;
+// - the matrix products are ATen's addmm/mm into preallocated buffers (float64, or when
+//   no packed weights are given), or oneDNN's mkldnn::_linear_pointwise on weights
+//   packed once per forward/backward by rhn_fast.py (float32), without Python's
+//   interpreter between them;
 // - each micro-step's elementwise work (gates, highway update, the mask for the next
 //   product; in the backward the gates again, dp, 1 - g and the states s^i) is one
 //   vectorised pass (ATen's Vectorized, the SLEEF tanh/exp that torch.tanh and
