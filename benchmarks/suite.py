@@ -80,6 +80,7 @@ from rhn_cli.engine.optim import clip_and_step, make_optimizer  # noqa: E402
 from rhn_cli.engine.train import build_model, evaluate  # noqa: E402
 from rhn_cli.experiment.resolve import resolve  # noqa: E402
 from rhn_cli.models.base import detach_state  # noqa: E402
+from rhn_cli.models.rhn_fast import onednn_applies, onednn_linear, onednn_pack  # noqa: E402
 
 KINDS = ("rhn", "baseline", "lstm")
 TARGETS = {
@@ -258,16 +259,7 @@ class Trainee:
 # oneDNN's products with a prepacked right operand, as rhn's native loop runs the
 # recurrent ones: a candidate for every product, so the roofline stays the fastest way
 # this torch build has to run each of them.
-_ONEDNN = torch.backends.mkldnn.is_available()
-
-
-def _pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
-
-
-def _linear(left: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """left @ W^T for the packed linear weight W."""
-    return torch.ops.mkldnn._linear_pointwise(left, packed, None, "none", [], "")
+_ONEDNN = onednn_applies(torch.float32)
 
 
 def _seconds_per_call(call, calls: int) -> float:
@@ -311,8 +303,8 @@ class Roofline:
                     lambda c=cycle, a=left, o=out: torch.mm(a, next(c), out=o)
                 )
             if _ONEDNN:  # the weights packed ahead (rhn packs once per forward/backward)
-                packed = itertools.cycle([_pack(rand(n, k), B) for _ in range(D)])
-                candidates["oneDNN, prepacked"] = lambda c=packed, a=left: _linear(a, next(c))
+                packed = itertools.cycle([onednn_pack(rand(n, k), B) for _ in range(D)])
+                candidates["oneDNN, prepacked"] = lambda c=packed, a=left: onednn_linear(a, next(c))
             self.products.append((what, per_step, 2 * B * k * n, max(per_step // 5, D), candidates))
         for what, m, k, n, times in (
             ("input projection", N, E, 2 * H, 1),
@@ -333,8 +325,8 @@ class Roofline:
             }
             if _ONEDNN:  # packing the right operand is part of each call
                 a, b_t = rand(m, k), rand(n, k)
-                candidates["oneDNN, packed in the call"] = lambda a=a, b_t=b_t, m=m: _linear(
-                    a, _pack(b_t, m)
+                candidates["oneDNN, packed in the call"] = lambda a=a, b_t=b_t, m=m: onednn_linear(
+                    a, onednn_pack(b_t, m)
                 )
             self.products.append((what, times, 2 * m * k * n, 1, candidates))
         self.chosen: list[str] | None = None

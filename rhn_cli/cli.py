@@ -121,6 +121,9 @@ def train(
     Checkpoints are written into the run directory at every epoch end, every
     checkpoint_every minutes, and on Ctrl-C or SIGTERM (which stop after the current
     step; press Ctrl-C twice to stop at once). Continue with --resume RUN_ID.
+
+    On the CPU the RHN's time loop runs in C++, compiled for the machine on first use
+    (about 30 s, once) into the user cache; RHN_NATIVE=0 runs the Python loop instead.
     """
     from rhn_cli.experiment.sacred_app import RunFailed, RunInterrupted, run_training
 

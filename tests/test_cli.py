@@ -31,6 +31,13 @@ def test_subcommand_help_is_self_contained(runner, command):
         assert "with" in result.output and "key=value" in result.output
 
 
+def test_train_help_tells_of_the_native_loop_and_its_switch(runner):
+    result = runner.invoke(cli, ["train", "--help"])
+    text = " ".join(result.output.split())  # click wraps the lines
+    assert "compiled for the machine on first use" in text
+    assert "RHN_NATIVE=0 runs the Python loop" in text
+
+
 def test_help_is_instant_and_imports_neither_torch_nor_sacred():
     """`rhn --help` must not pay for torch or Sacred (seconds on a cold start)."""
     code = (

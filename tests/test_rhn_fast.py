@@ -234,7 +234,7 @@ def test_native_float32_with_training_zoneout_equals_the_python_loop(
     weight gradients' products in either library."""
     onednn = weight_gradients == "onednn"
     monkeypatch.setattr(  # the Python loop, the reference, keeps MKL's
-        rhn_fast, "_weight_gradients_through_onednn", lambda *a: onednn and rhn_fast.NATIVE
+        rhn_fast, "weight_gradients_through_onednn", lambda *a: onednn and rhn_fast.NATIVE
     )
     if large:
         monkeypatch.setattr(rhn_fast, "TRANSPOSED_COPY_UP_TO", 0)
@@ -508,26 +508,26 @@ def test_the_weight_gradients_library_is_timed_once_per_shape(monkeypatch):
     shape in the native loop's float32 setting, never for float64."""
     monkeypatch.setattr(rhn_fast, "_ONEDNN_WEIGHT_GRADIENTS", {})
     ways = []
-    product = rhn_fast._weight_gradient
+    product = rhn_fast.weight_gradient
     monkeypatch.setattr(
         rhn_fast,
-        "_weight_gradient",
+        "weight_gradient",
         lambda out, left, right, accumulate, onednn=False: (
             ways.append(onednn) or product(out, left, right, accumulate, onednn)
         ),
     )
     left, right = torch.randn(12, 8), torch.randn(12, 4)
     out = torch.empty(8, 4)
-    choice = rhn_fast._weight_gradients_through_onednn(out, left, right)
+    choice = rhn_fast.weight_gradients_through_onednn(out, left, right)
     assert ways == ([False, True] * 3 if torch.backends.mkldnn.is_available() else [])
-    assert rhn_fast._weight_gradients_through_onednn(out, left, right) == choice
+    assert rhn_fast.weight_gradients_through_onednn(out, left, right) == choice
     assert len(ways) in (0, 6)  # the second call only looked the choice up
     for onednn in (False, True):
-        rhn_fast._weight_gradient(out, left, right, False, onednn)
+        rhn_fast.weight_gradient(out, left, right, False, onednn)
         torch.testing.assert_close(out, left.t() @ right)
-        rhn_fast._weight_gradient(out, left, right, True, onednn)
+        rhn_fast.weight_gradient(out, left, right, True, onednn)
         torch.testing.assert_close(out, 2 * left.t() @ right)
-    assert not rhn_fast._weight_gradients_through_onednn(out, left.double(), right.double())
+    assert not rhn_fast.weight_gradients_through_onednn(out, left.double(), right.double())
 
 
 @pytest.mark.parametrize("switch", ["no-operators", "turned-off"])

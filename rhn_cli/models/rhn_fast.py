@@ -175,9 +175,9 @@ def _forward(
     """The plain loop; writes p into ``pre`` [D - len(recomputed), T, B, 2H] and zoneout
     draws into ``keep`` when given (else, and for recomputed layers, p lives in one
     scratch buffer)."""
-    native = _native(projected, state, weight, bias, mask)
+    native = native_loop(projected, state, weight, bias, mask)
     B, T, _ = projected.shape
-    if native is not None:
+    if native is not None:  # the same loop in C++
         return tuple(
             native.forward(
                 projected,
@@ -191,9 +191,8 @@ def _forward(
                 keep,
                 sorted(recomputed),
                 _packed(_forward_weights(weight, mask), B),
-            )  # fmt: skip
+            )
         )
-    B, T, _ = projected.shape
     D, H = weight.shape[0], weight.shape[2]
     outputs = projected.new_empty(B, T, H)
     layers = list(zip(weight.unbind(0), bias.unbind(0), strict=True))
@@ -225,7 +224,7 @@ def _forward(
     return outputs, s
 
 
-def _native(*tensors):
+def native_loop(*tensors):
     """rhn_native's module when ``NATIVE`` is on and it applies (CPU, one float dtype
     throughout) and could be built, else None: the Python loop runs."""
     present = [t for t in tensors if t is not None]
@@ -239,15 +238,25 @@ def _native(*tensors):
     return rhn_native.load()
 
 
+def onednn_pack(weight, rows):
+    """A linear weight [out, in] packed for oneDNN's products with ``rows`` rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+
+
+def onednn_linear(x, packed, bias=None):
+    """x W^T (+ bias) through oneDNN, for W packed by :func:`onednn_pack`."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 def _packed(weights, rows):
     """``weights`` (linear weights [out, in]) prepacked for oneDNN's products with
     ``rows`` rows, when ``PACK`` is on and they are float32; else [] (ATen's products)."""
-    if not weights or not _onednn(weights[0].dtype):
+    if not weights or not onednn_applies(weights[0].dtype):
         return []
-    return [torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows) for w in weights]
+    return [onednn_pack(w.contiguous(), rows) for w in weights]
 
 
-def _onednn(dtype) -> bool:
+def onednn_applies(dtype) -> bool:
     """oneDNN's products for the native loop: ``PACK`` on, float32, and a torch build
     with oneDNN (and the two operators used) that the user has not turned off."""
     if not PACK or dtype != torch.float32:
@@ -314,7 +323,7 @@ def _backward(
     # (native loop, float32), or transposed, making it dp @ (R^i^T)^T, the operand layout
     # of the forward's (s * m_h) R^i^T, which MKL runs ~25% faster at RHN's skinny shapes
     # (ptb_sota: 0.63 vs 0.83 ms per product on the 2-core dev CPU).
-    native = _native(pre, state, weight, bias, mask)
+    native = native_loop(pre, state, weight, bias, mask)
     small = weight.numel() * weight.element_size() <= TRANSPOSED_COPY_UP_TO
     packed = _packed(_backward_weights(weight, mask), B) if native and small else []
     if small and not packed:
@@ -330,12 +339,13 @@ def _backward(
     packed_forward = _packed(recomputing, B)
     for end in range(T, 0, -K):
         start = max(0, end - K)
-        if native is not None:
+        if native is not None:  # the chunk's steps in C++, else the loop below
             ds = native.backward(
                 start, end, ds, d_outputs, state, operands, weight, bias, mask, pre, outputs,
                 keep, z, training, sorted(recomputed), dps, states, carry, packed, packed_forward,
             )  # fmt: skip
-        for t in reversed(range(start, end) if native is None else ()):
+        python_steps = reversed(range(start, end)) if native is None else ()
+        for t in python_steps:
             dp, S = dps[:, t - start], states[:, t - start]  # [D, B, 2H], [D, B, H]
             h, g = dp[..., :H], dp[..., H:]
             S[0] = state if t == 0 else outputs[:, t - 1]
@@ -406,9 +416,9 @@ def _accumulate_weight_gradients(d_weight, d_bias, dp, states, mask):
         first = d_weight is None  # written by the first chunk's products, not zeroed first
         if first:
             d_weight = dp.new_empty(D, width, H)
-        onednn = _weight_gradients_through_onednn(d_weight[0], rows[0], inputs[0])
+        onednn = weight_gradients_through_onednn(d_weight[0], rows[0], inputs[0])
         for i in range(D):
-            _weight_gradient(d_weight[i], rows[i], inputs[i], not first, onednn)
+            weight_gradient(d_weight[i], rows[i], inputs[i], not first, onednn)
         return d_weight, d_bias
     if d_weight is None:
         d_weight = dp.new_zeros(D, width, H)
@@ -419,7 +429,7 @@ def _accumulate_weight_gradients(d_weight, d_bias, dp, states, mask):
     return d_weight, d_bias
 
 
-def _weight_gradient(out, left, right, accumulate, onednn=False):
+def weight_gradient(out, left, right, accumulate, onednn=False):
     """out = left^T right, or out += left^T right: ATen's (MKL's) product, or oneDNN's
     on a transposed copy of ``left`` with ``right`` packed in the call."""
     if not onednn:
@@ -428,14 +438,7 @@ def _weight_gradient(out, left, right, accumulate, onednn=False):
         else:
             torch.mm(left.t(), right, out=out)
         return
-    product = torch.ops.mkldnn._linear_pointwise(
-        left.t().contiguous(),
-        torch.ops.mkldnn._reorder_linear_weight(right.t(), left.shape[1]),
-        None,
-        "none",
-        [],
-        "",
-    )
+    product = onednn_linear(left.t().contiguous(), onednn_pack(right.t(), left.shape[1]))
     if accumulate:
         out.add_(product)
     else:
@@ -449,18 +452,18 @@ def _weight_gradient(out, left, right, accumulate, onednn=False):
 _ONEDNN_WEIGHT_GRADIENTS: dict[tuple, bool] = {}
 
 
-def _weight_gradients_through_onednn(scratch, left, right) -> bool:
+def weight_gradients_through_onednn(scratch, left, right) -> bool:
     """Whether this shape's weight-gradient products go through oneDNN: only in the
     native loop's setting (float32, CPU, oneDNN on), decided by timing each way three
     times, interleaved (the fastest counts: the first oneDNN call builds its kernel),
     into ``scratch``, which the caller then overwrites."""
     key = (tuple(left.shape), tuple(right.shape), left.dtype)
     if key not in _ONEDNN_WEIGHT_GRADIENTS:
-        usable = _native(left, right) is not None and _onednn(left.dtype)
+        usable = native_loop(left, right) is not None and onednn_applies(left.dtype)
         seconds = {False: [], True: []}
         for onednn in (False, True) * 3 if usable else ():
             started = time.perf_counter()
-            _weight_gradient(scratch, left, right, False, onednn)
+            weight_gradient(scratch, left, right, False, onednn)
             seconds[onednn].append(time.perf_counter() - started)
         seconds = {way: min(times, default=0.0) for way, times in seconds.items()}
         _ONEDNN_WEIGHT_GRADIENTS[key] = usable and seconds[True] < seconds[False]

@@ -24,7 +24,11 @@ from rhn_cli.models import rhn_fast
 def logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """x [..., H], weight [V, H], bias [V] -> x W^T + b [..., V]."""
     wanted = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias))
-    if wanted and rhn_fast._onednn(x.dtype) and rhn_fast._native(x, weight, bias) is not None:
+    if (
+        wanted
+        and rhn_fast.onednn_applies(x.dtype)
+        and rhn_fast.native_loop(x, weight, bias) is not None
+    ):
         return _Logits.apply(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
 
@@ -47,8 +51,8 @@ class _Logits(torch.autograd.Function):
             d_x = (d_rows @ weight).view(ctx.shape)
         if ctx.needs_input_grad[1]:
             d_weight = weight.new_empty(weight.shape)  # also the timing's scratch space
-            onednn = rhn_fast._weight_gradients_through_onednn(d_weight, d_rows, rows)
-            rhn_fast._weight_gradient(d_weight, d_rows, rows, False, onednn)
+            onednn = rhn_fast.weight_gradients_through_onednn(d_weight, d_rows, rows)
+            rhn_fast.weight_gradient(d_weight, d_rows, rows, False, onednn)
         if ctx.needs_input_grad[2]:
             d_bias = d_rows.sum(0)
         return d_x, d_weight, d_bias
