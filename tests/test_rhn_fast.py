@@ -327,6 +327,36 @@ class _SavedTensors:
         self.hooks.__exit__(*exc)
 
 
+@pytest.mark.parametrize("chunk_rows", [256, 2], ids=["one-chunk", "chunks"])
+def test_a_kept_graph_gives_the_same_gradients_again(monkeypatch, loop, chunk_rows):
+    """A backward that frees the graph writes dp over p; one that keeps it (retain_graph)
+    must leave p intact, so a second backward gives the same gradients."""
+    monkeypatch.setattr(rhn_fast, "CHUNK_ROWS", chunk_rows)
+    kept = []
+    real = rhn_fast._graph_kept
+    monkeypatch.setattr(rhn_fast, "_graph_kept", lambda: kept.append(real()) or kept[-1])
+    model = _model(3).train()
+    tokens = torch.randint(0, 7, (3, 4))
+    masks = model.draw_masks(tokens)
+    state = torch.randn(1, 3, 5, dtype=torch.float64)
+
+    def gradients(retain):
+        model.zero_grad(set_to_none=True)
+        logits, final = model(tokens, state, masks)
+        loss = logits.sin().sum() + final.cos().sum()
+        runs = []
+        for _ in range(2 if retain else 1):
+            runs.append(torch.autograd.grad(loss, list(model.parameters()), retain_graph=retain))
+        return runs
+
+    (once,) = gradients(retain=False)
+    first, second = gradients(retain=True)
+    assert kept == [False, True, True]
+    for a, b, c in zip(once, first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=TOL)
+        torch.testing.assert_close(b, c, rtol=0, atol=0)
+
+
 def test_evaluation_saves_nothing_for_a_backward():
     """Under no_grad, or with nothing requiring grad, no graph is built and nothing is
     kept for a backward (in particular not the pre-activations)."""

@@ -20,7 +20,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
+
+from rhn_cli.engine.cross_entropy import summed_cross_entropy
 
 
 def sequence_loss(
@@ -28,9 +29,7 @@ def sequence_loss(
 ) -> torch.Tensor:
     """logits [B, T, V], targets [B, T] -> the summed NLL divided by B, or by the number
     of (unpadded) targets when ``reduction`` is ``'mean'``."""
-    total = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-    )
+    total = summed_cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
     if reduction == "mean":
         return total / (targets != -100).sum()
     return total / targets.shape[0]

@@ -32,8 +32,11 @@ is in it) and, for training zoneout, its keep mask (bool). The backward recomput
 rest elementwise, one step at a time: the gates from p (one tanh and one sigmoid for
 all D micro-layers of the step) and the states s^1..s^{D-1} from s_{t-1}, by the
 forward's operations on the same numbers. The autograd loop keeps about
-4H per micro-step (s * m_h, h, g, h - s) and this 2H; the backward's scratch space is
-3H per micro-step of one chunk of K steps. When all of p would exceed
+4H per micro-step (s * m_h, h, g, h - s) and this 2H. The backward writes dp over p,
+which its step no longer needs once the gates are recomputed, so its scratch space is
+the states s^i, H per micro-step of one chunk of K steps (3H, with dp in a buffer of
+its own, where the graph is kept for another backward, ``retain_graph``, or p is
+recomputed). When all of p would exceed
 ``KEEP_ALL_PREACTIVATIONS_UP_TO`` (256 MB; enwik8_sota's window holds 768 MB), every
 third micro-layer's p (2, 5, 8, ...) is not kept: the backward recomputes it from the
 reconstructed s^i with the forward's product, one [B, H] x [H, 2H] product more per
@@ -81,7 +84,10 @@ from torch.autograd.function import once_differentiable
 
 # Rows (K time steps x B) of each weight-gradient product: the more, the closer the
 # products run to full GEMM speed. Their inputs, dp and s^i, are kept for K steps:
-# 3 * H * D * K * B numbers (against 2 * H * D * T * B for all of p), at most CHUNK_BYTES.
+# H * D * K * B numbers for s^i (dp overwrites p), or 3 * H * D * K * B with dp in a
+# buffer (against 2 * H * D * T * B for all of p), at most CHUNK_BYTES: ptb_sota's
+# window is one chunk, whose ten [1660, 700] x [700, 830] products take ~15% less
+# time than two chunks' twenty of half the rows.
 CHUNK_ROWS = 1024
 CHUNK_BYTES = 64 * 2**20
 # Keeping p costs 2H numbers per micro-step: 768 MB for one enwik8_sota window (B=128,
@@ -309,12 +315,16 @@ def _backward(
 ):  # fmt: skip
     _, T, B, width = pre.shape
     D, H = weight.shape[0], width // 2
-    per_step = 3 * H * D * B * pre.element_size()
+    # dp can overwrite p, which no one needs after its step's gates are recomputed,
+    # unless a recomputed layer has no p to overwrite or the graph is kept for another
+    # backward (retain_graph, as gradcheck does).
+    in_place = not recomputed and not _graph_kept()
+    per_step = (1 if in_place else 3) * H * D * B * pre.element_size()
     K = max(1, min(T, -(-CHUNK_ROWS // B), CHUNK_BYTES // per_step))
     K = -(-T // -(-T // K))  # the same number of chunks, of even lengths
-    # Per chunk of K steps: dp (first the gates) and the states s^i, for the weight
-    # gradients; per step: h - s (then dp_T / a) and 1 - g.
-    dps = pre.new_empty(D, K, B, width)
+    # Per chunk of K steps: dp (first the gates; in p's place or a buffer) and the states
+    # s^i, for the weight gradients; per step: h - s (then dp_T / a) and 1 - g.
+    dps = None if in_place else pre.new_empty(D, K, B, width)
     states = pre.new_empty(D, K, B, H)
     carry = pre.new_empty(D, B, H)
     d_projected = pre.new_empty(B, T, width)
@@ -339,6 +349,8 @@ def _backward(
     packed_forward = _packed(recomputing, B)
     for end in range(T, 0, -K):
         start = max(0, end - K)
+        if in_place:
+            dps = pre[:, start:end]
         if native is not None:  # the chunk's steps in C++, else the loop below
             ds = native.backward(
                 start, end, ds, d_outputs, state, operands, weight, bias, mask, pre, outputs,
@@ -390,6 +402,13 @@ def _backward(
                 d_weight, d_bias, dps[:, :n], states[:, :n], mask
             )
     return d_projected, ds, d_weight, d_bias
+
+
+def _graph_kept() -> bool:
+    """Whether the running backward keeps the graph for another (``retain_graph``);
+    True where this torch cannot say."""
+    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if probe is None else bool(probe())
 
 
 def _state_gradient(carry, dp, weight, mask):

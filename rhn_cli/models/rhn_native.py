@@ -1,4 +1,5 @@
-"""Builds and loads rhn_native.cpp, the C++ time loop of rhn_fast's recurrence (CPU).
+"""Builds and loads rhn_native.cpp, the C++ time loop of rhn_fast's recurrence (CPU),
+and the fused softmax cross-entropy of rhn_cli.engine.cross_entropy.
 
 The first use on a machine compiles it with torch's C++ extension builder (gcc/g++ and
 ninja; about a minute), into ``<user cache>/rhn/extensions/<name>``, where ``<name>``
@@ -43,7 +44,8 @@ def enabled() -> bool:
 
 @functools.cache
 def load():
-    """The compiled module (``forward``, ``backward``), or None when it cannot be built."""
+    """The compiled module (``forward``, ``backward``, ``cross_entropy_forward``,
+    ``cross_entropy_backward``), or None when it cannot be built."""
     if not enabled():
         return None
     try:
