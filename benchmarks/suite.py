@@ -10,15 +10,19 @@ training   tokens/s and peak memory of one training step (forward, the reference
            enwik8_sota shapes, dropout on, for rhn's RHN (the fast layer), the
            straightforward RHN kept in benchmarks/rhn_baseline.py, and torch.nn.LSTM
            (one layer, the fused library RNN) with the RHN's parameter count.
-roofline   the step's matrix products (forward and backward, recurrent ones cycling
-           through the D distinct weight matrices as the recurrence does) timed alone at
-           exactly those shapes, each the fastest of MKL's four operand layouts and
-           oneDNN (torch.ops.mkldnn; recurrent weights packed ahead, as rhn does once
-           per forward and backward, other right operands packed in the call): their summed
-           time is the fastest a step can be while doing those products, and rhn's
-           tokens/s is quoted as a fraction of it (the target's figure). Also shown:
-           the roofline with torch.mm (MKL) alone, the GEMM the straightforward
-           implementation and the rest of rhn's step use.
+roofline   the step's matrix products (forward and backward) timed alone at exactly
+           those shapes, each the fastest of MKL's four operand layouts and oneDNN
+           (torch.ops.mkldnn): their summed time is the fastest a step can be while
+           doing those products, and rhn's tokens/s is quoted as a fraction of it (the
+           target's figure). Each product costs what it costs in a step: operands from
+           memory, not cache (the recurrent ones cycle through the D distinct weight
+           matrices, the weight-gradient ones through D operand pairs, as many as
+           exceed the caches), and a library's packing of the weight counted (MKL
+           packs inside every call; oneDNN's recurrent products take weights packed
+           once per window, D packs per T x D products, from the weight as the model
+           stores it, as rhn does; its other right operands are packed in the call).
+           Also shown: the roofline with torch.mm (MKL) alone, the GEMM the
+           straightforward implementation and the rest of rhn's step use.
 evaluation no-grad tokens/s, batched (training B and T) and full (B = 1, the whole
            stream in chunks of 1000), at the ptb_sota shape.
 mc         MC-dropout samples/s, 32 samples as rows of one batch (as rhn evaluates) vs
@@ -47,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import functools
 import itertools
 import json
 import math
@@ -262,6 +265,40 @@ class Trainee:
 _ONEDNN = onednn_applies(torch.float32)
 
 
+# More than this machine's caches hold (the 2-core dev CPU has a 32 MB L3).
+CACHE_BYTES = 64 * 2**20
+
+
+class _Cycle:
+    """``product(*operands[i], **kwargs)`` with the operand sets in turn."""
+
+    def __init__(self, product, operands, **kwargs) -> None:
+        self.product, self.kwargs = product, kwargs
+        self.operands = itertools.cycle(operands)
+
+    def __call__(self):
+        return self.product(*next(self.operands), **self.kwargs)
+
+
+class _PackedOncePerWindow:
+    """A recurrent product through oneDNN as rhn's loop runs it: the D weights in turn,
+    each packed (mkldnn::_reorder_linear_weight, from the weight as the model stores it)
+    once per window of T steps, so every T x D calls pay for D packs."""
+
+    def __init__(self, weights, left, steps: int) -> None:
+        self.weights, self.left, self.steps = weights, left, steps
+        self.packed = [onednn_pack(w, left.shape[0]) for w in weights]
+        self.calls = 0
+
+    def __call__(self):
+        D, i = len(self.weights), self.calls
+        self.calls += 1
+        if i % self.steps == 0:  # one pack per T calls: D per window of T x D calls
+            slot = (i // self.steps) % D
+            self.packed[slot] = onednn_pack(self.weights[slot], self.left.shape[0])
+        return onednn_linear(self.left, self.packed[i % D])
+
+
 def _seconds_per_call(call, calls: int) -> float:
     started = time.perf_counter()
     for _ in range(calls):
@@ -274,7 +311,8 @@ class Roofline:
     torch build has (MKL in its four operand layouts, oneDNN; chosen at the first
     measurement): the fastest a step doing those products can be. The recurrent
     products take the weights of the D micro-layers in turn, as the recurrence reads
-    them (5.5 MB each for ptb_sota, more than the caches hold)."""
+    them (5.5 MB each for ptb_sota, more than the caches hold), oneDNN's packed once
+    per window; the D weight-gradient products take distinct operands in turn too."""
 
     def __init__(self, shape: Shape) -> None:
         c = shape.config
@@ -302,9 +340,12 @@ class Roofline:
                 candidates[f"MKL{' (B transposed)' if transposed else ''}"] = (
                     lambda c=cycle, a=left, o=out: torch.mm(a, next(c), out=o)
                 )
-            if _ONEDNN:  # the weights packed ahead (rhn packs once per forward/backward)
-                packed = itertools.cycle([onednn_pack(rand(n, k), B) for _ in range(D)])
-                candidates["oneDNN, prepacked"] = lambda c=packed, a=left: onednn_linear(a, next(c))
+            if _ONEDNN:  # packed once per window, as rhn packs: D packs per T x D calls
+                forward = what == "recurrent s R^T"
+                weights = [rand(n, k) if forward else rand(k, n).t() for _ in range(D)]
+                candidates["oneDNN, packed once per window"] = _PackedOncePerWindow(
+                    weights, left, T
+                )
             self.products.append((what, per_step, 2 * B * k * n, max(per_step // 5, D), candidates))
         for what, m, k, n, times in (
             ("input projection", N, E, 2 * H, 1),
@@ -316,19 +357,23 @@ class Roofline:
             ("d output weight", V, N, H, 1),
         ):
             out = torch.empty(m, n)
+            # The step's D weight-gradient products each have their own operands, from
+            # memory: as many operand pairs in turn as exceed the caches (one pair
+            # repeated would run from cache).
+            pairs = min(times, max(1, -(-2 * CACHE_BYTES // (4 * k * (m + n)))))
             candidates = {
-                f"MKL ({'AT' if ta else 'A'}, {'BT' if tb else 'B'})": functools.partial(
-                    torch.mm, stored(m, k, ta), stored(k, n, tb), out=out
+                f"MKL ({'AT' if ta else 'A'}, {'BT' if tb else 'B'})": _Cycle(
+                    torch.mm, [(stored(m, k, ta), stored(k, n, tb)) for _ in range(pairs)], out=out
                 )
                 for ta in (False, True)
                 for tb in (False, True)
             }
             if _ONEDNN:  # packing the right operand is part of each call
-                a, b_t = rand(m, k), rand(n, k)
-                candidates["oneDNN, packed in the call"] = lambda a=a, b_t=b_t, m=m: onednn_linear(
-                    a, onednn_pack(b_t, m)
+                candidates["oneDNN, packed in the call"] = _Cycle(
+                    lambda a, b_t, m=m: onednn_linear(a, onednn_pack(b_t, m)),
+                    [(rand(m, k), rand(n, k)) for _ in range(pairs)],
                 )
-            self.products.append((what, times, 2 * m * k * n, 1, candidates))
+            self.products.append((what, times, 2 * m * k * n, pairs, candidates))
         self.chosen: list[str] | None = None
         self.chosen_mkl: list[str] | None = None  # the fastest of torch.mm's layouts
         self.seconds: dict[str, list[float]] = {what: [] for what, *_ in self.products}
