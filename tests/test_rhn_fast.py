@@ -350,11 +350,38 @@ def test_a_kept_graph_gives_the_same_gradients_again(monkeypatch, loop, chunk_ro
         return runs
 
     (once,) = gradients(retain=False)
+    assert kept and not any(kept)
+    kept.clear()
     first, second = gradients(retain=True)
-    assert kept == [False, True, True]
+    assert kept and all(kept)
     for a, b, c in zip(once, first, second, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=TOL)
         torch.testing.assert_close(b, c, rtol=0, atol=0)
+
+
+def test_a_freed_graph_s_preactivations_serve_the_next_forward_and_no_other(monkeypatch):
+    monkeypatch.setattr(rhn_fast, "_SPARE_PREACTIVATIONS", [])
+    layer = _model(2).train().layers[0]
+    x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    state = torch.zeros(3, 5, dtype=torch.float64)
+
+    def pre_of(outputs):
+        return outputs.grad_fn.saved_tensors[4]
+
+    first = layer(x, state)[0]
+    alive = layer(x, state)[0]  # its graph is alive: its p is nobody's to take
+    assert pre_of(first).data_ptr() != pre_of(alive).data_ptr()
+    address = pre_of(first).data_ptr()
+    first.sum().backward()
+    reused = layer(x, state)[0]
+    assert pre_of(reused).data_ptr() == address
+    reused.sum().backward(retain_graph=True)  # kept: p stays with the graph
+    assert rhn_fast._SPARE_PREACTIVATIONS == []
+    layer(x[:, :2], state)[0].sum().backward()  # another shape
+    assert [p.shape[1] for p in rhn_fast._SPARE_PREACTIVATIONS] == [2]
+    layer(x, state)
+    assert rhn_fast._SPARE_PREACTIVATIONS == []  # spares of other shapes are let go
+    alive.sum().backward()
 
 
 def test_evaluation_saves_nothing_for_a_backward():

@@ -141,7 +141,7 @@ class _Recurrence(torch.autograd.Function):
         B, T, width = projected.shape
         D = recurrent_weight.shape[0]
         recomputed = recomputed_layers(D, T * B * width * projected.element_size())
-        pre = projected.new_empty(D - len(recomputed), T, B, width)
+        pre = _preactivation_buffer((D - len(recomputed), T, B, width), projected)
         keep = None
         if z_states > 0 and training:
             keep = torch.empty(B, T, width // 2, dtype=torch.bool, device=projected.device)
@@ -162,7 +162,26 @@ class _Recurrence(torch.autograd.Function):
             d_outputs, d_final, state, weight, bias, mask, pre, outputs, keep,
             ctx.z_states, ctx.training, need_weights, ctx.recomputed,
         )  # fmt: skip
+        if not _graph_kept():  # the graph, and with it this reference, goes next
+            _SPARE_PREACTIVATIONS.append(pre)
         return d_projected, d_state, d_weight, d_bias, None, None, None
+
+
+# p buffers of backward passes that freed their graphs, for the next forward of the same
+# shape: their pages are mapped already, where a new buffer costs a page fault per 4 KB
+# on first touch (ptb_sota's 46 MB: ~11k faults, ~9 ms of a ~0.7 s step on the 2-core
+# dev CPU; glibc hands blocks over 32 MB back to the system when they are freed).
+_SPARE_PREACTIVATIONS: list[torch.Tensor] = []
+
+
+def _preactivation_buffer(shape, like):
+    """An uninitialised [D_kept, T, B, 2H] buffer like ``like``: a spare one of that shape
+    (nothing else holds it), else a new one, and the spares of other shapes let go."""
+    for index, spare in enumerate(_SPARE_PREACTIVATIONS):
+        if spare.shape == shape and spare.dtype == like.dtype and spare.device == like.device:
+            return _SPARE_PREACTIVATIONS.pop(index)
+    _SPARE_PREACTIVATIONS.clear()
+    return like.new_empty(shape)
 
 
 def recomputed_layers(depth: int, bytes_per_layer: int) -> frozenset[int]:
