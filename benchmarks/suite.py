@@ -259,9 +259,9 @@ class Trainee:
 # --- roofline ----------------------------------------------------------------------
 
 
-# oneDNN's products with a prepacked right operand, as rhn's native loop runs the
-# recurrent ones: a candidate for every product, so the roofline stays the fastest way
-# this torch build has to run each of them.
+# oneDNN's products (packed right operands) as rhn's native loop and output layer run
+# them: a candidate for every product, so the roofline stays the fastest way this torch
+# build has to run each of them.
 _ONEDNN = onednn_applies(torch.float32)
 
 
@@ -336,9 +336,8 @@ class Roofline:
             left, out = rand(B, k), torch.empty(B, n)
             candidates = {}
             for transposed in (False, True):
-                cycle = itertools.cycle([stored(k, n, transposed) for _ in range(D)])
-                candidates[f"MKL{' (B transposed)' if transposed else ''}"] = (
-                    lambda c=cycle, a=left, o=out: torch.mm(a, next(c), out=o)
+                candidates[f"MKL{' (B transposed)' if transposed else ''}"] = _Cycle(
+                    torch.mm, [(left, stored(k, n, transposed)) for _ in range(D)], out=out
                 )
             if _ONEDNN:  # packed once per window, as rhn packs: D packs per T x D calls
                 forward = what == "recurrent s R^T"

@@ -15,6 +15,8 @@ from pathlib import Path
 import click
 
 from rhn_cli import __version__
+from rhn_cli.commands.messages import fail as _fail
+from rhn_cli.commands.messages import stderr as _stderr
 from rhn_cli.commands.options import mongo_option, runs_dir_option
 
 WITH_HELP = """
@@ -23,18 +25,6 @@ Config updates use Sacred's syntax: after the word 'with', give named configs
 Values are Python literals: depth=20, learning_rate=1e-3, tied=False,
 dataset="synthetic"; nested keys use dots: synthetic.order=3.
 """
-
-
-def _stderr(message: str, color: str | None = None) -> None:
-    # Always the current sys.stderr: click's err=True caches a wrapper per stream, and
-    # Sacred's capture proxy compares equal to the real stream, so the cache would hand
-    # back a wrapper of the proxy after Sacred has closed it.
-    click.secho(message, fg=color, file=sys.stderr)
-
-
-def _fail(message: str, code: int = 2) -> None:
-    _stderr(f"Error: {message}", "red")
-    sys.exit(code)
 
 
 def _resolve(updates: tuple[str, ...], extra: dict | None = None):

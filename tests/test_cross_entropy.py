@@ -96,9 +96,10 @@ def test_non_finite_logits_give_a_non_finite_loss(kernels):
     assert torch.isnan(loss)
 
 
-def test_sequence_loss_trains_through_the_output_layer_like_autograd(kernels):
-    """logits [B, T, V] from the model's output layer: gradients reach its weight as with
-    F.cross_entropy, for both reductions."""
+def test_sequence_loss_gives_a_weight_before_it_autograd_s_gradient(kernels):
+    """logits [B, T, V] from a product with a weight: the gradient reaches the weight as
+    through F.cross_entropy, for both reductions (float64; the RHN output layer's own
+    float32 backward is tested in test_rhn_output)."""
     torch.manual_seed(0)
     x = torch.randn(3, 4, 6, dtype=torch.float64)
     weight = torch.randn(11, 6, dtype=torch.float64)

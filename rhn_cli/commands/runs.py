@@ -7,44 +7,14 @@ plots and exports are :mod:`rhn_cli.tracking.report`.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Sequence
 
 import click
 
+from rhn_cli.commands.messages import echo_lines as _echo_lines
+from rhn_cli.commands.messages import fail as _fail
+from rhn_cli.commands.messages import style as _style
 from rhn_cli.commands.options import mongo_source_option, runs_dir_option
-
-STYLES = {
-    "header": {"bold": True},
-    "title": {"bold": True},
-    "dim": {"dim": True},
-    "COMPLETED": {"fg": "green"},
-    "FAILED": {"fg": "red"},
-    "UNREADABLE": {"fg": "red"},
-    "INTERRUPTED": {"fg": "yellow"},
-    "TIMEOUT": {"fg": "yellow"},
-    "RUNNING": {"fg": "cyan"},
-    "QUEUED": {"fg": "cyan"},
-    "PROBABLY_DEAD": {"fg": "magenta"},
-}
-
-
-def _style(text: str, kind: str) -> str:
-    # click.echo drops the colours again when stdout is not a terminal.
-    return click.style(text, **STYLES.get(kind, {}))
-
-
-def _stderr(message: str, color: str | None = None) -> None:
-    click.secho(message, fg=color, file=sys.stderr)
-
-
-def _fail(message: str, code: int = 2) -> None:
-    _stderr(f"Error: {message}", "red")
-    sys.exit(code)
-
-
-def _echo_lines(lines: Sequence[str]) -> None:
-    click.echo("\n".join(lines))
 
 
 def _load(runs_dir: str, mongo_url: str | None):

@@ -13,8 +13,9 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from rhn_cli.commands.messages import fail as _fail
+from rhn_cli.commands.messages import stderr as _stderr
 from rhn_cli.commands.options import mongo_option, runs_dir_option
-from rhn_cli.commands.runs import _fail, _stderr
 
 SWEEP_EPILOG = """
 \b
@@ -253,7 +254,8 @@ class _Waiting:
 
 def _print_comparison(planned, runs_dir: str) -> None:
     """``rhn runs compare`` of the sweep: each point's run (its completed one if any)."""
-    from rhn_cli.commands.runs import _echo_lines, _style
+    from rhn_cli.commands.messages import echo_lines as _echo_lines
+    from rhn_cli.commands.messages import style as _style
     from rhn_cli.experiment.sweep import runs_of
     from rhn_cli.tracking.report import compare_lines
 

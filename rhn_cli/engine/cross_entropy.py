@@ -31,14 +31,13 @@ def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
 
 
 def _native(logits, targets):
+    """rhn_native's kernels where they apply (as for the RHN's time loop), else None."""
     wanted = torch.is_grad_enabled() and logits.requires_grad
-    if not wanted or logits.dim() != 2 or logits.dtype not in (torch.float32, torch.float64):
+    if not wanted or logits.dim() != 2 or targets.device != logits.device:
         return None
-    if logits.device.type != "cpu" or targets.device.type != "cpu":
-        return None
-    from rhn_cli.models import rhn_fast
+    from rhn_cli.models.rhn_fast import native_loop
 
-    return rhn_fast.native_loop(logits)
+    return native_loop(logits)
 
 
 class _SummedCrossEntropy(torch.autograd.Function):
