@@ -360,13 +360,16 @@ def test_a_kept_graph_gives_the_same_gradients_again(monkeypatch, loop, chunk_ro
 
 
 def test_a_freed_graph_s_preactivations_serve_the_next_forward_and_no_other(monkeypatch):
-    monkeypatch.setattr(rhn_fast, "_SPARE_PREACTIVATIONS", [])
+    monkeypatch.setattr(rhn_fast, "_SPARE_BUFFERS", [])
     layer = _model(2).train().layers[0]
     x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
     state = torch.zeros(3, 5, dtype=torch.float64)
 
     def pre_of(outputs):
         return outputs.grad_fn.saved_tensors[4]
+
+    def spares():
+        return [b.data_ptr() for b in rhn_fast._SPARE_BUFFERS]
 
     first = layer(x, state)[0]
     alive = layer(x, state)[0]  # its graph is alive: its p is nobody's to take
@@ -376,12 +379,39 @@ def test_a_freed_graph_s_preactivations_serve_the_next_forward_and_no_other(monk
     reused = layer(x, state)[0]
     assert pre_of(reused).data_ptr() == address
     reused.sum().backward(retain_graph=True)  # kept: p stays with the graph
-    assert rhn_fast._SPARE_PREACTIVATIONS == []
-    layer(x[:, :2], state)[0].sum().backward()  # another shape
-    assert [p.shape[1] for p in rhn_fast._SPARE_PREACTIVATIONS] == [2]
+    assert address not in spares()
+    short = layer(x[:, :2], state)[0]  # another shape
+    short_address = pre_of(short).data_ptr()
+    short.sum().backward()
+    assert short_address in spares()
     layer(x, state)
-    assert rhn_fast._SPARE_PREACTIVATIONS == []  # spares of other shapes are let go
+    assert rhn_fast._SPARE_BUFFERS == []  # spares of other shapes are let go
     alive.sum().backward()
+
+
+def test_the_backward_s_scratch_space_serves_the_next_backward(monkeypatch):
+    """The scratch space (the states s^i, and dp where it cannot overwrite p) is handed
+    on from one backward to the next of the same shape, with the same gradients."""
+    monkeypatch.setattr(rhn_fast, "_SPARE_BUFFERS", [])
+    allocated = []
+    buffer = rhn_fast._buffer
+    monkeypatch.setattr(
+        rhn_fast,
+        "_buffer",
+        lambda shape, like: allocated.append(buffer(shape, like)) or allocated[-1],
+    )
+    inputs, mask = _recurrence_inputs()
+    grads = []
+    for _ in range(2):
+        for t in inputs:
+            t.grad = None
+        outputs, final = rhn_fast.recurrence(*inputs, mask, training=True)
+        (outputs.sin().sum() + final.sum()).backward()
+        grads.append([t.grad for t in inputs])
+    first, second = allocated[: len(allocated) // 2], allocated[len(allocated) // 2 :]
+    assert [b.data_ptr() for b in first] == [b.data_ptr() for b in second]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_evaluation_saves_nothing_for_a_backward():
@@ -580,10 +610,12 @@ def test_the_weight_gradients_library_is_timed_once_per_shape(monkeypatch):
     assert rhn_fast.weight_gradients_through_onednn(out, left, right) == choice
     assert len(ways) in (0, 6)  # the second call only looked the choice up
     for onednn in (False, True):
-        rhn_fast.weight_gradient(out, left, right, False, onednn)
+        assert rhn_fast.weight_gradient(out, left, right, False, onednn) is out
         torch.testing.assert_close(out, left.t() @ right)
-        rhn_fast.weight_gradient(out, left, right, True, onednn)
+        assert rhn_fast.weight_gradient(out, left, right, True, onednn) is out
         torch.testing.assert_close(out, 2 * left.t() @ right)
+        new = rhn_fast.weight_gradient(None, left, right, False, onednn)
+        torch.testing.assert_close(new, left.t() @ right)
     assert not rhn_fast.weight_gradients_through_onednn(out, left.double(), right.double())
 
 

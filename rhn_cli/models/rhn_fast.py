@@ -142,7 +142,7 @@ class _Recurrence(torch.autograd.Function):
         B, T, width = projected.shape
         D = recurrent_weight.shape[0]
         recomputed = recomputed_layers(D, T * B * width * projected.element_size())
-        pre = _preactivation_buffer((D - len(recomputed), T, B, width), projected)
+        pre = _buffer((D - len(recomputed), T, B, width), projected)
         keep = None
         if z_states > 0 and training:
             keep = torch.empty(B, T, width // 2, dtype=torch.bool, device=projected.device)
@@ -164,24 +164,25 @@ class _Recurrence(torch.autograd.Function):
             ctx.z_states, ctx.training, need_weights, ctx.recomputed,
         )  # fmt: skip
         if not _graph_kept():  # the graph, and with it this reference, goes next
-            _SPARE_PREACTIVATIONS.append(pre)
+            _SPARE_BUFFERS.append(pre)
         return d_projected, d_state, d_weight, d_bias, None, None, None
 
 
-# p buffers of backward passes that freed their graphs, for the next forward of the same
-# shape: their pages are mapped already, where a new buffer costs a page fault per 4 KB
-# on first touch (ptb_sota's 46 MB: ~11k faults, ~9 ms of a ~0.7 s step on the 2-core
-# dev CPU; glibc hands blocks over 32 MB back to the system when they are freed).
-_SPARE_PREACTIVATIONS: list[torch.Tensor] = []
+# Large buffers that a step allocates again and again, for the next use of the same
+# shape: p of backward passes that freed their graphs, and the backward's scratch space.
+# Their pages are mapped already, where a new buffer costs a page fault per 4 KB on
+# first touch (ptb_sota's 46 MB of p: ~11k faults, ~9 ms of a ~0.7 s step on the 2-core
+# dev CPU; glibc hands large blocks back to the system when they are freed).
+_SPARE_BUFFERS: list[torch.Tensor] = []
 
 
-def _preactivation_buffer(shape, like):
-    """An uninitialised [D_kept, T, B, 2H] buffer like ``like``: a spare one of that shape
-    (nothing else holds it), else a new one, and the spares of other shapes let go."""
-    for index, spare in enumerate(_SPARE_PREACTIVATIONS):
+def _buffer(shape, like):
+    """An uninitialised buffer of ``shape`` like ``like``: a spare one (nothing else holds
+    it), else a new one, and the spares of other shapes let go."""
+    for index, spare in enumerate(_SPARE_BUFFERS):
         if spare.shape == shape and spare.dtype == like.dtype and spare.device == like.device:
-            return _SPARE_PREACTIVATIONS.pop(index)
-    _SPARE_PREACTIVATIONS.clear()
+            return _SPARE_BUFFERS.pop(index)
+    _SPARE_BUFFERS.clear()
     return like.new_empty(shape)
 
 
@@ -344,8 +345,9 @@ def _backward(
     K = -(-T // -(-T // K))  # the same number of chunks, of even lengths
     # Per chunk of K steps: dp (first the gates; in p's place or a buffer) and the states
     # s^i, for the weight gradients; per step: h - s (then dp_T / a) and 1 - g.
-    dps = None if in_place else pre.new_empty(D, K, B, width)
-    states = pre.new_empty(D, K, B, H)
+    dps = None if in_place else _buffer((D, K, B, width), pre)
+    states = _buffer((D, K, B, H), pre)
+    scratch = [states] if in_place else [states, dps]
     carry = pre.new_empty(D, B, H)
     d_projected = pre.new_empty(B, T, width)
     d_weight = d_bias = None
@@ -421,6 +423,7 @@ def _backward(
             d_weight, d_bias = _accumulate_weight_gradients(
                 d_weight, d_bias, dps[:, :n], states[:, :n], mask
             )
+    _SPARE_BUFFERS.extend(scratch)  # nothing returned is a view of them
     return d_projected, ds, d_weight, d_bias
 
 
@@ -469,19 +472,19 @@ def _accumulate_weight_gradients(d_weight, d_bias, dp, states, mask):
 
 
 def weight_gradient(out, left, right, accumulate, onednn=False):
-    """out = left^T right, or out += left^T right: ATen's (MKL's) product, or oneDNN's
-    on a transposed copy of ``left`` with ``right`` packed in the call."""
+    """out = left^T right, or out += left^T right, returning ``out``; with ``out`` None, a
+    new tensor left^T right. ATen's (MKL's) product, or oneDNN's on ``left`` transposed
+    (a copy unless it is column-major) with ``right`` packed in the call."""
     if not onednn:
+        if out is None:
+            return torch.mm(left.t(), right)
         if accumulate:
-            out.addmm_(left.t(), right)
-        else:
-            torch.mm(left.t(), right, out=out)
-        return
+            return out.addmm_(left.t(), right)
+        return torch.mm(left.t(), right, out=out)
     product = onednn_linear(left.t().contiguous(), onednn_pack(right.t(), left.shape[1]))
-    if accumulate:
-        out.add_(product)
-    else:
-        out.copy_(product)
+    if out is None:
+        return product
+    return out.add_(product) if accumulate else out.copy_(product)
 
 
 # Shapes of the weight-gradient products -> whether oneDNN runs them faster than MKL on
@@ -495,7 +498,7 @@ def weight_gradients_through_onednn(scratch, left, right) -> bool:
     """Whether this shape's weight-gradient products go through oneDNN: only in the
     native loop's setting (float32, CPU, oneDNN on), decided by timing each way three
     times, interleaved (the fastest counts: the first oneDNN call builds its kernel),
-    into ``scratch``, which the caller then overwrites."""
+    into ``scratch``, which the caller then overwrites (None: into new tensors)."""
     key = (tuple(left.shape), tuple(right.shape), left.dtype)
     if key not in _ONEDNN_WEIGHT_GRADIENTS:
         usable = native_loop(left, right) is not None and onednn_applies(left.dtype)

@@ -52,9 +52,9 @@ class _Logits(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             d_x = (d_rows @ weight).view(ctx.shape)
         if ctx.needs_input_grad[1]:
-            d_weight = weight.new_empty(weight.shape)  # also the timing's scratch space
-            onednn = rhn_fast.weight_gradients_through_onednn(d_weight, d_rows, rows)
-            rhn_fast.weight_gradient(d_weight, d_rows, rows, False, onednn)
+            # a new tensor: oneDNN's result itself, not a copy of it (33 MB at ptb_sota)
+            onednn = rhn_fast.weight_gradients_through_onednn(None, d_rows, rows)
+            d_weight = rhn_fast.weight_gradient(None, d_rows, rows, False, onednn)
         if ctx.needs_input_grad[2]:
             d_bias = d_rows.sum(0)
         return d_x, d_weight, d_bias
