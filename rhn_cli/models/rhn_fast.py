@@ -311,11 +311,13 @@ def _forward_weights(weight, mask, layers=None):
     ]
 
 
-def _backward_weights(weight, mask):
-    """dL/ds^i's linear weights: R^i^T [H, 2H], or R^i_H^T and R^i_T^T."""
-    H = weight.shape[2]
-    separate = mask is not None and mask.dim() == 3
-    return [part.t() for R in weight.unbind(0) for part in ((R[:H], R[H:]) if separate else (R,))]
+def _backward_weights(transposed, mask):
+    """dL/ds^i's linear weights, from ``transposed`` [D, H, 2H] holding R^i^T: R^i^T
+    [H, 2H], or R^i_H^T and R^i_T^T [H, H]."""
+    if mask is None or mask.dim() == 2:
+        return list(transposed.unbind(0))
+    H = transposed.shape[1]
+    return [half for Rt in transposed.unbind(0) for half in (Rt[:, :H], Rt[:, H:])]
 
 
 def _preactivation(out, s, weight, bias, mask):
@@ -355,13 +357,16 @@ def _backward(
     # (native loop, float32), or transposed, making it dp @ (R^i^T)^T, the operand layout
     # of the forward's (s * m_h) R^i^T, which MKL runs ~25% faster at RHN's skinny shapes
     # (ptb_sota: 0.63 vs 0.83 ms per product on the 2-core dev CPU).
+    # The transposed copy goes into a reused buffer: a new one would cost its page faults
+    # every step (ptb_sota: 55 MB).
     native = native_loop(pre, state, weight, bias, mask)
-    small = weight.numel() * weight.element_size() <= TRANSPOSED_COPY_UP_TO
-    packed = _packed(_backward_weights(weight, mask), B) if native and small else []
-    if small and not packed:
-        operands = weight.transpose(1, 2).contiguous().transpose(1, 2)
-    else:
-        operands = weight
+    operands, packed = weight, []
+    if weight.numel() * weight.element_size() <= TRANSPOSED_COPY_UP_TO:
+        transposed = _buffer((D, H, width), weight)  # R^i^T
+        scratch.append(transposed.copy_(weight.transpose(1, 2)))
+        packed = _packed(_backward_weights(transposed, mask), B) if native else []
+        if not packed:
+            operands = transposed.transpose(1, 2)
     down = list(zip(range(D - 1, -1, -1), operands.unbind(0)[::-1], strict=True))
 
     diff = pre.new_empty(D, B, H) if native is None else None  # the Python loop's
