@@ -72,3 +72,74 @@ def test_elsewhere_the_layer_is_plain_linear(monkeypatch, case):
     name = type(logits.grad_fn).__name__ if logits.grad_fn else None
     assert name in ((None,) if case == "no-grad" else ("AddmmBackward0",))
     torch.testing.assert_close(logits, torch.nn.functional.linear(x, weight, bias))
+
+
+def _tied_case():
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(9, 6, generator=gen, requires_grad=True)
+    bias = torch.randn(9, generator=gen, requires_grad=True)
+    tokens = torch.tensor([[0, 3, 3, 8], [5, 0, 2, 3]])  # repeated rows add up
+    mix = torch.randn(6, 6, generator=gen)
+    return weight, bias, tokens, mix
+
+
+def test_tied_weights_get_one_gradient_built_in_the_output_layer_s(monkeypatch):
+    """The lookup's rows are added into the output layer's dW, which becomes W's
+    gradient as it is (no dense lookup gradient, no copy), equal to autograd's sum."""
+    assert rhn_native.load() is not None
+    weight, bias, tokens, mix = _tied_case()
+    tied = rhn_output.TiedGradient()
+    x = rhn_output.embedding(tokens, weight, tied)
+    handed = []
+    x.register_hook(lambda grad: handed.append(tied.d_weight.data_ptr()))  # before the lookup's
+    rhn_output.logits(torch.tanh(x @ mix), weight, bias, tied).sin().sum().backward()
+    ours = weight.grad
+    assert handed == [ours.data_ptr()] and tied.d_weight is None
+
+    plain = weight.detach().clone().requires_grad_(True)
+    x = torch.nn.functional.embedding(tokens, plain)
+    torch.nn.functional.linear(torch.tanh(x @ mix), plain, bias).sin().sum().backward()
+    torch.testing.assert_close(ours, plain.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_lookup_in_another_backward_pass_gives_its_own_gradient():
+    """dW left by one backward pass (through the output layer only) is not added to in a
+    later one that reaches the lookup only: that one gets the dense gradient."""
+    assert rhn_native.load() is not None
+    weight, bias, tokens, mix = _tied_case()
+    tied = rhn_output.TiedGradient()
+    x = rhn_output.embedding(tokens, weight, tied)
+    hidden = torch.tanh(x @ mix)
+    logits = rhn_output.logits(hidden, weight, bias, tied)
+    torch.autograd.grad(logits.sum(), [hidden], retain_graph=True)  # the output layer's only
+    assert tied.d_weight is not None
+    (ours,) = torch.autograd.grad(hidden.square().sum(), [weight])  # the lookup's only
+    plain = weight.detach().clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(
+        torch.tanh(torch.nn.functional.embedding(tokens, plain) @ mix).square().sum(), [plain]
+    )
+    torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_tied_rhn_model_trains_as_with_autograd_s_embedding_and_linear(monkeypatch):
+    from rhn_cli.models.rhn import RHNConfig, RHNLanguageModel
+
+    assert rhn_native.load() is not None
+    torch.manual_seed(0)
+    model = RHNLanguageModel(RHNConfig(vocab_size=11, hidden_size=8, depth=2, tied=True))
+    tokens = torch.randint(0, 11, (3, 5))
+    masks = model.train().draw_masks(tokens)
+    lookups = []
+    real = rhn_output._Lookup.apply
+    monkeypatch.setattr(rhn_output._Lookup, "apply", lambda *a: lookups.append(1) or real(*a))
+    grads = []
+    for fast in (True, False):
+        if not fast:  # F.embedding and F.linear, differentiated by autograd
+            monkeypatch.setattr(rhn_output, "_applies", lambda *tensors: False)
+        model.zero_grad(set_to_none=True)
+        logits, _ = model(tokens, model.initial_state(3), masks)
+        torch.nn.functional.cross_entropy(logits.reshape(-1, 11), tokens.reshape(-1)).backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert lookups == [1]
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

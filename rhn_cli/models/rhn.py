@@ -53,10 +53,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from rhn_cli.models import rhn_output
 from rhn_cli.models.base import LanguageModel
 from rhn_cli.models.dropout import variational_mask, word_type_mask
 from rhn_cli.models.rhn_fast import recurrence
-from rhn_cli.models.rhn_output import logits as output_logits
 from rhn_cli.models.zoneout import zoneout
 
 
@@ -271,7 +271,9 @@ class RHNLanguageModel(LanguageModel):
             masks = None
         elif masks is None:
             masks = self.draw_masks(tokens)
-        x = self.embedding(tokens)
+        # The tied weight's two gradients meet in the output layer's (rhn_output).
+        tied = rhn_output.TiedGradient() if self.output_weight is None else None
+        x = rhn_output.embedding(tokens, self.embedding.weight, tied)
         if masks is not None and masks["x"] is not None:
             x = x * masks["x"]
         final_states = []
@@ -284,7 +286,7 @@ class RHNLanguageModel(LanguageModel):
         if masks is not None and masks["o"] is not None:
             x = x * masks["o"].unsqueeze(1)
         weight = self.embedding.weight if self.output_weight is None else self.output_weight
-        logits = output_logits(x, weight, self.output_bias)
+        logits = rhn_output.logits(x, weight, self.output_bias, tied)
         if return_hidden:
             return logits, torch.stack(final_states), hidden
         return logits, torch.stack(final_states)
