@@ -414,6 +414,35 @@ def test_the_backward_s_scratch_space_serves_the_next_backward(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_a_dropped_weight_gradient_s_memory_serves_the_next_one_and_a_kept_one_is_kept(
+    monkeypatch, loop
+):
+    """The recurrent weight's .grad, once dropped (zero_grad(set_to_none=True)), lends its
+    memory to the next step's; one still held by anybody keeps its values."""
+    monkeypatch.setattr(rhn_fast, "_GRADIENT_STORAGES", {})
+    model = _model(2).train()
+    tokens = torch.randint(0, 7, (3, 4))
+    masks = model.draw_masks(tokens)
+    weight = model.layers[0].recurrent_weight
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        logits, final = model(tokens, model.initial_state(3), masks)
+        (logits.sin().sum() + final.sum()).backward()
+        return weight.grad
+
+    first = step()
+    address, values = first.data_ptr(), first.clone()
+    kept = step()  # `first` is still held here: its memory is not lent out
+    assert kept.data_ptr() != address
+    torch.testing.assert_close(first, values, rtol=0, atol=0)
+    torch.testing.assert_close(kept, values, rtol=0, atol=0)  # the same step again
+    del first, kept
+    assert step().data_ptr() == address  # the oldest free memory first
+    assert step().data_ptr() == address  # dropped by zero_grad: lent again
+    torch.testing.assert_close(weight.grad, values, rtol=0, atol=0)
+
+
 def test_evaluation_saves_nothing_for_a_backward():
     """Under no_grad, or with nothing requiring grad, no graph is built and nothing is
     kept for a backward (in particular not the pre-activations)."""
