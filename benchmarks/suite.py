@@ -78,8 +78,8 @@ from rhn_cli.engine.evaluation import (  # noqa: E402
     select_rows,
     token_log_probs,
 )
-from rhn_cli.engine.objective import add_l2_gradient, l2_penalty, sequence_loss  # noqa: E402
-from rhn_cli.engine.optim import clip_and_step, make_optimizer  # noqa: E402
+from rhn_cli.engine.objective import sequence_loss  # noqa: E402
+from rhn_cli.engine.optim import make_optimizer, penalised_step  # noqa: E402
 from rhn_cli.engine.train import build_model, evaluate  # noqa: E402
 from rhn_cli.experiment.resolve import resolve  # noqa: E402
 from rhn_cli.models.base import detach_state  # noqa: E402
@@ -247,11 +247,11 @@ class Trainee:
         started = time.perf_counter()
         logits, state = self.model(tokens[:, :-1], self.state)
         cost = sequence_loss(logits, tokens[:, 1:])
-        l2_penalty(parameters, config["weight_decay"])  # its value, reported by training
         self.optimizer.zero_grad(set_to_none=True)
         cost.backward()
-        add_l2_gradient(parameters, config["weight_decay"])
-        clip_and_step(self.optimizer, parameters, "grad_norm", config["max_grad_norm"])
+        penalised_step(  # L2 term, clipping and SGD, as rhn's trainer takes them
+            self.optimizer, parameters, "grad_norm", config["max_grad_norm"], config["weight_decay"]
+        )
         self.state = detach_state(state)
         return time.perf_counter() - started
 

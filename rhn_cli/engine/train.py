@@ -57,7 +57,7 @@ from rhn_cli.engine.objective import (
     learning_rate_at,
     sequence_loss,
 )
-from rhn_cli.engine.optim import clip_and_step, make_optimizer
+from rhn_cli.engine.optim import clip_and_step, make_optimizer, penalised_step
 from rhn_cli.engine.regularizers import norm_stabilizer, weight_noise
 from rhn_cli.engine.timing import parse_duration
 from rhn_cli.models import build_model as _build_model
@@ -491,16 +491,21 @@ class Trainer:
                     cost = sequence_loss(logits, target_tensor, config["loss"])
                     if beta > 0:
                         cost = cost + norm_stabilizer(out[2], beta)
-                    penalty = l2_penalty(parameters, config["weight_decay"])
                     self.optimizer.zero_grad(set_to_none=True)
                     # On several processes the gradients come out averaged over the
                     # ranks: the gradient of the global batch, so clipping and the step
                     # below see what one process would.
                     self.shard.backward(cost)
-                    add_l2_gradient(parameters, config["weight_decay"])
-                grad_norm = clip_and_step(
-                    self.optimizer, parameters, config["clip"], config["max_grad_norm"]
-                )
+                    if noise:  # the L2 term of the noisy weights, the step on the clean
+                        penalty = l2_penalty(parameters, config["weight_decay"])
+                        add_l2_gradient(parameters, config["weight_decay"])
+                clip, threshold = config["clip"], config["max_grad_norm"]
+                if noise:
+                    grad_norm = clip_and_step(self.optimizer, parameters, clip, threshold)
+                else:
+                    grad_norm, penalty = penalised_step(
+                        self.optimizer, parameters, clip, threshold, config["weight_decay"]
+                    )
                 cost_value = cost.item() + penalty
                 # Running sums of the per-token cost (regularisers included, as the
                 # reference's training perplexity), over every rank's streams, with
