@@ -102,8 +102,8 @@ RECOMPUTE_EVERY = 3
 # memory budget allows: its backward runs ATen's products on the weights as they are.
 TRANSPOSED_COPY_UP_TO = 64 * 2**20
 # The time loop in C++ (rhn_native.cpp; built on first use, CPU only), with the Python
-# loop below as its fallback and reference. False: always the Python loop (and the
-# training loss's F.cross_entropy instead of rhn_native's, rhn_cli.engine.cross_entropy).
+# loop below as its fallback and reference. False: always the Python loop (and torch's
+# paths for the training loss and step, rhn_cli.engine.cross_entropy and .optim).
 NATIVE = True
 # In the native loop, float32 products through oneDNN with weights prepacked once per
 # forward and per backward (mkldnn::_reorder_linear_weight): about twice ATen's (MKL's)
