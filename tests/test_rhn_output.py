@@ -11,15 +11,22 @@ import rhn_cli.models.rhn_native as rhn_native
 from rhn_cli.models import rhn_output
 
 
-@pytest.mark.parametrize("weight_gradient", ["mkl", "onednn"])
-def test_logits_and_gradients_equal_autograd_through_linear(monkeypatch, weight_gradient):
+@pytest.fixture(params=["mkl", "onednn"])
+def layer_inputs(request, monkeypatch):
+    """x [3, 4, 6], weight [9, 6], bias [9] and a generator, with the output layer's weight
+    gradient through MKL or oneDNN."""
     assert rhn_native.load() is not None
-    onednn = weight_gradient == "onednn"
+    onednn = request.param == "onednn"
     monkeypatch.setattr(rhn_fast, "weight_gradients_through_onednn", lambda *a: onednn)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 6, generator=gen, requires_grad=True)
     weight = torch.randn(9, 6, generator=gen, requires_grad=True)
     bias = torch.randn(9, generator=gen, requires_grad=True)
+    return x, weight, bias, gen
+
+
+def test_logits_and_gradients_equal_autograd_through_linear(layer_inputs):
+    x, weight, bias, gen = layer_inputs
     upstream = torch.randn(3, 4, 9, generator=gen)
     results = []
     for layer in (rhn_output.logits, torch.nn.functional.linear):
@@ -32,19 +39,12 @@ def test_logits_and_gradients_equal_autograd_through_linear(monkeypatch, weight_
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("weight_gradient", ["mkl", "onednn"])
-def test_with_the_training_loss_gradients_equal_autograd_s(monkeypatch, weight_gradient):
+def test_with_the_training_loss_gradients_equal_autograd_s(layer_inputs):
     """As training runs it: the fused cross-entropy hands the layer a column-major
     gradient, which both weight-gradient libraries must take as autograd would."""
     from rhn_cli.engine.objective import sequence_loss
 
-    assert rhn_native.load() is not None
-    onednn = weight_gradient == "onednn"
-    monkeypatch.setattr(rhn_fast, "weight_gradients_through_onednn", lambda *a: onednn)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 4, 6, generator=gen, requires_grad=True)
-    weight = torch.randn(9, 6, generator=gen, requires_grad=True)
-    bias = torch.randn(9, generator=gen, requires_grad=True)
+    x, weight, bias, gen = layer_inputs
     targets = torch.randint(0, 9, (3, 4), generator=gen)
     ours = torch.autograd.grad(
         sequence_loss(rhn_output.logits(x, weight, bias), targets), (x, weight, bias)
