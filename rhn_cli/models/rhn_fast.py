@@ -32,11 +32,11 @@ is in it) and, for training zoneout, its keep mask (bool). The backward recomput
 rest elementwise, one step at a time: the gates from p (one tanh and one sigmoid for
 all D micro-layers of the step) and the states s^1..s^{D-1} from s_{t-1}, by the
 forward's operations on the same numbers. The autograd loop keeps about
-4H per micro-step (s * m_h, h, g, h - s) and this 2H. The backward writes dp over p,
-which its step no longer needs once the gates are recomputed, so its scratch space is
-the states s^i, H per micro-step of one chunk of K steps (3H, with dp in a buffer of
-its own, where the graph is kept for another backward, ``retain_graph``, or p is
-recomputed). When all of p would exceed
+4H per micro-step (s * m_h, h, g, h - s) and this 2H. The backward's scratch space is
+dp and s^i for one chunk of K steps, 3H per micro-step: in the native loop as columns
+(below), in the Python loop as rows, where dp overwrites p (its step no longer needs p
+once the gates are recomputed) unless the graph is kept for another backward
+(``retain_graph``) or p is recomputed, leaving H. When all of p would exceed
 ``KEEP_ALL_PREACTIVATIONS_UP_TO`` (256 MB; enwik8_sota's window holds 768 MB), every
 third micro-layer's p (2, 5, 8, ...) is not kept: the backward recomputes it from the
 reconstructed s^i with the forward's product, one [B, H] x [H, 2H] product more per
@@ -54,9 +54,12 @@ the interpreter between them, with each micro-step's elementwise work fused into
 vectorised pass split over rows (forward: p += x, the gates, the update and the
 masked copy of s for the next product; backward: the gates again, dp / a, 1 - g and
 s^{i+1} for all kept micro-layers of a step at once, then one pass per micro-layer for
-dL/ds^i), and, in float32, the recurrent products through oneDNN with the weights
-packed once per forward and once per backward (``mkldnn::_reorder_linear_weight``;
-ptb_sota's [20, 830] x [830, 1660] product takes 0.37 ms so against 0.8 ms in ATen's
+dL/ds^i), the weight gradients' operands handed over column-major (dp^T and
+(s * m_h)^T, written by the time loop a few steps at a time: the layout in which
+oneDNN's dR^i products run fastest), and, in float32, the recurrent products through
+oneDNN with the weights packed once per forward and once per backward
+(``mkldnn::_reorder_linear_weight``; ptb_sota's [20, 830] x [830, 1660] product takes
+0.37 ms against 0.8 ms in ATen's
 ``addmm``, which goes to MKL, on the 2-core dev CPU). Its products sum in another order
 than MKL's, so float32 results differ from the Python loop's by rounding (~1e-6
 relative); float64 goes through ATen's products in both. The Python loop below is the
@@ -85,12 +88,14 @@ from torch.autograd.function import once_differentiable
 
 # Rows (K time steps x B) of each weight-gradient product: the more, the closer the
 # products run to full GEMM speed. Their inputs, dp and s^i, are kept for K steps:
-# H * D * K * B numbers for s^i (dp overwrites p), or 3 * H * D * K * B with dp in a
-# buffer (against 2 * H * D * T * B for all of p), at most CHUNK_BYTES: ptb_sota's
-# window is one chunk, whose ten [1660, 700] x [700, 830] products take ~15% less
-# time than two chunks' twenty of half the rows.
+# 3 * H * D * K * B numbers (native loop: as columns, plus one step's rows; Python
+# loop: dp in a buffer, or H * D * K * B where dp overwrites p), against
+# 2 * H * D * T * B for all of p, at most CHUNK_BYTES: ptb_sota's window is one chunk
+# (67 MB), whose ten [1660, 700] x [700, 830] products take ~15% less time than two
+# chunks' twenty of half the rows; enwik8_sota's chunks are 2 steps (69 MB).
 CHUNK_ROWS = 1024
-CHUNK_BYTES = 64 * 2**20
+CHUNK_BYTES = 80 * 2**20
+COLUMN_RUN = 64
 # Keeping p costs 2H numbers per micro-step: 768 MB for one enwik8_sota window (B=128,
 # T=50, H=1500, D=10), four times the weights. Past this size the backward recomputes
 # a third of the micro-layers' p (one more [B, H] x [H, 2H] product each) instead.
@@ -339,53 +344,43 @@ def _backward(
 ):  # fmt: skip
     _, T, B, width = pre.shape
     D, H = weight.shape[0], width // 2
+    native = native_loop(pre, state, weight, bias, mask)
+    if native is not None:
+        return _native_backward(
+            native, d_outputs, d_final, state, weight, bias, mask, pre, outputs, keep, z,
+            training, weights, recomputed,
+        )  # fmt: skip
     # dp can overwrite p, which no one needs after its step's gates are recomputed,
     # unless a recomputed layer has no p to overwrite or the graph is kept for another
     # backward (retain_graph, as gradcheck does).
     in_place = not recomputed and not _graph_kept()
     per_step = (1 if in_place else 3) * H * D * B * pre.element_size()
-    K = max(1, min(T, -(-CHUNK_ROWS // B), CHUNK_BYTES // per_step))
-    K = -(-T // -(-T // K))  # the same number of chunks, of even lengths
+    K = _chunk_steps(T, B, per_step)
     # Per chunk of K steps: dp (first the gates; in p's place or a buffer) and the states
     # s^i, for the weight gradients; per step: h - s (then dp_T / a) and 1 - g.
     dps = None if in_place else _buffer((D, K, B, width), pre)
     states = _buffer((D, K, B, H), pre)
     scratch = [states] if in_place else [states, dps]
     carry = pre.new_empty(D, B, H)
+    diff = pre.new_empty(D, B, H)
     d_projected = pre.new_empty(B, T, width)
     d_weight = d_bias = None
-    # dL/ds^i needs dp @ R^i. Small weights get a second copy for it: packed for oneDNN
-    # (native loop, float32), or transposed, making it dp @ (R^i^T)^T, the operand layout
-    # of the forward's (s * m_h) R^i^T, which MKL runs ~25% faster at RHN's skinny shapes
-    # (ptb_sota: 0.63 vs 0.83 ms per product on the 2-core dev CPU).
-    # The transposed copy goes into a reused buffer: a new one would cost its page faults
-    # every step (ptb_sota: 55 MB).
-    native = native_loop(pre, state, weight, bias, mask)
-    operands, packed = weight, []
+    # dL/ds^i needs dp @ R^i. Small weights get a transposed copy for it, making it
+    # dp @ (R^i^T)^T, the operand layout of the forward's (s * m_h) R^i^T, which MKL
+    # runs ~25% faster at RHN's skinny shapes (ptb_sota: 0.63 vs 0.83 ms per product
+    # on the 2-core dev CPU); it goes into a reused buffer (ptb_sota: 55 MB).
+    operands = weight
     if weight.numel() * weight.element_size() <= TRANSPOSED_COPY_UP_TO:
         transposed = _buffer((D, H, width), weight)  # R^i^T
         scratch.append(transposed.copy_(weight.transpose(1, 2)))
-        packed = _packed(_backward_weights(transposed, mask), B) if native else []
-        if not packed:
-            operands = transposed.transpose(1, 2)
+        operands = transposed.transpose(1, 2)
     down = list(zip(range(D - 1, -1, -1), operands.unbind(0)[::-1], strict=True))
-
-    diff = pre.new_empty(D, B, H) if native is None else None  # the Python loop's
     ds = d_final + d_outputs[:, T - 1]  # dL/ds_t, always a fresh tensor
-    # The recomputed micro-layers' forward products, in the packed form too.
-    recomputing = _forward_weights(weight, mask, sorted(recomputed)) if packed else []
-    packed_forward = _packed(recomputing, B)
     for end in range(T, 0, -K):
         start = max(0, end - K)
         if in_place:
             dps = pre[:, start:end]
-        if native is not None:  # the chunk's steps in C++, else the loop below
-            ds = native.backward(
-                start, end, ds, d_outputs, state, operands, weight, bias, mask, pre, outputs,
-                keep, z, training, sorted(recomputed), dps, states, carry, packed, packed_forward,
-            )  # fmt: skip
-        python_steps = reversed(range(start, end)) if native is None else ()
-        for t in python_steps:
+        for t in reversed(range(start, end)):
             dp, S = dps[:, t - start], states[:, t - start]  # [D, B, 2H], [D, B, H]
             h, g = dp[..., :H], dp[..., H:]
             S[0] = state if t == 0 else outputs[:, t - 1]
@@ -427,10 +422,98 @@ def _backward(
         d_projected[:, start:end] = dps[0, :n].transpose(0, 1)
         if weights:
             d_weight, d_bias = _accumulate_weight_gradients(
-                d_weight, d_bias, dps[:, :n], states[:, :n], mask
+                d_weight,
+                d_bias,
+                dps[:, :n].reshape(D, n * B, width),
+                states[:, :n].reshape(D, n * B, H),
+                mask,
             )
     _SPARE_BUFFERS.extend(scratch)  # nothing returned is a view of them
     return d_projected, ds, d_weight, d_bias
+
+
+def _native_backward(
+    native, d_outputs, d_final, state, weight, bias, mask, pre, outputs, keep, z, training,
+    weights, recomputed,
+):  # fmt: skip
+    """The backward's time loop in C++, chunk by chunk. Each step's dp^i and s^i need
+    only last the step as rows (for dp^i R^i and the gates); for the weight gradients
+    the kernel also writes them column-major, dp^T [D, 2H, N] and (s * m_h)^T [D, H, N]
+    for the chunk's N = K B rows: the operand layout in which oneDNN runs dR^i =
+    dp^i^T (s^i * m_h) fastest, without transposed copies (ptb_sota: ~95 against ~115
+    ms for MKL on the rows on the 2-core dev CPU)."""
+    _, T, B, width = pre.shape
+    D, H = weight.shape[0], width // 2
+    step_bytes = 3 * H * D * B * pre.element_size()  # one step's dp and s
+    # Steps per group of rows turned into columns: at least COLUMN_RUN columns, a
+    # multiple of 16 (whole cache lines of float32 from aligned offsets).
+    aligned = 16 // math.gcd(B, 16)
+    G = min(T, aligned * -(-COLUMN_RUN // (aligned * B)))
+    K = _chunk_steps(T, B, step_bytes, reserved=G * step_bytes if weights else 0)
+    G = min(G, K)
+    dps, states = _buffer((D, G, B, width), pre), _buffer((D, G, B, H), pre)
+    scratch = [dps, states]
+    columns = dp_columns = state_columns = None
+    if weights:  # column rows padded to whole cache lines, with zeros
+        columns = _buffer((D * 3 * H * _padded(K * B),), pre)
+        scratch.append(columns)
+    carry = pre.new_empty(D, B, H)
+    d_projected = pre.new_empty(B, T, width)
+    d_weight = d_bias = None
+    # dL/ds^i needs dp @ R^i = dp (R^i^T)^T. Small weights get a second copy for it,
+    # transposed (into a reused buffer: a new one would cost its page faults every step,
+    # ptb_sota: 55 MB) and packed for oneDNN in float32, making it the forward's kind of
+    # product; larger ones go to ATen's products on the weights as they are.
+    operands, packed = weight, []
+    if weight.numel() * weight.element_size() <= TRANSPOSED_COPY_UP_TO:
+        transposed = _buffer((D, H, width), weight)  # R^i^T
+        native.transpose_into(transposed, weight)
+        scratch.append(transposed)
+        packed = _packed(_backward_weights(transposed, mask), B)
+        if not packed:
+            operands = transposed.transpose(1, 2)
+    # The recomputed micro-layers' forward products, in the packed form too.
+    recomputing = _forward_weights(weight, mask, sorted(recomputed)) if packed else []
+    packed_forward = _packed(recomputing, B)
+    shared = mask is not None and mask.dim() == 2
+    ds = d_final + d_outputs[:, T - 1]  # dL/ds_t, always a fresh tensor
+    for end in range(T, 0, -K):
+        start = max(0, end - K)
+        N, padded = (end - start) * B, _padded((end - start) * B)
+        if weights:  # this chunk's column buffers, N columns each
+            dp_columns = columns[: D * width * padded].view(D, width, padded)
+            state_columns = columns[D * width * padded : D * 3 * H * padded].view(D, H, padded)
+            dp_columns[..., N:] = 0.0  # the padding adds nothing to the products
+            state_columns[..., N:] = 0.0
+        ds = native.backward(
+            start, end, ds, d_outputs, state, operands, weight, bias, mask, pre, outputs,
+            keep, z, training, sorted(recomputed), dps, states, carry, packed, packed_forward,
+            dp_columns, state_columns, d_projected,
+        )  # fmt: skip
+        if weights:  # the shared mask is in the columns already
+            used = padded if mask is None or shared else N  # rows b of N a step each
+            d_weight, d_bias = _accumulate_weight_gradients(
+                d_weight,
+                d_bias,
+                dp_columns[..., :used].transpose(1, 2),
+                state_columns[..., :used].transpose(1, 2),
+                None if shared else mask,
+            )
+    _SPARE_BUFFERS.extend(scratch)  # nothing returned is a view of them
+    return d_projected, ds, d_weight, d_bias
+
+
+def _padded(columns):
+    """``columns`` rounded up to whole 64-byte cache lines of float32."""
+    return -(-columns // 16) * 16
+
+
+def _chunk_steps(T, B, per_step, reserved=0):
+    """K, the time steps per chunk of the backward: up to ``CHUNK_ROWS`` rows and
+    ``CHUNK_BYTES`` of scratch (``per_step`` bytes a step, plus ``reserved``), in
+    chunks of even lengths."""
+    K = max(1, min(T, -(-CHUNK_ROWS // B), (CHUNK_BYTES - reserved) // per_step))
+    return -(-T // -(-T // K))  # the same number of chunks, of even lengths
 
 
 # The recurrent weight's gradient becomes its .grad, which a trainer drops before the
@@ -478,28 +561,32 @@ def _state_gradient(carry, dp, weight, mask):
 
 
 def _accumulate_weight_gradients(d_weight, d_bias, dp, states, mask):
-    """d_weight[i] += dp[i]^T (s^i * m_h) and d_bias[i] += sum dp[i] over a chunk's rows
-    (None: the first chunk starts the sums). One product per micro-layer: MKL runs D of
-    them faster than one batched product (130 vs 155 ms for ptb_sota's window)."""
-    D, n, B, width = dp.shape
+    """d_weight[i] += dp[i]^T (s^i * m_h) and d_bias[i] += sum dp[i] over a chunk's N rows,
+    dp [D, N, 2H] and states [D, N, H] (row-major, or views of column-major buffers;
+    ``mask`` None where the states carry it already). None: the first chunk starts the
+    sums. One product per micro-layer: MKL runs D of them faster than one batched
+    product (130 vs 155 ms for ptb_sota's window)."""
+    D, N, width = dp.shape
     H = width // 2
-    rows = dp.reshape(D, n * B, width)
-    d_bias = rows.sum(1) if d_bias is None else d_bias.add_(rows.sum(1))
+    d_bias = dp.sum(1) if d_bias is None else d_bias.add_(dp.sum(1))
     if mask is None or mask.dim() == 2:
-        inputs = (states if mask is None else states.mul_(mask)).reshape(D, n * B, H)
+        inputs = states
+        if mask is not None:  # rows (t, b) of each chunk step: b's mask
+            inputs = states.view(D, -1, mask.shape[0], H).mul_(mask).view(D, N, H)
         first = d_weight is None  # written by the first chunk's products, not zeroed first
         if first:
             d_weight = _gradient_buffer((D, width, H), dp)
-        onednn = weight_gradients_through_onednn(d_weight[0], rows[0], inputs[0])
+        onednn = weight_gradients_through_onednn(d_weight[0], dp[0], inputs[0])
         for i in range(D):
-            weight_gradient(d_weight[i], rows[i], inputs[i], not first, onednn)
+            weight_gradient(d_weight[i], dp[i], inputs[i], not first, onednn)
         return d_weight, d_bias
     if d_weight is None:
         d_weight = _gradient_buffer((D, width, H), dp).zero_()
+    B = mask.shape[0]
     for half, m in ((slice(0, H), mask[:, 0]), (slice(H, width), mask[:, 1])):
-        inputs = (states * m).reshape(D, n * B, H)
+        inputs = (states.view(D, -1, B, H) * m).reshape(D, N, H)
         for i in range(D):
-            d_weight[i, half].addmm_(rows[i, :, half].t(), inputs[i])
+            d_weight[i, half].addmm_(dp[i, :, half].t(), inputs[i])
     return d_weight, d_bias
 
 

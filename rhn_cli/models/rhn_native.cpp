@@ -24,6 +24,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -185,6 +189,124 @@ void combine(int64_t B, int64_t H, Rows<T> carry, Rows<T> prod0, Rows<T> prod1, 
   });
 }
 
+// --- transposes ------------------------------------------------------------------
+//
+// The backward's weight-gradient products dR^i = dp^T (s^i * m_h) run fastest through
+// oneDNN with both operands column-major (dp^T [2H, N] as the left operand, (s * m)^T
+// [H, N] packed as the weight), so each step's rows are also written into column-major
+// chunk buffers; the transposed copy of the recurrent weights goes through here too.
+
+// dst[j * ldd + b] = src[b * lds + j] (* mul[b][j]) for b < rows <= 16, j < cols <= 16
+// (mul: a row pointer per source row, or none).
+template <typename T>
+inline void transpose_tile(const T* src, int64_t lds, const T* const* mul, int64_t rows,
+                           int64_t cols, T* dst, int64_t ldd) {
+  for (int64_t j = 0; j < cols; ++j)
+    for (int64_t b = 0; b < rows; ++b)
+      dst[j * ldd + b] = mul ? src[b * lds + j] * mul[b][j] : src[b * lds + j];
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// 16 x 16 in registers (unpack, 64-bit shuffle, two 128-bit lane shuffles), partial
+// tiles through masked loads and stores.
+template <>
+__attribute__((always_inline)) inline void transpose_tile<float>(const float* src, int64_t lds, const float* const* mul,
+                                  int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+  const __mmask16 in_mask = cols == 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 out_mask = rows == 16 ? 0xFFFF : static_cast<__mmask16>((1u << rows) - 1);
+  __m512 r[16], t[16];
+  if (rows == 16 && cols == 16 && !mul) {
+    for (int k = 0; k < 16; ++k) r[k] = _mm512_loadu_ps(src + k * lds);
+  } else {
+    for (int k = 0; k < 16; ++k) {
+      r[k] = k < rows ? _mm512_maskz_loadu_ps(in_mask, src + k * lds) : _mm512_setzero_ps();
+      if (mul && k < rows) r[k] = _mm512_mul_ps(r[k], _mm512_maskz_loadu_ps(in_mask, mul[k]));
+    }
+  }
+  for (int k = 0; k < 16; k += 2) {
+    t[k] = _mm512_unpacklo_ps(r[k], r[k + 1]);
+    t[k + 1] = _mm512_unpackhi_ps(r[k], r[k + 1]);
+  }
+  for (int k = 0; k < 16; k += 4) {
+    r[k] = _mm512_shuffle_ps(t[k], t[k + 2], 0x44);
+    r[k + 1] = _mm512_shuffle_ps(t[k], t[k + 2], 0xEE);
+    r[k + 2] = _mm512_shuffle_ps(t[k + 1], t[k + 3], 0x44);
+    r[k + 3] = _mm512_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
+  }
+  for (int h = 0; h < 16; h += 8)
+    for (int k = 0; k < 4; ++k) {
+      t[h + k] = _mm512_shuffle_f32x4(r[h + k], r[h + k + 4], 0x88);
+      t[h + k + 4] = _mm512_shuffle_f32x4(r[h + k], r[h + k + 4], 0xDD);
+    }
+  for (int k = 0; k < 8; ++k) {
+    r[k] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0x88);
+    r[k + 8] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0xDD);
+  }
+  const bool lines = ((reinterpret_cast<uintptr_t>(dst) | (ldd * sizeof(float))) & 63) == 0;
+  if (rows == 16 && cols == 16 && lines) {  // whole cache lines: past the caches
+    for (int k = 0; k < 16; ++k) _mm512_stream_ps(dst + k * ldd, r[k]);
+  } else if (rows == 16 && cols == 16) {
+    for (int k = 0; k < 16; ++k) _mm512_storeu_ps(dst + k * ldd, r[k]);
+  } else {
+    for (int64_t j = 0; j < cols; ++j) _mm512_mask_storeu_ps(dst + j * ldd, out_mask, r[j]);
+  }
+}
+#endif
+
+// Non-temporal stores are weakly ordered: fence them before another thread (or the
+// products that read the columns) can look.
+inline void fence_streaming_stores() {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm_sfence();
+#endif
+}
+
+// The [rows, cols] block at src (row stride lds) transposed into dst (row stride ldd),
+// column blocks [begin, end) of 16, each through all rows, so that every destination
+// row is written in one contiguous run. With mul, source row b is first multiplied by
+// mul row b % period (row stride ldm): the state mask of the row's batch entry.
+template <typename T>
+void transpose_columns(const T* src, int64_t lds, int64_t rows, int64_t cols, T* dst,
+                       int64_t ldd, int64_t begin, int64_t end, const T* mul = nullptr,
+                       int64_t ldm = 0, int64_t period = 1) {
+  const T* mul_rows[16];
+  for (int64_t block = begin; block < end; ++block) {
+    const int64_t j = block * 16, nj = std::min<int64_t>(16, cols - j);
+    for (int64_t b = 0; b < rows; b += 16) {
+      const int64_t nb = std::min<int64_t>(16, rows - b);
+      if (mul)
+        for (int64_t k = 0; k < nb; ++k) mul_rows[k] = mul + ((b + k) % period) * ldm + j;
+      transpose_tile<T>(src + b * lds + j, lds, mul ? mul_rows : nullptr, nb, nj,
+                        dst + j * ldd + b, ldd);
+    }
+  }
+}
+
+// dst[..., j, i] = src[..., i, j]: [n, m] matrices (or a batch of them) with unit column
+// stride into [m, n] ones, split over column blocks.
+void transpose_into(Tensor dst, const Tensor& src) {
+  TORCH_CHECK(src.dim() >= 2 && dst.dim() == src.dim() && src.stride(-1) == 1 &&
+                  dst.stride(-1) == 1 && dst.size(-1) == src.size(-2) &&
+                  dst.size(-2) == src.size(-1) && dst.scalar_type() == src.scalar_type(),
+              "rhn_native: transpose_into(dst [..., m, n], src [..., n, m]), unit column strides");
+  const auto s3 = src.reshape({-1, src.size(-2), src.size(-1)});
+  auto d3 = dst.view({-1, dst.size(-2), dst.size(-1)});
+  const int64_t count = s3.size(0), n = s3.size(1), m = s3.size(2);
+  const int64_t blocks = (m + 15) / 16;
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "rhn_transpose", [&] {
+    const scalar_t* from = s3.data_ptr<scalar_t>();
+    scalar_t* to = d3.data_ptr<scalar_t>();
+    at::parallel_for(0, count * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t k = task / blocks, block = task % blocks;
+        transpose_columns<scalar_t>(from + k * s3.stride(0), s3.stride(1), n, m,
+                                    to + k * d3.stride(0), d3.stride(1), block, block + 1);
+      }
+      fence_streaming_stores();
+    });
+  });
+}
+
 enum MaskKind { kNone, kShared, kSeparate };
 
 MaskKind mask_kind(const c10::optional<Tensor>& mask) {
@@ -338,8 +460,24 @@ Tensor backward_impl(int64_t start, int64_t end, Tensor ds, const Tensor& d_outp
                      const Tensor& pre, const Tensor& outputs, const c10::optional<Tensor>& keep,
                      double z, bool training, const std::vector<bool>& recomputed,
                      const Tensor& dps, const Tensor& states, const Tensor& carry,
-                     const std::vector<Tensor>& packed, const std::vector<Tensor>& packed_forward) {
+                     const std::vector<Tensor>& packed, const std::vector<Tensor>& packed_forward,
+                     const c10::optional<Tensor>& dp_columns,
+                     const c10::optional<Tensor>& state_columns,
+                     const c10::optional<Tensor>& d_projected) {
   const int64_t D = weight.size(0), H = weight.size(2), B = outputs.size(0);
+  // The rows dp^i_t and s^i_t of steps t in [start, end) go into dps and states
+  // [D, G, B, .], slot (t - start) % G: all K steps of the chunk (G = K), or a group of
+  // G steps at a time that the column buffers ([D, 2H, N] and [D, H, N], N = K B) then
+  // take as columns (t - start) B ...: a run of G B numbers per column row, written
+  // when the group's first step is done (cache lines filled in one go, where B numbers
+  // per step would touch each line again, long after it left the cache).
+  const int64_t group = dps.size(1);
+  const bool columns = dp_columns.has_value() && dp_columns->defined();
+  TORCH_CHECK(states.size(1) == group && dps.is_contiguous() && states.is_contiguous(),
+              "rhn_native: dps [D, G, B, 2H] and states [D, G, B, H], contiguous");
+  TORCH_CHECK(!columns || (state_columns.has_value() && state_columns->defined() &&
+                           dp_columns->is_contiguous() && state_columns->is_contiguous()),
+              "rhn_native: dp and state columns come together, contiguous");
   const MaskKind kind = mask_kind(mask_in);
   const Tensor mask = kind == kNone ? Tensor() : mask_in->contiguous();
   const auto m = masks_of<T>(mask, kind);
@@ -381,8 +519,9 @@ Tensor backward_impl(int64_t start, int64_t end, Tensor ds, const Tensor& d_outp
   for (int64_t i = 0; i < D; ++i) carry_rows[i] = rows<T>(carry.select(0, i));
 
   for (int64_t t = end - 1; t >= start; --t) {
-    auto dp = dps.select(1, t - start);     // [D, B, 2H]
-    auto S = states.select(1, t - start);   // [D, B, H]
+    const int64_t place = (t - start) % group;
+    auto dp = dps.select(1, place);    // [D, B, 2H]
+    auto S = states.select(1, place);  // [D, B, H]
     S.select(0, 0).copy_(t == 0 ? state : outputs.select(1, t - 1));
     for (int64_t i = 0; i < D; ++i) {
       dp_rows[i] = rows<T>(dp.select(0, i));
@@ -435,6 +574,31 @@ Tensor backward_impl(int64_t start, int64_t end, Tensor ds, const Tensor& d_outp
                  i > 0 ? carry_rows[i - 1] : Rows<T>{});
       ds = next;
     }
+    if (columns && place == 0) {  // the group's dp^i and s^i * m_h (shared mask) as columns
+      const int64_t N = dp_columns->size(2), column = (t - start) * B;
+      const int64_t count = std::min(group, end - t) * B;  // rows: (step, b) in order
+      T* dp_out = dp_columns->data_ptr<T>() + column;
+      T* s_out = state_columns->data_ptr<T>() + column;
+      const T* dp_in = dps.data_ptr<T>();
+      const T* s_in = states.data_ptr<T>();
+      const int64_t dp_blocks = (2 * H + 15) / 16, s_blocks = (H + 15) / 16;
+      at::parallel_for(0, D * (dp_blocks + s_blocks), 1, [&](int64_t begin, int64_t finish) {
+        for (int64_t task = begin; task < finish; ++task) {
+          const int64_t i = task / (dp_blocks + s_blocks), block = task % (dp_blocks + s_blocks);
+          if (block < dp_blocks) {
+            transpose_columns<T>(dp_in + i * dps.stride(0), 2 * H, count, 2 * H,
+                                 dp_out + i * 2 * H * N, N, block, block + 1);
+          } else {
+            transpose_columns<T>(s_in + i * states.stride(0), H, count, H, s_out + i * H * N, N,
+                                 block - dp_blocks, block - dp_blocks + 1,
+                                 kind == kShared ? m.m0 : nullptr, m.ld, B);
+          }
+        }
+        fence_streaming_stores();
+      });
+    }
+    if (d_projected.has_value() && d_projected->defined())  // dL/dprojected_t = dp^0_t
+      d_projected->select(1, t).copy_(dp.select(0, 0));
     ds = ds.clone();  // the buffers are reused by the next step
     if (z > 0) ds.add_(kept_part);
     if (t > 0) ds.add_(d_outputs.select(1, t - 1));
@@ -467,13 +631,16 @@ Tensor backward(int64_t start, int64_t end, const Tensor& ds, const Tensor& d_ou
                 const Tensor& outputs, const c10::optional<Tensor>& keep, double z,
                 bool training, std::vector<int64_t> recomputed, const Tensor& dps,
                 const Tensor& states, const Tensor& carry, std::vector<Tensor> packed,
-                std::vector<Tensor> packed_forward) {
+                std::vector<Tensor> packed_forward, const c10::optional<Tensor>& dp_columns,
+                const c10::optional<Tensor>& state_columns,
+                const c10::optional<Tensor>& d_projected) {
   at::NoGradGuard no_grad;
   const auto flags = layer_flags(weight.size(0), recomputed);
   return AT_DISPATCH_FLOATING_TYPES(ds.scalar_type(), "rhn_backward", [&] {
     return backward_impl<scalar_t>(start, end, ds, d_outputs, state, operands, weight, bias, mask,
                                    pre, outputs, keep, z, training, flags, dps, states, carry,
-                                   packed, packed_forward);
+                                   packed, packed_forward, dp_columns, state_columns,
+                                   d_projected);
   });
 }
 
@@ -693,6 +860,7 @@ void l2_sgd_update(const std::vector<Tensor>& params, const std::vector<Tensor>&
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("forward", &forward, "RHN recurrence forward (see rhn_fast.py)");
   module.def("backward", &backward, "RHN recurrence backward over steps [start, end)");
+  module.def("transpose_into", &transpose_into, "dst[..., j, i] = src[..., i, j]");
   module.def("cross_entropy_forward", &cross_entropy_forward,
              "summed softmax cross-entropy and the rows' log-sum-exp");
   module.def("cross_entropy_backward", &cross_entropy_backward,
