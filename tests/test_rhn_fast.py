@@ -610,20 +610,25 @@ def test_native_transpose_equals_torch_s(dtype, shape):
     [(4, 13, 20, 16, 32), (3, 7, 17, 64, 1024)],
     ids=["groups-of-4-two-chunks", "one-group-partial-tiles"],
 )
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep-p", "recompute-p"])
 def test_native_weight_gradients_from_columns_equal_the_python_loop_s(
-    monkeypatch, masks_kind, B, T, H, column_run, chunk_rows
+    monkeypatch, masks_kind, B, T, H, column_run, chunk_rows, recompute
 ):
     """The native backward hands dp and s * m_h to the weight gradients as columns,
-    written a group of steps at a time into rows padded with zeros to whole cache lines:
+    written a group of steps at a time into rows padded with zeros to whole cache lines,
+    the rows of dp in p's place, or in a buffer for recomputed layers (1 and 3 of 5):
     with groups that do not divide a chunk, chunks of unequal lengths, partial tiles and
     scratch buffers that start out as NaN (so that every number used must be written),
     the gradients are the Python loop's (float32 rounding)."""
     assert rhn_native.load() is not None
     monkeypatch.setattr(rhn_fast, "COLUMN_RUN", column_run)
     monkeypatch.setattr(rhn_fast, "CHUNK_ROWS", chunk_rows)
+    if recompute:
+        monkeypatch.setattr(rhn_fast, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
+        monkeypatch.setattr(rhn_fast, "RECOMPUTE_EVERY", 2)
     buffer = rhn_fast._buffer
     monkeypatch.setattr(rhn_fast, "_buffer", lambda *a: buffer(*a).fill_(float("nan")))
-    inputs, mask = _recurrence_inputs(D=2, B=B, T=T, H=H, dtype=torch.float32)
+    inputs, mask = _recurrence_inputs(D=5, B=B, T=T, H=H, dtype=torch.float32)
     with torch.no_grad():  # a contracting recurrence: no rounding blown up over T steps
         inputs[2].div_(H**0.5)
     mask = {"shared": mask[:, 0], "separate": mask, "none": None}[masks_kind]

@@ -88,13 +88,13 @@ from torch.autograd.function import once_differentiable
 
 # Rows (K time steps x B) of each weight-gradient product: the more, the closer the
 # products run to full GEMM speed. Their inputs, dp and s^i, are kept for K steps:
-# 3 * H * D * K * B numbers (native loop: as columns, plus one step's rows; Python
-# loop: dp in a buffer, or H * D * K * B where dp overwrites p), against
+# 3 * H * D * K * B numbers (native loop: as columns, plus the rows of a group of
+# steps; Python loop: dp in a buffer, or H * D * K * B where dp overwrites p), against
 # 2 * H * D * T * B for all of p, at most CHUNK_BYTES: ptb_sota's window is one chunk
-# (67 MB), whose ten [1660, 700] x [700, 830] products take ~15% less time than two
-# chunks' twenty of half the rows; enwik8_sota's chunks are 2 steps (69 MB).
+# (72 MB), whose ten [1660, 700] x [700, 830] products take ~15% less time than two
+# chunks' twenty of half the rows; enwik8_sota's chunks are 2 steps (58 MB).
 CHUNK_ROWS = 1024
-CHUNK_BYTES = 80 * 2**20
+CHUNK_BYTES = 72 * 2**20
 COLUMN_RUN = 64
 # Keeping p costs 2H numbers per micro-step: 768 MB for one enwik8_sota window (B=128,
 # T=50, H=1500, D=10), four times the weights. Past this size the backward recomputes
@@ -437,21 +437,25 @@ def _native_backward(
     weights, recomputed,
 ):  # fmt: skip
     """The backward's time loop in C++, chunk by chunk. Each step's dp^i and s^i need
-    only last the step as rows (for dp^i R^i and the gates); for the weight gradients
-    the kernel also writes them column-major, dp^T [D, 2H, N] and (s * m_h)^T [D, H, N]
-    for the chunk's N = K B rows: the operand layout in which oneDNN runs dR^i =
-    dp^i^T (s^i * m_h) fastest, without transposed copies (ptb_sota: ~95 against ~115
-    ms for MKL on the rows on the 2-core dev CPU)."""
+    only last the step as rows (for dp^i R^i and the gates; dp in p's place where it
+    can); for the weight gradients the kernel also writes them column-major, dp^T
+    [D, 2H, N] and (s * m_h)^T [D, H, N] for the chunk's N = K B rows: the operand
+    layout in which oneDNN runs dR^i = dp^i^T (s^i * m_h) fastest, without transposed
+    copies (ptb_sota: ~95 against ~115 ms for MKL on the rows on the 2-core dev CPU)."""
     _, T, B, width = pre.shape
     D, H = weight.shape[0], width // 2
-    step_bytes = 3 * H * D * B * pre.element_size()  # one step's dp and s
+    # A kept layer's dp overwrites its p, unless the graph is kept for another backward
+    # (retain_graph, as gradcheck does); dps then holds the recomputed layers' only.
+    dp_over_p = not _graph_kept()
+    staged = len(recomputed) if dp_over_p else D
     # Steps per group of rows turned into columns: at least COLUMN_RUN columns, a
     # multiple of 16 (whole cache lines of float32 from aligned offsets).
     aligned = 16 // math.gcd(B, 16)
     G = min(T, aligned * -(-COLUMN_RUN // (aligned * B)))
-    K = _chunk_steps(T, B, step_bytes, reserved=G * step_bytes if weights else 0)
+    row_bytes = (staged * width + D * H) * B * pre.element_size()  # a step's dp and s rows
+    K = _chunk_steps(T, B, 3 * H * D * B * pre.element_size(), reserved=G * row_bytes)
     G = min(G, K)
-    dps, states = _buffer((D, G, B, width), pre), _buffer((D, G, B, H), pre)
+    dps, states = _buffer((staged, G, B, width), pre), _buffer((D, G, B, H), pre)
     scratch = [dps, states]
     columns = dp_columns = state_columns = None
     if weights:  # column rows padded to whole cache lines, with zeros
@@ -488,7 +492,7 @@ def _native_backward(
         ds = native.backward(
             start, end, ds, d_outputs, state, operands, weight, bias, mask, pre, outputs,
             keep, z, training, sorted(recomputed), dps, states, carry, packed, packed_forward,
-            dp_columns, state_columns, d_projected,
+            dp_columns, state_columns, d_projected, dp_over_p,
         )  # fmt: skip
         if weights:  # the shared mask is in the columns already
             used = padded if mask is None or shared else N  # rows b of N a step each

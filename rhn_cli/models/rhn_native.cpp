@@ -463,7 +463,7 @@ Tensor backward_impl(int64_t start, int64_t end, Tensor ds, const Tensor& d_outp
                      const std::vector<Tensor>& packed, const std::vector<Tensor>& packed_forward,
                      const c10::optional<Tensor>& dp_columns,
                      const c10::optional<Tensor>& state_columns,
-                     const c10::optional<Tensor>& d_projected) {
+                     const c10::optional<Tensor>& d_projected, bool dp_over_p) {
   const int64_t D = weight.size(0), H = weight.size(2), B = outputs.size(0);
   // The rows dp^i_t and s^i_t of steps t in [start, end) go into dps and states
   // [D, G, B, .], slot (t - start) % G: all K steps of the chunk (G = K), or a group of
@@ -471,10 +471,17 @@ Tensor backward_impl(int64_t start, int64_t end, Tensor ds, const Tensor& d_outp
   // take as columns (t - start) B ...: a run of G B numbers per column row, written
   // when the group's first step is done (cache lines filled in one go, where B numbers
   // per step would touch each line again, long after it left the cache).
-  const int64_t group = dps.size(1);
+  // With dp_over_p, a kept layer's dp^i_t goes where p^i_t was (its step needs p no
+  // more once the gates are recomputed: the same pass reads p and writes dp), and dps
+  // holds the recomputed layers' only (their p is recomputed into it).
+  const int64_t group = states.size(1);
   const bool columns = dp_columns.has_value() && dp_columns->defined();
-  TORCH_CHECK(states.size(1) == group && dps.is_contiguous() && states.is_contiguous(),
-              "rhn_native: dps [D, G, B, 2H] and states [D, G, B, H], contiguous");
+  int64_t recomputed_count = 0;
+  for (int64_t i = 0; i < D; ++i) recomputed_count += recomputed[i];
+  TORCH_CHECK(dps.size(0) == (dp_over_p ? recomputed_count : D) && dps.size(1) == group &&
+                  dps.is_contiguous() && states.is_contiguous() && pre.is_contiguous(),
+              "rhn_native: dps [D (or the recomputed layers), G, B, 2H], states [D, G, B, H]"
+              " and pre, contiguous");
   TORCH_CHECK(!columns || (state_columns.has_value() && state_columns->defined() &&
                            dp_columns->is_contiguous() && state_columns->is_contiguous()),
               "rhn_native: dp and state columns come together, contiguous");
@@ -509,22 +516,33 @@ Tensor backward_impl(int64_t start, int64_t end, Tensor ds, const Tensor& d_outp
   Tensor sm0 = kind != kNone ? at::empty({B, H}, opts) : Tensor();
   Tensor sm1 = kind == kSeparate ? at::empty({B, H}, opts) : Tensor();
   Tensor ds_buffers[2] = {at::empty({B, H}, opts), at::empty({B, H}, opts)};
-  std::vector<int64_t> slot(D, -1);
+  std::vector<int64_t> slot(D, -1), staged(D, -1);  // layer -> index into pre, into dps
   {
-    int64_t kept = 0;
-    for (int64_t i = 0; i < D; ++i)
+    int64_t kept = 0, other = 0;
+    for (int64_t i = 0; i < D; ++i) {
       if (!recomputed[i]) slot[i] = kept++;
+      if (!dp_over_p) staged[i] = i;
+      else if (recomputed[i]) staged[i] = other++;
+    }
   }
+  // Layer i's dp rows of step t (and, being contiguous in t, of the steps after it).
+  auto dp_home = [&](int64_t i, int64_t t) -> T* {
+    if (staged[i] < 0) return pre.data_ptr<T>() + (slot[i] * pre.size(1) + t) * B * 2 * H;
+    return dps.data_ptr<T>() + (staged[i] * group + (t - start) % group) * B * 2 * H;
+  };
+  auto dp_tensor = [&](int64_t i, int64_t t) {  // the same [B, 2H] rows as a tensor
+    if (staged[i] < 0) return pre.select(0, slot[i]).select(0, t);
+    return dps.select(0, staged[i]).select(0, (t - start) % group);
+  };
   std::vector<Rows<T>> carry_rows(D), pre_rows(D), dp_rows(D), S_rows(D);
   for (int64_t i = 0; i < D; ++i) carry_rows[i] = rows<T>(carry.select(0, i));
 
   for (int64_t t = end - 1; t >= start; --t) {
     const int64_t place = (t - start) % group;
-    auto dp = dps.select(1, place);    // [D, B, 2H]
     auto S = states.select(1, place);  // [D, B, H]
     S.select(0, 0).copy_(t == 0 ? state : outputs.select(1, t - 1));
     for (int64_t i = 0; i < D; ++i) {
-      dp_rows[i] = rows<T>(dp.select(0, i));
+      dp_rows[i] = {dp_home(i, t), 2 * H};
       S_rows[i] = rows<T>(S.select(0, i));
       pre_rows[i] = slot[i] >= 0 ? rows<T>(pre.select(0, slot[i]).select(0, t)) : dp_rows[i];
     }
@@ -535,7 +553,7 @@ Tensor backward_impl(int64_t start, int64_t end, Tensor ds, const Tensor& d_outp
       while (last < D && !recomputed[last]) ++last;
       if (recomputed[first]) {
         auto s = S.select(0, first);
-        auto p = dp.select(0, first);
+        auto p = dps.select(0, staged[first]).select(0, place);
         mask_into(s, mask, kind, sm0, sm1);
         auto [ph, pt] = preactivation(s, sm0, sm1, up[first], kind, p);
         if (ph.data_ptr() != p.data_ptr()) {  // a packed product's new tensor
@@ -560,7 +578,7 @@ Tensor backward_impl(int64_t start, int64_t end, Tensor ds, const Tensor& d_outp
     ds = ds.contiguous();
     scale<T>(B, H, dp_rows[D - 1], carry_rows[D - 1], rows<T>(ds));
     for (int64_t i = D - 1; i >= 0; --i) {
-      auto dpi = dp.select(0, i);
+      auto dpi = dp_tensor(i, t);
       Tensor r0, r1;
       if (kind == kSeparate) {
         r0 = linear(dpi.narrow(1, 0, H), down[i].weight[0], down[i].packed[0], Tensor(), prod[0]);
@@ -579,14 +597,13 @@ Tensor backward_impl(int64_t start, int64_t end, Tensor ds, const Tensor& d_outp
       const int64_t count = std::min(group, end - t) * B;  // rows: (step, b) in order
       T* dp_out = dp_columns->data_ptr<T>() + column;
       T* s_out = state_columns->data_ptr<T>() + column;
-      const T* dp_in = dps.data_ptr<T>();
       const T* s_in = states.data_ptr<T>();
       const int64_t dp_blocks = (2 * H + 15) / 16, s_blocks = (H + 15) / 16;
       at::parallel_for(0, D * (dp_blocks + s_blocks), 1, [&](int64_t begin, int64_t finish) {
         for (int64_t task = begin; task < finish; ++task) {
           const int64_t i = task / (dp_blocks + s_blocks), block = task % (dp_blocks + s_blocks);
           if (block < dp_blocks) {
-            transpose_columns<T>(dp_in + i * dps.stride(0), 2 * H, count, 2 * H,
+            transpose_columns<T>(dp_home(i, t), 2 * H, count, 2 * H,
                                  dp_out + i * 2 * H * N, N, block, block + 1);
           } else {
             transpose_columns<T>(s_in + i * states.stride(0), H, count, H, s_out + i * H * N, N,
@@ -598,7 +615,7 @@ Tensor backward_impl(int64_t start, int64_t end, Tensor ds, const Tensor& d_outp
       });
     }
     if (d_projected.has_value() && d_projected->defined())  // dL/dprojected_t = dp^0_t
-      d_projected->select(1, t).copy_(dp.select(0, 0));
+      d_projected->select(1, t).copy_(dp_tensor(0, t));
     ds = ds.clone();  // the buffers are reused by the next step
     if (z > 0) ds.add_(kept_part);
     if (t > 0) ds.add_(d_outputs.select(1, t - 1));
@@ -633,14 +650,14 @@ Tensor backward(int64_t start, int64_t end, const Tensor& ds, const Tensor& d_ou
                 const Tensor& states, const Tensor& carry, std::vector<Tensor> packed,
                 std::vector<Tensor> packed_forward, const c10::optional<Tensor>& dp_columns,
                 const c10::optional<Tensor>& state_columns,
-                const c10::optional<Tensor>& d_projected) {
+                const c10::optional<Tensor>& d_projected, bool dp_over_p) {
   at::NoGradGuard no_grad;
   const auto flags = layer_flags(weight.size(0), recomputed);
   return AT_DISPATCH_FLOATING_TYPES(ds.scalar_type(), "rhn_backward", [&] {
     return backward_impl<scalar_t>(start, end, ds, d_outputs, state, operands, weight, bias, mask,
                                    pre, outputs, keep, z, training, flags, dps, states, carry,
                                    packed, packed_forward, dp_columns, state_columns,
-                                   d_projected);
+                                   d_projected, dp_over_p);
   });
 }
 
