@@ -689,12 +689,17 @@ def test_the_weight_gradients_library_is_timed_once_per_shape(monkeypatch):
             ways.append(onednn) or product(out, left, right, accumulate, onednn)
         ),
     )
-    left, right = torch.randn(12, 8), torch.randn(12, 4)
-    out = torch.empty(8, 4)
-    choice = rhn_fast.weight_gradients_through_onednn(out, left, right)
-    assert ways == ([False, True] * 3 if torch.backends.mkldnn.is_available() else [])
-    assert rhn_fast.weight_gradients_through_onednn(out, left, right) == choice
-    assert len(ways) in (0, 6)  # the second call only looked the choice up
+    lefts, rights = torch.randn(2, 12, 8), torch.randn(2, 12, 4)
+    held = (lefts.clone(), rights.clone())
+    choice = rhn_fast.weight_gradients_through_onednn(lefts, rights)
+    rounds = rhn_fast.DECISION_ROUNDS
+    assert ways == (
+        [False, False, True, True] * rounds if torch.backends.mkldnn.is_available() else []
+    )
+    assert rhn_fast.weight_gradients_through_onednn(lefts, rights) == choice
+    assert len(ways) in (0, 4 * rounds)  # the second call only looked the choice up
+    torch.testing.assert_close((lefts, rights), held, rtol=0, atol=0)
+    left, right, out = lefts[0], rights[0], torch.empty(8, 4)
     for onednn in (False, True):
         assert rhn_fast.weight_gradient(out, left, right, False, onednn) is out
         torch.testing.assert_close(out, left.t() @ right)
@@ -702,7 +707,27 @@ def test_the_weight_gradients_library_is_timed_once_per_shape(monkeypatch):
         torch.testing.assert_close(out, 2 * left.t() @ right)
         new = rhn_fast.weight_gradient(None, left, right, False, onednn)
         torch.testing.assert_close(new, left.t() @ right)
-    assert not rhn_fast.weight_gradients_through_onednn(out, left.double(), right.double())
+    assert not rhn_fast.weight_gradients_through_onednn([left.double()], [right.double()])
+
+
+def test_timing_a_new_shape_of_a_later_chunk_leaves_the_sums_so_far_alone(monkeypatch):
+    """Chunks of unequal lengths (steps [2, 5) and [0, 2) at B = 16: 48 and 32 rows)
+    meet the library decision for the second shape with the first chunk's sums already
+    in the gradient: deciding writes none of them."""
+    assert rhn_native.load() is not None
+    monkeypatch.setattr(rhn_fast, "CHUNK_ROWS", 48)
+    inputs, mask = _recurrence_inputs(D=2, B=16, T=5, H=8, dtype=torch.float32)
+    runs = {}
+    for native in (True, False):
+        monkeypatch.setattr(rhn_fast, "NATIVE", native)
+        monkeypatch.setattr(rhn_fast, "_ONEDNN_WEIGHT_GRADIENTS", {})
+        for t in inputs:
+            t.grad = None
+        outputs, final = rhn_fast.recurrence(*inputs, mask[:, 0], training=True)
+        (outputs.sin().sum() + final.sum()).backward()
+        runs[native] = [t.grad for t in inputs]
+    for got, want in zip(runs[True], runs[False], strict=True):
+        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
 
 
 @pytest.mark.parametrize("switch", ["no-operators", "turned-off"])

@@ -580,7 +580,7 @@ def _accumulate_weight_gradients(d_weight, d_bias, dp, states, mask):
         first = d_weight is None  # written by the first chunk's products, not zeroed first
         if first:
             d_weight = _gradient_buffer((D, width, H), dp)
-        onednn = weight_gradients_through_onednn(d_weight[0], dp[0], inputs[0])
+        onednn = weight_gradients_through_onednn(dp, inputs)
         for i in range(D):
             weight_gradient(d_weight[i], dp[i], inputs[i], not first, onednn)
         return d_weight, d_bias
@@ -612,23 +612,28 @@ def weight_gradient(out, left, right, accumulate, onednn=False):
 
 # Shapes of the weight-gradient products -> whether oneDNN runs them faster than MKL on
 # this machine (timed once per process and shape: neither wins everywhere; on the 2-core
-# dev CPU MKL does at ptb_sota's [1660, 700] x [700, 830], oneDNN by ~15% at
-# enwik8_sota's [3000, 256] x [256, 1500]).
+# dev CPU oneDNN does at the RHN's column-major operands, by ~25% for ptb_sota's ten
+# [1660, 704] x [704, 830] products, while a single such product timed again and again,
+# from the caches, comes out even).
 _ONEDNN_WEIGHT_GRADIENTS: dict[tuple, bool] = {}
+DECISION_ROUNDS = 2
 
 
-def weight_gradients_through_onednn(scratch, left, right) -> bool:
-    """Whether this shape's weight-gradient products go through oneDNN: only in the
-    native loop's setting (float32, CPU, oneDNN on), decided by timing each way three
-    times, interleaved (the fastest counts: the first oneDNN call builds its kernel),
-    into ``scratch``, which the caller then overwrites (None: into new tensors)."""
-    key = (tuple(left.shape), tuple(right.shape), left.dtype)
+def weight_gradients_through_onednn(lefts, rights) -> bool:
+    """Whether weight-gradient products left^T right of this shape go through oneDNN:
+    only in the native loop's setting (float32, CPU, oneDNN on), decided by timing all
+    the given operand pairs (the D micro-layers' distinct operands: as cold in the
+    caches as in a step, where a pair timed again would run from them) each way,
+    ``DECISION_ROUNDS`` times, interleaved; the fastest round counts (the first oneDNN
+    call builds its kernel). Into new tensors: nothing the caller holds is written."""
+    key = (tuple(lefts[0].shape), tuple(rights[0].shape), lefts[0].dtype)
     if key not in _ONEDNN_WEIGHT_GRADIENTS:
-        usable = native_loop(left, right) is not None and onednn_applies(left.dtype)
+        usable = native_loop(lefts[0], rights[0]) is not None and onednn_applies(lefts[0].dtype)
         seconds = {False: [], True: []}
-        for onednn in (False, True) * 3 if usable else ():
+        for onednn in (False, True) * DECISION_ROUNDS if usable else ():
             started = time.perf_counter()
-            weight_gradient(scratch, left, right, False, onednn)
+            for left, right in zip(lefts, rights, strict=True):
+                weight_gradient(None, left, right, False, onednn)
             seconds[onednn].append(time.perf_counter() - started)
         seconds = {way: min(times, default=0.0) for way, times in seconds.items()}
         _ONEDNN_WEIGHT_GRADIENTS[key] = usable and seconds[True] < seconds[False]

@@ -111,7 +111,7 @@ class _Logits(torch.autograd.Function):
             d_x = (d_rows @ weight).view(ctx.shape)
         if ctx.needs_input_grad[1]:
             # a new tensor: oneDNN's result itself, not a copy of it (33 MB at ptb_sota)
-            onednn = rhn_fast.weight_gradients_through_onednn(None, d_rows, rows)
+            onednn = rhn_fast.weight_gradients_through_onednn([d_rows], [rows])
             d_weight = rhn_fast.weight_gradient(None, d_rows, rows, False, onednn)
             if ctx.tied is not None:
                 ctx.tied.d_weight, ctx.tied.backward_pass = d_weight, _backward_pass()
