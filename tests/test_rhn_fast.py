@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -640,6 +641,39 @@ def test_native_weight_gradients_from_columns_equal_the_python_loop_s(
         outputs, final = rhn_fast.recurrence(*inputs, mask, training=True)
         (outputs.sin().sum() + final.sum()).backward()
         runs[native] = (outputs.detach(), *(t.grad for t in inputs))
+    for got, want in zip(runs[True], runs[False], strict=True):
+        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="madvise(MADV_DONTNEED) is Linux's")
+def test_a_large_window_gives_the_memory_of_finished_steps_p_back(monkeypatch):
+    """Where p is too large to keep whole (recomputed layers), the native backward hands
+    the pages of each finished chunk's p back to the system (they read as zeros after),
+    and the gradients are the Python loop's."""
+    native = rhn_native.load()
+    assert native is not None
+    monkeypatch.setattr(rhn_fast, "_SPARE_BUFFERS", [])
+    monkeypatch.setattr(rhn_fast, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
+    monkeypatch.setattr(rhn_fast, "RECOMPUTE_EVERY", 2)
+    monkeypatch.setattr(rhn_fast, "CHUNK_ROWS", 8)  # chunks of 2 steps, 32 KB of p each
+    released = []
+    release = native.release
+    monkeypatch.setattr(native, "release", lambda t: released.append(release(t)) or released[-1])
+    inputs, mask = _recurrence_inputs(D=3, B=4, T=6, H=512, dtype=torch.float32)
+    with torch.no_grad():
+        inputs[2].div_(512**0.5)
+    runs = {}
+    for native_loop in (True, False):
+        monkeypatch.setattr(rhn_fast, "NATIVE", native_loop)
+        for t in inputs:
+            t.grad = None
+        outputs, final = rhn_fast.recurrence(*inputs, mask[:, 0], training=True)
+        pre = outputs.grad_fn.saved_tensors[4]
+        (outputs.sin().sum() + final.sum()).backward()
+        runs[native_loop] = [t.grad for t in inputs]
+        if native_loop:
+            assert len(released) == 3 * 2 and sum(released) > 0.8 * pre.nbytes
+            assert (pre == 0).float().mean() > 0.8
     for got, want in zip(runs[True], runs[False], strict=True):
         assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
 

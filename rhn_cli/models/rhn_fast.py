@@ -494,6 +494,9 @@ def _native_backward(
             keep, z, training, sorted(recomputed), dps, states, carry, packed, packed_forward,
             dp_columns, state_columns, d_projected, dp_over_p,
         )  # fmt: skip
+        if recomputed and dp_over_p:  # a window too large to keep all of p: its done
+            for kept in pre.unbind(0):  # steps' p (and dp) go back to the system now
+                native.release(kept[start:end])
         if weights:  # the shared mask is in the columns already
             used = padded if mask is None or shared else N  # rows b of N a step each
             d_weight, d_bias = _accumulate_weight_gradients(

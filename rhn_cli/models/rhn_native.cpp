@@ -28,8 +28,14 @@
 #include <immintrin.h>
 #endif
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -305,6 +311,24 @@ void transpose_into(Tensor dst, const Tensor& src) {
       fence_streaming_stores();
     });
   });
+}
+
+// Hands the whole pages inside a contiguous tensor's memory back to the system
+// (MADV_DONTNEED: they read as zeros when touched again, and cost a page fault each
+// then), for a buffer whose contents are dead but which is kept for reuse: the
+// backward's p, once its steps are done, in windows too large to keep all of p.
+// Returns the bytes released (0 where the system has no such call).
+int64_t release(const Tensor& tensor) {
+  TORCH_CHECK(tensor.is_contiguous() && tensor.device().is_cpu(), "rhn_native: release a contiguous CPU tensor");
+#if defined(__linux__)
+  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<uintptr_t>(tensor.data_ptr());
+  const auto first = (begin + page - 1) / page * page;
+  const auto last = (begin + tensor.nbytes()) / page * page;
+  if (last > first && madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED) == 0)
+    return static_cast<int64_t>(last - first);
+#endif
+  return 0;
 }
 
 enum MaskKind { kNone, kShared, kSeparate };
@@ -878,6 +902,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("forward", &forward, "RHN recurrence forward (see rhn_fast.py)");
   module.def("backward", &backward, "RHN recurrence backward over steps [start, end)");
   module.def("transpose_into", &transpose_into, "dst[..., j, i] = src[..., i, j]");
+  module.def("release", &release, "give a dead tensor's whole pages back to the system");
   module.def("cross_entropy_forward", &cross_entropy_forward,
              "summed softmax cross-entropy and the rows' log-sum-exp");
   module.def("cross_entropy_backward", &cross_entropy_backward,
