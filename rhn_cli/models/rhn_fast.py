@@ -26,23 +26,24 @@ m_h[:, 0] and the T rows m_h[:, 1], in dL/ds^i and in dR^i.
 Zoneout splits dL/ds_t between s^D_t and s_{t-1}: by the kept draw in training (bool
 [B, T, H], saved), by 1 - z and z in eval.
 
-What is kept for the backward: only the pre-activations p (2H numbers per micro-step,
-written in place by the forward), the output sequence (returned anyway; s^0_t = s_{t-1}
-is in it) and, for training zoneout, its keep mask (bool). The backward recomputes the
-rest elementwise, one step at a time: the gates from p (one tanh and one sigmoid for
-all D micro-layers of the step) and the states s^1..s^{D-1} from s_{t-1}, by the
-forward's operations on the same numbers. The autograd loop keeps about
+What is kept for the backward: only the gates h and g of each micro-step (2H numbers,
+as many as p, which they overwrite in the forward: keeping p instead would save nothing
+and cost a tanh and a sigmoid again in the backward), the output sequence (returned
+anyway; s^0_t = s_{t-1} is in it) and, for training zoneout, its keep mask (bool). The
+backward recomputes the states s^1..s^{D-1} from s_{t-1} and the gates, one step at a
+time, by the forward's operations on the same numbers. The autograd loop keeps about
 4H per micro-step (s * m_h, h, g, h - s) and this 2H. The backward's scratch space is
 dp and s^i for one chunk of K steps, 3H per micro-step: in the native loop as columns
-(below), in the Python loop as rows, where dp overwrites p (its step no longer needs p
-once the gates are recomputed) unless the graph is kept for another backward
-(``retain_graph``) or p is recomputed, leaving H. When all of p would exceed
-``KEEP_ALL_PREACTIVATIONS_UP_TO`` (256 MB; enwik8_sota's window holds 768 MB), every
-third micro-layer's p (2, 5, 8, ...) is not kept: the backward recomputes it from the
-reconstructed s^i with the forward's product, one [B, H] x [H, 2H] product more per
-such micro-step, for a third less memory. Recurrent weights up to
-``TRANSPOSED_COPY_UP_TO`` get a second copy for the backward's dp @ R^i products
-(packed for oneDNN, see below, or else transposed).
+(below), in the Python loop as rows, where dp overwrites the gates (its step no longer
+needs them once used) unless the graph is kept for another backward (``retain_graph``)
+or layers are recomputed, leaving H. When all the gates (the buffer is still called p
+in the code) would exceed ``KEEP_ALL_PREACTIVATIONS_UP_TO`` (256 MB; enwik8_sota's
+window holds 768 MB), every third micro-layer's (2, 5, 8, ...) are not kept: the
+backward recomputes its p from the reconstructed s^i with the forward's product, and
+its gates, one [B, H] x [H, 2H] product more per such micro-step, for a third less
+memory; and it hands the memory of each chunk's gates, once done, back to the system.
+Recurrent weights up to ``TRANSPOSED_COPY_UP_TO`` get a second copy for the backward's
+dp @ R^i products (packed for oneDNN, see below, or else transposed).
 
 No gradient wanted (``torch.no_grad()``, or no input requires grad, e.g. evaluation):
 the same loop runs without storing p and without the autograd Function, so nothing is
@@ -243,8 +244,8 @@ def _forward(
             _preactivation(p, s, R, b, mask)
             if i == 0:
                 p.add_(x)
-            h, g = torch.tanh(p[:, :H]), torch.sigmoid(p[:, H:])
-            s = torch.addcmul(s, h.sub_(s), g)  # s + (h - s) * g; the backward redoes this
+            h, g = p[:, :H].tanh_(), p[:, H:].sigmoid_()  # kept for the backward
+            s = torch.addcmul(s, h - s, g)  # s + (h - s) * g; the backward redoes this
         if z_states > 0:  # as rhn_cli.models.zoneout, with the draw kept for the backward
             if training:
                 keep_old = torch.rand_like(s) < z_states
@@ -384,9 +385,8 @@ def _backward(
             dp, S = dps[:, t - start], states[:, t - start]  # [D, B, 2H], [D, B, H]
             h, g = dp[..., :H], dp[..., H:]
             S[0] = state if t == 0 else outputs[:, t - 1]
-            if not recomputed:  # all gates of the step at once
-                torch.tanh(pre[:, t, :, :H], out=h)
-                torch.sigmoid(pre[:, t, :, H:], out=g)
+            if not recomputed and not in_place:  # the forward's gates (in place: there)
+                dp.copy_(pre[:, t])
             kept = 0
             for i in range(D):  # the states s^i, exactly as the forward made them
                 if recomputed and i in recomputed:  # p^i = b^i + (s^i * m_h) R^i^T again
@@ -394,8 +394,7 @@ def _backward(
                     h[i].tanh_()
                     g[i].sigmoid_()
                 elif recomputed:
-                    torch.tanh(pre[kept, t, :, :H], out=h[i])
-                    torch.sigmoid(pre[kept, t, :, H:], out=g[i])
+                    dp[i].copy_(pre[kept, t])
                 kept += i not in recomputed
                 torch.sub(h[i], S[i], out=diff[i])
                 if i + 1 < D:

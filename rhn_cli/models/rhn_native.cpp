@@ -77,18 +77,18 @@ struct Masks {
 };
 
 // One micro-step forward, from the product's result (ph, pt: H and T halves, bias
-// included): p = result (+ x for layer 0) stored into p, h = tanh(p_H),
-// g = sigmoid(p_T), out = s + (h - s) g; and s_next * m into sm0/sm1 for the next product.
+// included): p = result (+ x for layer 0), h = tanh(p_H), g = sigmoid(p_T) stored into
+// gates (kept for the backward, which then needs no tanh or sigmoid of its own),
+// out = s + (h - s) g; and s_next * m into sm0/sm1 for the next product.
 template <typename T>
-void gate_forward(int64_t B, int64_t H, Rows<T> ph_in, Rows<T> pt_in, Rows<T> p, Rows<T> x,
-                  Rows<T> s, Rows<T> out, Masks<T> m, Rows<T> sm0, Rows<T> sm1) {
+void gate_forward(int64_t B, int64_t H, Rows<T> ph_in, Rows<T> pt_in, Rows<T> gates,
+                  Rows<T> x, Rows<T> s, Rows<T> out, Masks<T> m, Rows<T> sm0, Rows<T> sm1) {
   constexpr int64_t V = Vec<T>::size();
   at::parallel_for(0, B, grain(2 * H), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const T* phr = ph_in.row(b);
       const T* ptr = pt_in.row(b);
-      T* pr = p.row(b);
-      const bool store = x.data || phr != pr;
+      T* gr = gates.row(b);
       const T* xr = x.row(b);
       const T* sr = s.row(b);
       T* outr = out.row(b);
@@ -102,12 +102,10 @@ void gate_forward(int64_t B, int64_t H, Rows<T> ph_in, Rows<T> pt_in, Rows<T> p,
           ph = ph + Vec<T>::loadu(xr + j, n);
           pt = pt + Vec<T>::loadu(xr + H + j, n);
         }
-        if (store) {
-          ph.store(pr + j, n);
-          pt.store(pr + H + j, n);
-        }
         auto h = ph.tanh();
         auto g = sigmoid(pt);
+        h.store(gr + j, n);  // the product's result may be here: read first
+        g.store(gr + H + j, n);
         auto sv = Vec<T>::loadu(sr + j, n);
         auto next = sv + (h - sv) * g;
         next.store(outr + j, n);
@@ -119,13 +117,15 @@ void gate_forward(int64_t B, int64_t H, Rows<T> ph_in, Rows<T> pt_in, Rows<T> p,
 }
 
 // The backward's reconstruction of micro-layers [first, last) of one step: from s^first
-// in S[first] and the pre-activations (pre[i] for each layer), the gates again, then
+// in S[first] and the gates [h | g] kept by the forward (pre[i] for each layer; the
+// pre-activations p, whose gates are computed here, for recomputed layers),
 //   dp[i] = [g (1 - h^2) | (h - s^i) g (1 - g)]   (still to be multiplied by a)
 //   carry[i] = 1 - g,   S[i + 1] = s^i + (h - s^i) g   (for i + 1 < D).
 template <typename T>
 void gate_reconstruct(int64_t B, int64_t H, int64_t D, int64_t first, int64_t last,
                       const std::vector<Rows<T>>& pre, const std::vector<Rows<T>>& dp,
-                      const std::vector<Rows<T>>& carry, const std::vector<Rows<T>>& S) {
+                      const std::vector<Rows<T>>& carry, const std::vector<Rows<T>>& S,
+                      const std::vector<bool>& from_p) {
   constexpr int64_t V = Vec<T>::size();
   const Vec<T> one(T(1));
   at::parallel_for(0, B, grain(2 * H * (last - first)), [&](int64_t begin, int64_t end) {
@@ -135,8 +135,12 @@ void gate_reconstruct(int64_t B, int64_t H, int64_t D, int64_t first, int64_t la
         auto s = Vec<T>::loadu(S[first].row(b) + j, n);
         for (int64_t i = first; i < last; ++i) {
           const T* pr = pre[i].row(b);
-          auto h = Vec<T>::loadu(pr + j, n).tanh();
-          auto g = sigmoid(Vec<T>::loadu(pr + H + j, n));
+          auto h = Vec<T>::loadu(pr + j, n);
+          auto g = Vec<T>::loadu(pr + H + j, n);
+          if (from_p[i]) {
+            h = h.tanh();
+            g = sigmoid(g);
+          }
           auto diff = h - s;
           auto keep = one - g;
           T* dr = dp[i].row(b);
@@ -585,7 +589,8 @@ Tensor backward_impl(int64_t start, int64_t end, Tensor ds, const Tensor& d_outp
           p.narrow(1, H, H).copy_(pt);
         }
       }
-      gate_reconstruct<T>(B, H, D, first, last, pre_rows, dp_rows, carry_rows, S_rows);
+      gate_reconstruct<T>(B, H, D, first, last, pre_rows, dp_rows, carry_rows, S_rows,
+                          recomputed);
       first = last;
     }
     Tensor kept_part;
