@@ -12,8 +12,8 @@ lock.
 When it cannot be built (no compiler, no ninja, a failed build), :func:`load` logs one
 warning with the reason and returns None, and rhn_fast runs its Python loop (and the
 training loss and step their torch paths): the same model (float32 sums differ by
-rounding), with a ptb_sota training step taking about 1.5x as long (1.17 s against
-0.76 s on the 2-core dev CPU). ``RHN_NATIVE=0`` in the
+rounding), with a ptb_sota training step taking about 1.6x as long (1.09 s against
+0.68 s on the 2-core dev CPU). ``RHN_NATIVE=0`` in the
 environment skips the native loop altogether.
 """
 
