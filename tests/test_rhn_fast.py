@@ -572,6 +572,29 @@ def _recurrence_inputs(D=3, B=2, T=4, H=5, dtype=torch.float64):
     return (rand(B, T, 2 * H), rand(B, H), rand(D, 2 * H, H), rand(D, 2 * H)), mask
 
 
+def _both_loops(monkeypatch, inputs, mask, after_native=None):
+    """{native: (outputs, gradients of the inputs)} for the native and the Python loop,
+    training, on a nonlinear loss; ``after_native`` sees the native run's saved p after
+    its backward (before the Python run's forward may reuse its memory)."""
+    runs = {}
+    for native in (True, False):
+        monkeypatch.setattr(rhn_fast, "NATIVE", native)
+        for t in inputs:
+            t.grad = None
+        outputs, final = rhn_fast.recurrence(*inputs, mask, training=True)
+        pre = outputs.grad_fn.saved_tensors[4]
+        (outputs.sin().sum() + final.sum()).backward()
+        if native and after_native is not None:
+            after_native(pre)
+        runs[native] = (outputs.detach(), *(t.grad for t in inputs))
+    return runs
+
+
+def _assert_the_same_to_float32_rounding(runs):
+    for got, want in zip(runs[True], runs[False], strict=True):
+        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
 def test_native_loop_runs_the_whole_recurrence(monkeypatch):
     """With the native loop on, neither the forward nor the backward goes through the
     Python loop's per-step functions (with recomputed p and separate masks)."""
@@ -633,16 +656,7 @@ def test_native_weight_gradients_from_columns_equal_the_python_loop_s(
     with torch.no_grad():  # a contracting recurrence: no rounding blown up over T steps
         inputs[2].div_(H**0.5)
     mask = {"shared": mask[:, 0], "separate": mask, "none": None}[masks_kind]
-    runs = {}
-    for native in (True, False):
-        monkeypatch.setattr(rhn_fast, "NATIVE", native)
-        for t in inputs:
-            t.grad = None
-        outputs, final = rhn_fast.recurrence(*inputs, mask, training=True)
-        (outputs.sin().sum() + final.sum()).backward()
-        runs[native] = (outputs.detach(), *(t.grad for t in inputs))
-    for got, want in zip(runs[True], runs[False], strict=True):
-        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+    _assert_the_same_to_float32_rounding(_both_loops(monkeypatch, inputs, mask))
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="madvise(MADV_DONTNEED) is Linux's")
@@ -662,20 +676,13 @@ def test_a_large_window_gives_the_memory_of_finished_steps_p_back(monkeypatch):
     inputs, mask = _recurrence_inputs(D=3, B=4, T=6, H=512, dtype=torch.float32)
     with torch.no_grad():
         inputs[2].div_(512**0.5)
-    runs = {}
-    for native_loop in (True, False):
-        monkeypatch.setattr(rhn_fast, "NATIVE", native_loop)
-        for t in inputs:
-            t.grad = None
-        outputs, final = rhn_fast.recurrence(*inputs, mask[:, 0], training=True)
-        pre = outputs.grad_fn.saved_tensors[4]
-        (outputs.sin().sum() + final.sum()).backward()
-        runs[native_loop] = [t.grad for t in inputs]
-        if native_loop:
-            assert len(released) == 3 * 2 and sum(released) > 0.8 * pre.nbytes
-            assert (pre == 0).float().mean() > 0.8
-    for got, want in zip(runs[True], runs[False], strict=True):
-        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+
+    def given_back(pre):
+        assert len(released) == 3 * 2 and sum(released) > 0.8 * pre.nbytes
+        assert (pre == 0).float().mean() > 0.8
+
+    runs = _both_loops(monkeypatch, inputs, mask[:, 0], after_native=given_back)
+    _assert_the_same_to_float32_rounding(runs)
 
 
 def test_a_native_build_failure_falls_back_to_the_python_loop(monkeypatch, caplog):
@@ -750,18 +757,9 @@ def test_timing_a_new_shape_of_a_later_chunk_leaves_the_sums_so_far_alone(monkey
     in the gradient: deciding writes none of them."""
     assert rhn_native.load() is not None
     monkeypatch.setattr(rhn_fast, "CHUNK_ROWS", 48)
+    monkeypatch.setattr(rhn_fast, "_ONEDNN_WEIGHT_GRADIENTS", {})
     inputs, mask = _recurrence_inputs(D=2, B=16, T=5, H=8, dtype=torch.float32)
-    runs = {}
-    for native in (True, False):
-        monkeypatch.setattr(rhn_fast, "NATIVE", native)
-        monkeypatch.setattr(rhn_fast, "_ONEDNN_WEIGHT_GRADIENTS", {})
-        for t in inputs:
-            t.grad = None
-        outputs, final = rhn_fast.recurrence(*inputs, mask[:, 0], training=True)
-        (outputs.sin().sum() + final.sum()).backward()
-        runs[native] = [t.grad for t in inputs]
-    for got, want in zip(runs[True], runs[False], strict=True):
-        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+    _assert_the_same_to_float32_rounding(_both_loops(monkeypatch, inputs, mask[:, 0]))
 
 
 @pytest.mark.parametrize("switch", ["no-operators", "turned-off"])
@@ -776,17 +774,9 @@ def test_without_onednn_the_native_loop_uses_aten_products(monkeypatch, switch):
     monkeypatch.setattr(rhn_fast, "_packed", lambda *a: packs.append(packed(*a)) or packs[-1])
     inputs, mask = _recurrence_inputs(dtype=torch.float32)
     with torch.backends.mkldnn.flags(enabled=switch != "turned-off"):
-        runs = {}
-        for native in (True, False):
-            monkeypatch.setattr(rhn_fast, "NATIVE", native)
-            for t in inputs:
-                t.grad = None
-            outputs, final = rhn_fast.recurrence(*inputs, mask, training=True)
-            (outputs.sum() + final.sum()).backward()
-            runs[native] = (outputs.detach(), *(t.grad for t in inputs))
+        runs = _both_loops(monkeypatch, inputs, mask)
     assert packs and not any(packs)
-    for got, want in zip(runs[True], runs[False], strict=True):  # float32 rounding
-        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+    _assert_the_same_to_float32_rounding(runs)
 
 
 def test_a_killed_build_s_lock_does_not_hang_the_next_one(tmp_path, caplog):
