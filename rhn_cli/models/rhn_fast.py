@@ -53,17 +53,17 @@ On the CPU (float32, float64) the loop runs in C++: :mod:`rhn_cli.models.rhn_nat
 builds ``rhn_native.cpp`` on first use. The same operations in the same order, minus
 the interpreter between them, with each micro-step's elementwise work fused into one
 vectorised pass split over rows (forward: p += x, the gates, the update and the
-masked copy of s for the next product; backward: the gates again, dp / a, 1 - g and
+masked copy of s for the next product; backward: from the kept gates dp / a, 1 - g and
 s^{i+1} for all kept micro-layers of a step at once, then one pass per micro-layer for
 dL/ds^i), the weight gradients' operands handed over column-major (dp^T and
 (s * m_h)^T, written by the time loop a few steps at a time: the layout in which
 oneDNN's dR^i products run fastest), and, in float32, the recurrent products through
 oneDNN with the weights packed once per forward and once per backward
 (``mkldnn::_reorder_linear_weight``; ptb_sota's [20, 830] x [830, 1660] product takes
-0.37 ms against 0.8 ms in ATen's
-``addmm``, which goes to MKL, on the 2-core dev CPU). Its products sum in another order
-than MKL's, so float32 results differ from the Python loop's by rounding (~1e-6
-relative); float64 goes through ATen's products in both. The Python loop below is the
+0.37 ms against 0.8 ms in ATen's ``addmm``, which goes to MKL, on the 2-core dev CPU).
+Its products sum in another order than MKL's, so float32 results differ from the
+Python loop's by rounding (~1e-6 relative); float64 goes through ATen's products in
+both. The Python loop below is the
 native loop's reference and its fallback (no compiler, ``RHN_NATIVE=0``, other devices
 and dtypes); the tests hold both to the autograd loop.
 
@@ -351,8 +351,8 @@ def _backward(
             native, d_outputs, d_final, state, weight, bias, mask, pre, outputs, keep, z,
             training, weights, recomputed,
         )  # fmt: skip
-    # dp can overwrite p, which no one needs after its step's gates are recomputed,
-    # unless a recomputed layer has no p to overwrite or the graph is kept for another
+    # dp can overwrite the kept gates, which no one needs once their step has read them,
+    # unless a recomputed layer has none to overwrite or the graph is kept for another
     # backward (retain_graph, as gradcheck does).
     in_place = not recomputed and not _graph_kept()
     per_step = (1 if in_place else 3) * H * D * B * pre.element_size()

@@ -7,7 +7,7 @@
 //   packed once per forward/backward by rhn_fast.py (float32), without Python's
 //   interpreter between them;
 // - each micro-step's elementwise work (gates, highway update, the mask for the next
-//   product; in the backward the gates again, dp, 1 - g and the states s^i) is one
+//   product; in the backward dp, 1 - g and the states s^i from the kept gates) is one
 //   vectorised pass (ATen's Vectorized, the SLEEF tanh/exp that torch.tanh and
 //   torch.sigmoid use) split over rows with at::parallel_for, where the Python loop
 //   issues about ten single-threaded kernels that each read and write the whole [B, H].
@@ -220,8 +220,9 @@ inline void transpose_tile(const T* src, int64_t lds, const T* const* mul, int64
 // 16 x 16 in registers (unpack, 64-bit shuffle, two 128-bit lane shuffles), partial
 // tiles through masked loads and stores.
 template <>
-__attribute__((always_inline)) inline void transpose_tile<float>(const float* src, int64_t lds, const float* const* mul,
-                                  int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+__attribute__((always_inline)) inline void transpose_tile<float>(
+    const float* src, int64_t lds, const float* const* mul, int64_t rows, int64_t cols,
+    float* dst, int64_t ldd) {
   const __mmask16 in_mask = cols == 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
   const __mmask16 out_mask = rows == 16 ? 0xFFFF : static_cast<__mmask16>((1u << rows) - 1);
   __m512 r[16], t[16];
@@ -323,7 +324,8 @@ void transpose_into(Tensor dst, const Tensor& src) {
 // backward's p, once its steps are done, in windows too large to keep all of p.
 // Returns the bytes released (0 where the system has no such call).
 int64_t release(const Tensor& tensor) {
-  TORCH_CHECK(tensor.is_contiguous() && tensor.device().is_cpu(), "rhn_native: release a contiguous CPU tensor");
+  TORCH_CHECK(tensor.is_contiguous() && tensor.device().is_cpu(),
+              "rhn_native: release a contiguous CPU tensor");
 #if defined(__linux__)
   const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
   const auto begin = reinterpret_cast<uintptr_t>(tensor.data_ptr());
@@ -499,8 +501,8 @@ Tensor backward_impl(int64_t start, int64_t end, Tensor ds, const Tensor& d_outp
   // take as columns (t - start) B ...: a run of G B numbers per column row, written
   // when the group's first step is done (cache lines filled in one go, where B numbers
   // per step would touch each line again, long after it left the cache).
-  // With dp_over_p, a kept layer's dp^i_t goes where p^i_t was (its step needs p no
-  // more once the gates are recomputed: the same pass reads p and writes dp), and dps
+  // With dp_over_p, a kept layer's dp^i_t goes where its gates were (its step needs
+  // them no more once read: the same pass reads the gates and writes dp), and dps
   // holds the recomputed layers' only (their p is recomputed into it).
   const int64_t group = states.size(1);
   const bool columns = dp_columns.has_value() && dp_columns->defined();
@@ -776,12 +778,11 @@ Tensor cross_entropy_backward_impl(const Tensor& logits, const Tensor& lse, cons
           for (; j < cols; ++j) out[j] = std::exp(row[j] - l[n]) * scale;
           if (t[n] >= v0 && t[n] < v0 + cols) out[t[n] - v0] -= scale;
         }
-        for (int64_t j = 0; j < cols; ++j) {
-          T* column = g + (v0 + j) * N + n0;
-          for (int64_t r = 0; r < rows; ++r) column[r] = tile[r][j];
-        }
+        transpose_columns<T>(&tile[0][0], kCols, rows, cols, g + v0 * N + n0, N, 0,
+                             (cols + 15) / 16);
       }
     }
+    fence_streaming_stores();
   });
   return grad;
 }
