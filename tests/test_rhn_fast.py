@@ -15,6 +15,7 @@ Function itself. The memory claims are checked through what autograd saves.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -25,6 +26,7 @@ import torch
 
 import rhn_cli.models.rhn_fast as rhn_fast
 import rhn_cli.models.rhn_native as rhn_native
+from rhn_cli.models import library_choice
 from rhn_cli.models.rhn import RHNConfig, RHNLanguageModel
 
 _spec = importlib.util.spec_from_file_location(
@@ -717,10 +719,22 @@ def test_rhn_native_0_skips_the_build(monkeypatch):
         rhn_native.load.cache_clear()
 
 
-def test_the_weight_gradients_library_is_timed_once_per_shape(monkeypatch):
+@pytest.fixture
+def fresh_decisions(tmp_path, monkeypatch):
+    """An empty MKL/oneDNN decision cache (RHN_CACHE_DIR: the native loop's build stays in
+    the user cache) and a process that has decided nothing yet."""
+    monkeypatch.setenv("RHN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(library_choice, "_used", {})
+    monkeypatch.setattr(library_choice, "_pinned", {})
+    return tmp_path / "cache" / library_choice.CACHE_FILE
+
+
+def test_the_weight_gradients_library_is_timed_once_per_machine_and_shape(
+    monkeypatch, fresh_decisions
+):
     """MKL or oneDNN for the weight-gradient products: decided by timing both once per
-    shape in the native loop's float32 setting, never for float64."""
-    monkeypatch.setattr(rhn_fast, "_ONEDNN_WEIGHT_GRADIENTS", {})
+    shape in the native loop's float32 setting (never for float64), kept on disk, and read
+    from there by a later process instead of timed again."""
     ways = []
     product = rhn_fast.weight_gradient
     monkeypatch.setattr(
@@ -734,11 +748,17 @@ def test_the_weight_gradients_library_is_timed_once_per_shape(monkeypatch):
     held = (lefts.clone(), rights.clone())
     choice = rhn_fast.weight_gradients_through_onednn(lefts, rights)
     rounds = rhn_fast.DECISION_ROUNDS
-    assert ways == (
-        [False, False, True, True] * rounds if torch.backends.mkldnn.is_available() else []
-    )
+    onednn_here = torch.backends.mkldnn.is_available()
+    assert ways == ([False, False, True, True] * rounds if onednn_here else [])
     assert rhn_fast.weight_gradients_through_onednn(lefts, rights) == choice
-    assert len(ways) in (0, 4 * rounds)  # the second call only looked the choice up
+    monkeypatch.setattr(library_choice, "_used", {})  # as in a new process
+    assert rhn_fast.weight_gradients_through_onednn(lefts, rights) == choice
+    assert len(ways) in (0, 4 * rounds)  # the later calls only looked the choice up
+    if onednn_here:
+        library = "onednn" if choice else "mkl"
+        cached = json.loads(fresh_decisions.read_text())
+        assert cached == {library_choice.setup(): {"weight_gradient 8x12 12x4 float32": library}}
+        assert library_choice.library_decisions() == {"weight_gradient 8x12 12x4 float32": library}
     torch.testing.assert_close((lefts, rights), held, rtol=0, atol=0)
     left, right, out = lefts[0], rights[0], torch.empty(8, 4)
     for onednn in (False, True):
@@ -749,17 +769,21 @@ def test_the_weight_gradients_library_is_timed_once_per_shape(monkeypatch):
         new = rhn_fast.weight_gradient(None, left, right, False, onednn)
         torch.testing.assert_close(new, left.t() @ right)
     assert not rhn_fast.weight_gradients_through_onednn([left.double()], [right.double()])
+    assert "float64" not in str(library_choice.library_decisions())  # no choice made there
 
 
-def test_timing_a_new_shape_of_a_later_chunk_leaves_the_sums_so_far_alone(monkeypatch):
+def test_timing_a_new_shape_of_a_later_chunk_leaves_the_sums_so_far_alone(
+    monkeypatch, fresh_decisions
+):
     """Chunks of unequal lengths (steps [2, 5) and [0, 2) at B = 16: 48 and 32 rows)
     meet the library decision for the second shape with the first chunk's sums already
     in the gradient: deciding writes none of them."""
     assert rhn_native.load() is not None
     monkeypatch.setattr(rhn_fast, "CHUNK_ROWS", 48)
-    monkeypatch.setattr(rhn_fast, "_ONEDNN_WEIGHT_GRADIENTS", {})
     inputs, mask = _recurrence_inputs(D=2, B=16, T=5, H=8, dtype=torch.float32)
     _assert_the_same_to_float32_rounding(_both_loops(monkeypatch, inputs, mask[:, 0]))
+    shapes = 2 if rhn_fast.onednn_applies(torch.float32) else 0  # both shapes were timed
+    assert len(library_choice.library_decisions()) == shapes
 
 
 @pytest.mark.parametrize("switch", ["no-operators", "turned-off"])

@@ -87,6 +87,8 @@ import time
 import torch
 from torch.autograd.function import once_differentiable
 
+from rhn_cli.models import library_choice
+
 # Rows (K time steps x B) of each weight-gradient product: the more, the closer the
 # products run to full GEMM speed. Their inputs, dp and s^i, are kept for K steps:
 # 3 * H * D * K * B numbers (native loop: as columns, plus the rows of a group of
@@ -612,31 +614,41 @@ def weight_gradient(out, left, right, accumulate, onednn=False):
     return out.add_(product) if accumulate else out.copy_(product)
 
 
-# Shapes of the weight-gradient products -> whether oneDNN runs them faster than MKL on
-# this machine (timed once per process and shape: neither wins everywhere; on the 2-core
-# dev CPU oneDNN does at the RHN's column-major operands, by ~25% for ptb_sota's ten
-# [1660, 704] x [704, 830] products, while a single such product timed again and again,
-# from the caches, comes out even).
-_ONEDNN_WEIGHT_GRADIENTS: dict[tuple, bool] = {}
 DECISION_ROUNDS = 2
 
 
 def weight_gradients_through_onednn(lefts, rights) -> bool:
-    """Whether weight-gradient products left^T right of this shape go through oneDNN:
-    only in the native loop's setting (float32, CPU, oneDNN on), decided by timing all
-    the given operand pairs (the D micro-layers' distinct operands: as cold in the
-    caches as in a step, where a pair timed again would run from them) each way,
-    ``DECISION_ROUNDS`` times, interleaved; the fastest round counts (the first oneDNN
-    call builds its kernel). Into new tensors: nothing the caller holds is written."""
-    key = (tuple(lefts[0].shape), tuple(rights[0].shape), lefts[0].dtype)
-    if key not in _ONEDNN_WEIGHT_GRADIENTS:
-        usable = native_loop(lefts[0], rights[0]) is not None and onednn_applies(lefts[0].dtype)
-        seconds = {False: [], True: []}
-        for onednn in (False, True) * DECISION_ROUNDS if usable else ():
-            started = time.perf_counter()
-            for left, right in zip(lefts, rights, strict=True):
-                weight_gradient(None, left, right, False, onednn)
-            seconds[onednn].append(time.perf_counter() - started)
-        seconds = {way: min(times, default=0.0) for way, times in seconds.items()}
-        _ONEDNN_WEIGHT_GRADIENTS[key] = usable and seconds[True] < seconds[False]
-    return _ONEDNN_WEIGHT_GRADIENTS[key]
+    """Whether weight-gradient products left^T right of this shape go through oneDNN: only
+    in the native loop's setting (float32, CPU, oneDNN on), and there as
+    :mod:`~rhn_cli.models.library_choice` decides for the product (pinned by a resumed run,
+    else cached on disk for this machine and setup, else timed once by
+    :func:`timed_weight_gradient_library` and cached), never by a timing of this process
+    alone: MKL and oneDNN round differently, and a run's numbers must not depend on which
+    happened to be faster at the moment."""
+    left, right = lefts[0], rights[0]
+    if native_loop(left, right) is None or not onednn_applies(left.dtype):
+        return False
+    dtype = str(left.dtype).removeprefix("torch.")
+    product = (
+        f"weight_gradient {left.shape[1]}x{left.shape[0]} {right.shape[0]}x{right.shape[1]} {dtype}"
+    )
+    timing = functools.partial(timed_weight_gradient_library, lefts, rights)
+    return library_choice.decide(product, timing) == "onednn"
+
+
+def timed_weight_gradient_library(lefts, rights) -> str:
+    """'onednn' or 'mkl', whichever runs the products left^T right faster here (neither wins
+    everywhere; on the 2-core dev CPU oneDNN does at the RHN's column-major operands, by ~25%
+    for ptb_sota's ten [1660, 704] x [704, 830] products, while a single such product timed
+    again and again, from the caches, comes out even). Times all the given operand pairs
+    (the D micro-layers' distinct operands: as cold in the caches as in a step, where a pair
+    timed again would run from them) each way, ``DECISION_ROUNDS`` times, interleaved; the
+    fastest round counts (the first oneDNN call builds its kernel). Into new tensors:
+    nothing the caller holds is written."""
+    seconds = {False: [], True: []}
+    for onednn in (False, True) * DECISION_ROUNDS:
+        started = time.perf_counter()
+        for left, right in zip(lefts, rights, strict=True):
+            weight_gradient(None, left, right, False, onednn)
+        seconds[onednn].append(time.perf_counter() - started)
+    return "onednn" if min(seconds[True]) < min(seconds[False]) else "mkl"

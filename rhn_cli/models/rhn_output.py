@@ -5,11 +5,12 @@
 
 dW is the step's largest product after the recurrence ([V, B*T] x [B*T, H]); it goes
 through MKL or oneDNN, whichever runs its shape faster on this machine (timed once per
-process and shape, as rhn_fast's weight gradients are): at ptb_sota's shape oneDNN takes
-about 63 ms where MKL (autograd's ``mm``) takes 88 ms on the 2-core dev CPU. oneDNN
-takes dlogits^T row-major, which the training loss's gradient already is
-(rhn_cli.engine.cross_entropy writes it column-major); any other gradient is copied. The forward
-and dx stay ATen's products, which MKL runs as fast as oneDNN there.
+machine and setup and kept on disk, as rhn_fast's weight gradients are: see
+rhn_cli.models.library_choice): at ptb_sota's shape oneDNN takes about 63 ms where MKL
+(autograd's ``mm``) takes 88 ms on the 2-core dev CPU. oneDNN takes dlogits^T row-major,
+which the training loss's gradient already is (rhn_cli.engine.cross_entropy writes it
+column-major); any other gradient is copied. The forward and dx stay ATen's products,
+which MKL runs as fast as oneDNN there.
 
 Used where rhn_fast's native loop and oneDNN are (CPU, float32, a gradient wanted);
 everywhere else the layer is ``torch.nn.functional.linear``, differentiated by autograd.
