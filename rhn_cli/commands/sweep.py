@@ -30,8 +30,11 @@ A key is swept when its value is a list (quote it for the shell); other updates
 and the named configs apply to every point. Every point is validated before
 anything runs. Run the same command again (same --name) to finish a sweep that
 crashed or was interrupted: COMPLETED points are skipped, interrupted ones with a
-checkpoint are resumed, the others run again. 'rhn runs ls --tag NAME' and
-'rhn runs compare --tag NAME' find the sweep's runs later.
+checkpoint are resumed, the others run again. On Linux the points end with the
+sweep even when it is killed (kill -9): they checkpoint and record INTERRUPTED.
+The points get a MongoDB URL in RHN_MONGO_URL, never on a command line (ps would
+show its password). 'rhn runs ls --tag NAME' and 'rhn runs compare --tag NAME'
+find the sweep's runs later.
 """
 
 
@@ -100,7 +103,8 @@ def _last_line(path: Path | None) -> str:
     "--dry-run",
     is_flag=True,
     help="Print the 'rhn train' command of each point still to run, one per line (for a "
-    "cluster scheduler), and run nothing. Points already done are noted on stderr.",
+    "cluster scheduler), and run nothing. Points already done are noted on stderr. A "
+    "MongoDB URL is left out of the commands: they read it from RHN_MONGO_URL.",
 )
 @runs_dir_option
 @mongo_option
@@ -130,8 +134,11 @@ def sweep(ctx, updates, mode, jobs, name, dry_run, runs_dir, mongo_url) -> None:
     child_mongo = (mongo_url or "none") if _given(ctx, "mongo_url") else None
 
     if dry_run:
-        from rhn_cli.experiment.sweep import shell_line, train_arguments
+        from rhn_cli.experiment.sweep import mongo_note, shell_line, train_arguments
 
+        note = mongo_note(child_mongo)
+        if note and any(plan.action in ("run", "resume") for plan in plans):
+            _stderr(f"# each command {note}")
         for plan in plans:
             if plan.action in ("skip", "wait"):
                 state = "already completed" if plan.action == "skip" else "still running"
@@ -154,7 +161,7 @@ def _load_records(runs_dir: str):
 
 
 def _continue_command(planned, jobs, child_runs_dir, child_mongo) -> str:
-    from rhn_cli.experiment.sweep import program, shell_line
+    from rhn_cli.experiment.sweep import mongo_arguments, mongo_note, program, shell_line
 
     arguments = ["sweep", "--name", planned.name]
     if planned.mode == "zip":
@@ -163,13 +170,20 @@ def _continue_command(planned, jobs, child_runs_dir, child_mongo) -> str:
         arguments += ["--jobs", str(jobs)]
     if child_runs_dir is not None:
         arguments += ["--runs-dir", child_runs_dir]
-    if child_mongo is not None:
-        arguments += ["--mongo", child_mongo]
-    return shell_line([*program(), *arguments, "with", *planned.tokens])
+    arguments += mongo_arguments(child_mongo)
+    line = shell_line([*program(), *arguments, "with", *planned.tokens])
+    note = mongo_note(child_mongo)
+    return f"{line}\n  (it {note})" if note else line
 
 
 def _run_sweep(planned, plans, jobs, runs_dir, child_runs_dir, child_mongo) -> None:
-    from rhn_cli.experiment.sweep import SWEEP_LOG_DIR, Runner, runs_of, train_arguments
+    from rhn_cli.experiment.sweep import (
+        SWEEP_LOG_DIR,
+        Runner,
+        child_environment,
+        runs_of,
+        train_arguments,
+    )
 
     total = len(plans)
     to_run = [p for p in plans if p.action in ("run", "resume")]
@@ -223,6 +237,7 @@ def _run_sweep(planned, plans, jobs, runs_dir, child_runs_dir, child_mongo) -> N
         echo=click.echo,
         on_end=on_end,
         stream=click.echo,
+        env=child_environment(jobs, child_mongo),  # the MongoDB URL: not on command lines
     )
     outcomes = runner.run(to_run)
     _print_comparison(planned, runs_dir)

@@ -13,7 +13,8 @@ whole sweep with nothing recorded. Each point then runs as a separate process,
 with the sweep's name. Running the sweep again finds its points among the recorded
 runs by that tag and by their config: a COMPLETED point is skipped, an interrupted one
 with a checkpoint is resumed (``rhn train --resume``), any other is run again. That is
-how a crashed or interrupted sweep resumes.
+how a crashed or interrupted sweep resumes. A MongoDB URL reaches the points in their
+environment (RHN_MONGO_URL), never on a command line, where a password would show.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any
 
 from rhn_cli.experiment.resolve import _flatten, parse_with, resolve
 from rhn_cli.experiment.schema import ConfigError
+from rhn_cli.tracking.settings import MONGO_OFF, MONGO_URL_ENV
 
 MODES = ("product", "zip")
 # Directory of the file store holding one output log per point (``_``: not a run).
@@ -42,6 +44,7 @@ SWEEP_LOG_DIR = "_sweeps"
 RESUMABLE = ("INTERRUPTED", "TIMEOUT", "PROBABLY_DEAD")
 CHECKPOINT_FILE = "checkpoint.pt"  # rhn_cli.engine.checkpoint.LAST (which imports torch)
 POLL_S = 0.1
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class SweepError(ConfigError):
@@ -270,13 +273,39 @@ def program() -> list[str]:
     return [sys.executable, "-m", "rhn_cli"]
 
 
+def mongo_is_off(mongo: str | None) -> bool:
+    """Whether ``mongo`` (a sweep's MongoDB choice) switches MongoDB off: ``none``."""
+    return mongo is not None and mongo.strip().lower() in MONGO_OFF
+
+
+def mongo_arguments(mongo: str | None) -> list[str]:
+    """What a command line says of ``mongo``: ``--mongo none`` when it is off, else
+    nothing. A URL never goes on a command line, where every user sees it (``ps``) and
+    logs keep it, password included: the points get it in RHN_MONGO_URL
+    (:func:`child_environment`)."""
+    return ["--mongo", "none"] if mongo_is_off(mongo) else []
+
+
+def mongo_note(mongo: str | None) -> str | None:
+    """How printed commands that leave ``mongo``'s URL out record to it, to follow "each
+    command" or "it"; None when there is no URL to tell of."""
+    if mongo is None or mongo_is_off(mongo):
+        return None
+    from rhn_cli.tracking.observers import redact
+
+    return (
+        f"records to MongoDB {redact(mongo)} only with {MONGO_URL_ENV} set to that URL "
+        "(left out of the command: it may hold a password)"
+    )
+
+
 def train_arguments(plan: Plan, tag: str, runs_dir: str | None, mongo: str | None) -> list[str]:
-    """``train`` and its arguments for ``plan`` (after the program name)."""
+    """``train`` and its arguments for ``plan`` (after the program name); ``mongo``: the
+    sweep's MongoDB URL, ``none`` or None (see :func:`mongo_arguments`)."""
     arguments = ["train", "--tag", tag]
     if runs_dir is not None:
         arguments += ["--runs-dir", runs_dir]
-    if mongo is not None:
-        arguments += ["--mongo", mongo]
+    arguments += mongo_arguments(mongo)
     if plan.action == "resume":
         return [*arguments, "--resume", plan.run_id]
     return [*arguments, "with", *plan.point.tokens]
@@ -331,6 +360,42 @@ def thread_environment(jobs: int, environ: dict | None = None) -> dict[str, str]
     return env
 
 
+def child_environment(jobs: int, mongo: str | None, environ: dict | None = None) -> dict[str, str]:
+    """:func:`thread_environment`, plus the sweep's MongoDB URL in RHN_MONGO_URL, which
+    ``rhn train`` reads when no ``--mongo`` is given: out of the children's command
+    lines (see :func:`mongo_arguments`)."""
+    env = thread_environment(jobs, environ)
+    if mongo is not None and not mongo_is_off(mongo):
+        env[MONGO_URL_ENV] = mongo
+    return env
+
+
+def end_with_this_process() -> Callable[[], None] | None:
+    """A ``preexec_fn`` for Popen that makes the child end with this process: on Linux
+    the kernel sends it SIGTERM when this process dies, even by SIGKILL (prctl
+    PR_SET_PDEATHSIG), and ``rhn train`` then checkpoints and records INTERRUPTED.
+    None elsewhere (no such call): there a killed sweep leaves its points running.
+
+    The signal comes when the *thread* that forked dies: :class:`Runner` starts its
+    children from the thread that waits for them all, so that is never too early."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_parent_death_signal() -> None:  # in the child, between fork and exec
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the sweep died before the line above: no signal comes
+            os._exit(128 + signal.SIGTERM)
+
+    return set_parent_death_signal
+
+
 class Runner:
     """Runs the planned points as ``rhn train`` processes, ``jobs`` at a time.
 
@@ -339,7 +404,9 @@ class Runner:
     starts, and the signal is passed on to the running children (which checkpoint and
     record INTERRUPTED); a second Ctrl-C passes on a second one (they stop at once).
     The children run in their own process groups so that a Ctrl-C in the terminal
-    reaches them once, through the sweep, not twice."""
+    reaches them once, through the sweep, not twice. On Linux a sweep that dies without
+    a word (SIGKILL) takes its children with it: each gets SIGTERM from the kernel
+    (:func:`end_with_this_process`), so none trains on as an orphan."""
 
     def __init__(
         self,
@@ -364,6 +431,7 @@ class Runner:
         self.env = env if env is not None else thread_environment(jobs)
         self.stop_signal: int | None = None
         self.running: list[_Child] = []
+        self.end_with_sweep = end_with_this_process()
 
     def _signal(self, signal_number, frame) -> None:
         first = self.stop_signal is None
@@ -434,6 +502,8 @@ class Runner:
             stderr=subprocess.STDOUT,
             env=self.env,
             start_new_session=True,
+            # Safe here: the sweep runs one thread and never imports torch.
+            preexec_fn=self.end_with_sweep,
         )
         child = _Child(plan, process, log, handle, known, time.monotonic(), position)
         self.running.append(child)
