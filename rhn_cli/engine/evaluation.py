@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rhn_cli.engine.objective import perplexity
 from rhn_cli.models.dropout import variational_mask
 from rhn_cli.models.rhn import RHNLanguageModel
 
@@ -75,7 +76,7 @@ def token_log_probs(
 
 def full_perplexity(model: RHNLanguageModel, tokens: np.ndarray, **kwargs) -> float:
     """Non-batched perplexity: B = 1, no dropout, state carried through the split."""
-    return math.exp(-token_log_probs(model, tokens, **kwargs).mean().item())
+    return perplexity(-token_log_probs(model, tokens, **kwargs).mean().item())
 
 
 def mc_masks(model: RHNLanguageModel, samples: int) -> dict:
@@ -138,7 +139,7 @@ def mc_dropout_perplexity(
                 f"{MC_REJECT_PERPLEXITY:g}; is the dropout rate too high for this model?"
             )
     mean_probs = (total_probs / samples).clamp(1e-10, 1 - 1e-10)
-    return MCResult(math.exp(-mean_probs.log().mean().item()), samples, rejected)
+    return MCResult(perplexity(-mean_probs.log().mean().item()), samples, rejected)
 
 
 def evaluate_saved_model(config, corpus, reporter, splits, *, echo=print) -> dict[str, float]:

@@ -17,11 +17,21 @@ of the largest parameter tensor: 180 MB for enwik8_sota's fused recurrent weight
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 
 from rhn_cli.engine.cross_entropy import summed_cross_entropy
+
+# The largest mean NLL whose exponential is a float: past it a perplexity is infinite.
+MAX_FINITE_NLL = math.log(1.7976931348623157e308)
+
+
+def perplexity(mean_nll: float) -> float:
+    """exp(mean NLL per token); ``inf`` where that overflows (a diverged model), never an
+    OverflowError: printing or recording a perplexity must not end a run."""
+    return math.exp(mean_nll) if mean_nll <= MAX_FINITE_NLL else math.inf
 
 
 def sequence_loss(

@@ -32,7 +32,7 @@ import signal
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
@@ -52,9 +52,11 @@ from rhn_cli.data.corpus import Corpus
 from rhn_cli.engine import checkpoint
 from rhn_cli.engine.distributed import SINGLE, Shard, batch_dims, rank_seed
 from rhn_cli.engine.objective import (
+    MAX_FINITE_NLL,
     add_l2_gradient,
     l2_penalty,
     learning_rate_at,
+    perplexity,
     sequence_loss,
 )
 from rhn_cli.engine.optim import clip_and_step, make_optimizer, penalised_step
@@ -62,17 +64,44 @@ from rhn_cli.engine.regularizers import norm_stabilizer, weight_noise
 from rhn_cli.engine.timing import parse_duration
 from rhn_cli.models import build_model as _build_model
 from rhn_cli.models.base import LanguageModel, detach_state, map_state
+from rhn_cli.models.library_choice import library_decisions, pin_library_decisions
 
 PLAIN_PROGRESS_LINES_PER_EPOCH = 10
 _SPLITS = ("train", "valid", "test")
 
 
 class Reporter(Protocol):
-    """Where the engine sends metrics and facts about the run."""
+    """Where the engine sends metrics and facts about the run.
+
+    A reporter may also have ``flush() -> int | None``: write out everything reported so
+    far (metrics, info, output) and return the length of the recorded output, which a
+    checkpoint keeps so that a resumed run continues the record from that point."""
 
     def log_scalar(self, name: str, value: float, step: int) -> None: ...
 
     def set_info(self, key: str, value: Any) -> None: ...
+
+
+class MetricLog:
+    """A Reporter in front of the run's: passes everything on and keeps every metric
+    logged, so that each checkpoint holds the run's metric record up to it. Resuming
+    replays that record: whatever killed the process, every step is recorded once."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+        self.entries: list[list] = []  # [name, step, value, ISO time logged]
+
+    def log_scalar(self, name: str, value: float, step: int) -> None:
+        stamp = datetime.now(UTC).replace(tzinfo=None).isoformat()
+        self.entries.append([name, int(step), float(value), stamp])
+        self.reporter.log_scalar(name, value, step)
+
+    def set_info(self, key: str, value: Any) -> None:
+        self.reporter.set_info(key, value)
+
+    def flush(self) -> int | None:
+        flush = getattr(self.reporter, "flush", None)
+        return flush() if flush is not None else None
 
 
 class TrainingDiverged(RuntimeError):
@@ -107,6 +136,7 @@ class StopRequest:
     """Set (typically from a signal handler); the trainer stops after the current step."""
 
     signal: int | None = None
+    finishing: bool = False  # training is over and the run is being recorded
 
     def request(self, signal: int) -> None:
         self.signal = signal
@@ -208,7 +238,7 @@ def evaluate(
         total_nll += sequence_loss(logits, _as_tensor(targets, device)).item() * local_batch
         count += targets.size
     total_nll, count = shard.sum([total_nll, count])
-    return math.exp(total_nll / count)
+    return perplexity(total_nll / count)
 
 
 @torch.no_grad()
@@ -222,7 +252,7 @@ def evaluate_independent(model: LanguageModel, batches, device: torch.device) ->
         logits, _ = model(_as_tensor(inputs, device), state)
         total_nll += sequence_loss(logits, _as_tensor(targets, device)).item() * len(inputs)
         count += int((targets != -100).sum())
-    return math.exp(total_nll / count)
+    return perplexity(total_nll / count)
 
 
 class Trainer:
@@ -242,7 +272,7 @@ class Trainer:
     ) -> None:
         self.config = config
         self.corpus = corpus
-        self.reporter = reporter
+        self.reporter = MetricLog(reporter)
         self.echo = echo
         self.progress = progress
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -355,6 +385,9 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "epochs_without_improvement": self.epochs_without_improvement,
             "config": dict(self.config),
+            "metrics": [list(entry) for entry in self.reporter.entries],
+            # MKL or oneDNN for each product (they round differently): kept on resume.
+            "library_decisions": library_decisions(),
         }
         if self.shard.distributed:
             state["world_size"] = self.shard.world_size
@@ -371,6 +404,8 @@ class Trainer:
         self.history = {k: list(v) for k, v in state["history"].items()}
         self.best_valid, self.best_epoch = state["best_valid"], state["best_epoch"]
         self.epochs_without_improvement = state["epochs_without_improvement"]
+        self.reporter.entries = [list(entry) for entry in state.get("metrics", [])]
+        pin_library_decisions(state.get("library_decisions", {}))
         rank_rngs = state.get("rank_rng")
         if not self.shard.distributed:
             checkpoint.restore_rng_state(state["rng"])
@@ -392,6 +427,9 @@ class Trainer:
         self.last_checkpoint = time.monotonic()
         if self.run_dir is None:  # a rank other than 0
             return None
+        # The record first (metrics, info, output so far), then the checkpoint that
+        # says how far the record goes: a kill in between only repeats recorded work.
+        state["output_bytes"] = self.reporter.flush()
         path = self.run_dir / checkpoint.LAST
         checkpoint.save(path, state)
         self.last_checkpoint = time.monotonic()
@@ -518,7 +556,10 @@ class Trainer:
                 if self.shard.distributed:  # the global batch's cost, for the check below
                     mean = config["loss"] == "mean"
                     cost_value = cost_sum / (tokens if mean else self.batch_size)
-                if not (math.isfinite(cost_value) and math.isfinite(grad_norm.item())):
+                step_nll = cost_sum / max(tokens, 1)  # the global batch's NLL per token
+                if not (math.isfinite(grad_norm.item()) and step_nll <= MAX_FINITE_NLL):
+                    # NaN compares false: a NaN loss fails the test too. A finite loss past
+                    # MAX_FINITE_NLL is a perplexity no float holds: diverged all the same.
                     raise TrainingDiverged(
                         f"training diverged at {self._where(self.step + 1)}: loss {cost_value}, "
                         f"gradient norm {grad_norm.item()}; the last good checkpoint is kept. "
@@ -547,15 +588,16 @@ class Trainer:
                         + self._status(lr, per_step)
                     )
                 self._act_on_flags(flags)
-        return math.exp(self.costs / self.iters)
+        return perplexity(self.costs / self.iters)
 
     def _status(self, lr: float, per_step: float) -> str:
         tokens_per_s = self.tokens_per_s
         left_in_epoch = (self.steps_per_epoch - self.step) * per_step
         epochs_after = self.config["max_max_epoch"] - self.epoch_index - 1
         left_in_run = left_in_epoch + epochs_after * self.steps_per_epoch * per_step
+        ppl = perplexity(self.costs / self.iters)
         return (
-            f"ppl {math.exp(self.costs / self.iters):.2f}  lr {lr:.4g}  {tokens_per_s:,.0f} tok/s  "
+            f"ppl {ppl:.2f}  lr {lr:.4g}  {tokens_per_s:,.0f} tok/s  "
             f"ETA epoch {_clock(left_in_epoch)}, run {_clock(left_in_run)}"
         )
 

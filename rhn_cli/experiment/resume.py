@@ -8,7 +8,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from rhn_cli.experiment.provenance import process_alive
 from rhn_cli.experiment.schema import ConfigError, defaults, validate
+from rhn_cli.tracking.observers import Continuation
 
 
 def recorded_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -41,9 +43,32 @@ class ResumePlan:
     def run_dir(self) -> Path:
         return self.runs_dir / self.run_id
 
+    previous_status: str = "RUNNING"  # how the record says the run's last process ended
+
     @property
     def completed_epochs(self) -> int:
         return int(self.state["epoch_index"])
+
+    def continuation(self) -> Continuation:
+        """Where the run's record continues: at the checkpoint."""
+        state = self.state
+        ended = {"RUNNING": "was killed", "FAILED": "failed"}.get(
+            self.previous_status, f"stopped ({self.previous_status})"
+        )
+        where = f"epoch {state['epoch_index'] + 1}, step {state['step']}"
+        return Continuation(
+            epochs=self.completed_epochs,
+            metrics=state.get("metrics"),
+            output_bytes=state.get("output_bytes"),
+            note=f"(the process before {ended}; resumed at {where} from {self.checkpoint_path})",
+        )
+
+    def recorded_info(self) -> dict[str, Any] | None:
+        """The run's info as last recorded: a resumed run starts from it."""
+        try:
+            return json.loads((self.run_dir / "info.json").read_text())
+        except (OSError, ValueError):
+            return None
 
 
 def plan_resume(target: str, runs_dir: Path, now: datetime | None = None) -> ResumePlan:
@@ -71,20 +96,62 @@ def plan_resume(target: str, runs_dir: Path, now: datetime | None = None) -> Res
     status = run.get("status")
     if status == "COMPLETED":
         raise ResumeError(f"--resume {target}: run {run_dir.name} is already COMPLETED")
-    if status == "RUNNING" and run.get("heartbeat"):
-        age = ((now or datetime.now()) - datetime.fromisoformat(run["heartbeat"])).total_seconds()
-        if age < STALE_HEARTBEAT_S:
-            raise ResumeError(
-                f"--resume {target}: run {run_dir.name} looks alive (heartbeat {age:.0f} s ago); "
-                f"stop it first, or wait {STALE_HEARTBEAT_S} s if it died"
-            )
+    if status == "RUNNING":
+        _check_not_running(target, run_dir.name, run, now)
     if not checkpoint_path.is_file():
         raise ResumeError(
             f"--resume {target}: run {run_dir.name} has no checkpoint ({checkpoint_path.name}); "
             "it stopped before its first one"
         )
     state = checkpoint.load(checkpoint_path)
-    return ResumePlan(run_dir.parent, run_dir.name, recorded_config(config), checkpoint_path, state)
+    config = recorded_config(config)
+    _check_same_model(target, config, state)
+    return ResumePlan(
+        run_dir.parent, run_dir.name, config, checkpoint_path, state, previous_status=status
+    )
+
+
+def _check_not_running(target: str, run_id: str, run: dict[str, Any], now) -> None:
+    """Refuse to resume a RUNNING run whose process may still be running it: on the same
+    host, whether the recorded process is alive; elsewhere, by its heartbeat's age."""
+    host = run.get("host") or {}
+    process = host.get("rhn") or {}
+    alive = process_alive(host.get("hostname"), process.get("pid"), process.get("process_start"))
+    if alive is False:
+        return  # its process is gone (killed): resume at once
+    if alive:
+        raise ResumeError(
+            f"--resume {target}: run {run_id} is still running (process {process['pid']} on "
+            "this host); stop it first (Ctrl-C or kill -TERM checkpoints it)"
+        )
+    if run.get("heartbeat"):
+        age = ((now or datetime.now()) - datetime.fromisoformat(run["heartbeat"])).total_seconds()
+        if age < STALE_HEARTBEAT_S:
+            raise ResumeError(
+                f"--resume {target}: run {run_id} looks alive on {host.get('hostname')} "
+                f"(heartbeat {age:.0f} s ago); stop it first, or wait "
+                f"{STALE_HEARTBEAT_S} s if it died"
+            )
+
+
+def _check_same_model(target: str, config: dict[str, Any], state: dict[str, Any]) -> None:
+    """The checkpoint must have been written by this run's config (a checkpoint copied
+    from another run would fail half-way through loading, as a FAILED run)."""
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        return
+    saved = recorded_config(saved)
+    differ = [
+        key
+        for key in sorted(set(config) | set(saved))
+        if key not in RUN_CONTROL_KEYS and config.get(key) != saved.get(key)
+    ]
+    if differ:
+        shown = ", ".join(f"{k}={saved.get(k)!r} (the run: {config.get(k)!r})" for k in differ[:3])
+        more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+        raise ResumeError(
+            f"--resume {target}: the checkpoint was written with another config: {shown}{more}"
+        )
 
 
 def with_run_control_updates(plan: ResumePlan, updates: dict[str, Any]) -> dict[str, Any]:

@@ -22,6 +22,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import rhn_cli
+from rhn_cli.experiment import provenance
+from rhn_cli.experiment.recording import (
+    SacredReporter,
+    kernel_facts,
+    pin_recorded_decisions,
+    recording_the_end,
+    start_run,
+)
 from rhn_cli.experiment.resolve import ResolvedConfig
 from rhn_cli.experiment.resume import ResumePlan
 from rhn_cli.experiment.schema import defaults, validate
@@ -33,7 +41,7 @@ from rhn_cli.tracking.observers import (
     mongo_problem,
     redact,
 )
-from rhn_cli.tracking.sanitize import clean, clean_number
+from rhn_cli.tracking.sanitize import clean
 
 EXPERIMENT_NAME = "rhn"
 MONGO_FAILURE_SUBDIR = "_mongo_failures"
@@ -76,25 +84,13 @@ class RunInterrupted(Exception):
         self.where = where
 
 
-class SacredReporter:
-    """The engine's Reporter, backed by a Sacred run. Values are recorded clean
-    (:mod:`rhn_cli.tracking.sanitize`): numpy/torch scalars become Python numbers,
-    non-finite values None."""
-
-    def __init__(self, run) -> None:
-        self._run = run
-
-    def log_scalar(self, name: str, value: float, step: int) -> None:
-        self._run.log_scalar(name, clean_number(value), int(clean(step)))
-
-    def set_info(self, key: str, value: Any) -> None:
-        self._run.info[key] = clean(value)
-
-
-def _main_function(progress: TextIO | None, stop, resume: ResumePlan | None, shard=None):
+def _main_function(
+    progress: TextIO | None, stop, resume: ResumePlan | None, shard=None, corpus=None
+):
     """Sacred's main function: train on the resolved config, return best valid perplexity.
 
-    ``shard``: this process's part of a data-parallel job (None: a single process)."""
+    ``shard``: this process's part of a data-parallel job (None: a single process).
+    ``corpus``: the corpus the pre-flight checks loaded (None: load it here)."""
 
     def main(_config, _run, _seed):
         import torch
@@ -112,14 +108,14 @@ def _main_function(progress: TextIO | None, stop, resume: ResumePlan | None, sha
         else:
             verb = "resuming in" if resume is not None else "recording to"
             print(f"run {_run._id}: {verb} {run_dir}")
-        corpus = load_corpus(config, progress=progress)  # fetched and prepared on first use
-        if corpus.description:  # the vocabulary convention and sources, with the run
-            _run.info["dataset"] = clean(corpus.description)
+        data = corpus if corpus is not None else load_corpus(config, progress=progress)
+        if data.description:  # the vocabulary convention and sources, with the run
+            _run.info["dataset"] = clean(data.description)
         if shard is not None:
             _run.info["world_size"] = shard.world_size
         summary = train(
             config,
-            corpus,
+            data,
             SacredReporter(_run),
             progress=progress,
             run_dir=run_dir,
@@ -132,8 +128,9 @@ def _main_function(progress: TextIO | None, stop, resume: ResumePlan | None, sha
     return main
 
 
-def _evaluate_function(splits: tuple[str, ...], evaluated_run: str | None):
-    """Sacred's ``evaluate`` command: the reference evaluate / evaluate_mc."""
+def _evaluate_function(splits: tuple[str, ...], evaluated_run: str | None, corpus=None):
+    """Sacred's ``evaluate`` command: the reference evaluate / evaluate_mc (on ``corpus``,
+    as the pre-flight checks loaded it; None: load it here)."""
 
     def evaluate(_config, _run, _seed):
         import torch
@@ -147,8 +144,9 @@ def _evaluate_function(splits: tuple[str, ...], evaluated_run: str | None):
             _run.info["evaluated_run"] = evaluated_run
         _run.info["checkpoint"] = config["load_model"]
         print(f"evaluating {config['load_model']} on {', '.join(splits)}")
-        corpus = load_corpus(config)
-        results = evaluate_saved_model(config, corpus, SacredReporter(_run), splits)
+        data = corpus if corpus is not None else load_corpus(config)
+        results = evaluate_saved_model(config, data, SacredReporter(_run), splits)
+        _run.info["kernels"] = kernel_facts()
         return results[f"full_{splits[-1]}.ppl"]
 
     return evaluate
@@ -187,8 +185,9 @@ def build_experiment(
     *,
     stop=None,
     resume: ResumePlan | None = None,
-    evaluation: tuple[tuple[str, ...], str | None] | None = None,
+    evaluation: tuple[tuple[str, ...], str | None, Any] | None = None,
     shard=None,
+    corpus=None,
 ) -> Any:
     """A Sacred Experiment with rhn's defaults, the named configs used, and ``observers``."""
     with quiet_sacred_import():
@@ -201,6 +200,7 @@ def build_experiment(
         save_git_info=False,
     )
     experiment.logger = _logger()
+    provenance.record_in(experiment)  # the code, libraries and machine facts of the run
     experiment.add_config(defaults())
     for named in resolved.named:
         if named.name.isidentifier():
@@ -209,7 +209,7 @@ def build_experiment(
     experiment.captured_out_filter = apply_backspaces_and_linefeeds
     # Progress bars from rank 0 only: the others' would draw over them.
     progress = _terminal() if shard is None or shard.is_main else None
-    experiment.main(_main_function(progress, stop, resume, shard))
+    experiment.main(recording_the_end(_main_function(progress, stop, resume, shard, corpus), stop))
     if evaluation is not None:
         experiment.command(_evaluate_function(*evaluation))
     experiment.observers.extend(observers)
@@ -289,8 +289,11 @@ def graceful_stop(stop, warn: Callable[[str], None], hard_second: bool = True) -
         return
 
     def handle(signal_number, frame):
+        if stop.finishing:  # the run is being recorded: let it finish
+            return
         if stop.requested:
             if signal_number == signal.SIGINT and hard_second:
+                stop.finishing = True
                 raise KeyboardInterrupt
             return
         stop.request(signal_number)
@@ -355,12 +358,14 @@ def run_training(
     tags: Sequence[str] = (),
     resume: ResumePlan | None = None,
     warn: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
+    corpus=None,
 ) -> RunOutcome:
     """Run ``main`` as a Sacred run. Exceptions from training propagate after Sacred
     has recorded the run as FAILED or INTERRUPTED.
 
     ``tags`` are recorded in the run's ``meta.tags`` (and, in MongoDB, in
-    ``omniboard.tags``, where Omniboard shows them); a resumed run keeps its own."""
+    ``omniboard.tags``, where Omniboard shows them); a resumed run keeps its own.
+    ``corpus``: the one :mod:`rhn_cli.experiment.preflight` loaded (None: load it)."""
     from rhn_cli.engine.train import StopRequest, TrainingStopped
 
     runs_dir = Path(runs_dir)
@@ -370,7 +375,7 @@ def run_training(
     if quiet:
         observers, mongo, mongo_url = [], None, None
     elif resume is not None:
-        observers = [file_store_observer(resume.runs_dir, resume.completed_epochs)]
+        observers = [file_store_observer(resume.runs_dir, resume.continuation())]
         options["--id"] = resume.run_id
         mongo = None
         if mongo_url:
@@ -384,7 +389,9 @@ def run_training(
     else:
         observers, mongo = make_observers(runs_dir, mongo_url, warn)
     stop = StopRequest()
-    experiment = build_experiment(resolved, observers, stop=stop, resume=resume, shard=shard)
+    experiment = build_experiment(
+        resolved, observers, stop=stop, resume=resume, shard=shard, corpus=corpus
+    )
     if unobserved or quiet:  # Sacred would warn that no observers were added; that is the point
         experiment.logger.setLevel(logging.ERROR)
     if name:
@@ -403,9 +410,11 @@ def run_training(
     try:
         with graceful_stop(stop, warn, hard_second=shard is None), _silenced(quiet):
             try:
-                run = experiment.run(
+                run = start_run(
+                    experiment,
                     config_updates=resolved.updates,
                     named_configs=_named_config_arguments(resolved),
+                    info=resume.recorded_info() if resume is not None else None,
                     meta_info={"tags": tags} if tags else None,
                     options=options,
                 )
@@ -430,11 +439,14 @@ def run_evaluation(
     runs_dir: str | Path,
     mongo_url: str | None = None,
     warn: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
+    corpus=None,
 ) -> RunOutcome:
-    """Evaluate ``resolved.config['load_model']`` as a run of its own (command 'evaluate')."""
+    """Evaluate ``resolved.config['load_model']`` as a run of its own (command 'evaluate');
+    ``corpus``: the one the pre-flight checks loaded (None: load it)."""
     runs_dir = Path(runs_dir)
+    pin_recorded_decisions(Path(resolved.config["load_model"]).parent)
     observers, mongo = make_observers(runs_dir, mongo_url, warn)
-    experiment = build_experiment(resolved, observers, evaluation=(splits, evaluated_run))
+    experiment = build_experiment(resolved, observers, evaluation=(splits, evaluated_run, corpus))
     comment = f"evaluation of run {evaluated_run}" if evaluated_run else None
     options: dict[str, Any] = {"--capture": "sys", "--comment": comment}
 
@@ -443,8 +455,12 @@ def run_evaluation(
 
     try:
         try:
-            run = experiment.run(
-                "evaluate", config_updates=resolved.updates, named_configs=[], options=options
+            run = start_run(
+                experiment,
+                "evaluate",
+                config_updates=resolved.updates,
+                named_configs=[],
+                options=options,
             )
         finally:
             in_mongo = finish_mongo_recording(experiment, observers, run_dir(), mongo_url)

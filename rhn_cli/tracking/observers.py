@@ -24,6 +24,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -187,14 +188,26 @@ def mongo_problem(url: str, timeout_s: float = MONGO_TIMEOUT_S) -> str | None:
     return None
 
 
-def file_store_observer(runs_dir: str | os.PathLike, continue_after_epoch: int | None = None):
+@dataclass
+class Continuation:
+    """Where a resumed run's record continues: at its checkpoint, whatever the process
+    that wrote it recorded after that (it may have been killed at any point)."""
+
+    epochs: int  # epochs completed at the checkpoint
+    metrics: list | None  # the checkpoint's metric record, [name, step, value, ISO time]
+    output_bytes: int | None  # the length of cout.txt when the checkpoint was written
+    note: str  # the line cout.txt gets where the resumed process takes over
+
+
+def file_store_observer(runs_dir: str | os.PathLike, continuation: Continuation | None = None):
     """A FileStorageObserver under ``runs_dir`` with atomic JSON writes.
 
-    It never clashes with an existing run directory. With ``continue_after_epoch`` it
-    instead re-opens the directory of the run id Sacred hands it (a resumed run): the
-    original start time is kept, the resumption is noted in ``meta.resumed_at``, and
-    metrics after that epoch (logged but not checkpointed) are dropped so no step is
-    recorded twice. ``cout.txt`` and ``metrics.json`` are appended to.
+    It never clashes with an existing run directory. With a ``continuation`` it instead
+    re-opens the directory of the run id Sacred hands it (a resumed run): the original
+    start time is kept, the resumption is noted in ``meta.resumed_at``, metrics.json is
+    the checkpoint's metric record (older checkpoints: the metrics after its epoch are
+    dropped), and cout.txt is cut back to its length at the checkpoint, then appended to.
+    So every step is recorded once, whether the run was stopped or killed.
     """
     with quiet_sacred_import():
         from sacred.observers import FileStorageObserver
@@ -204,11 +217,11 @@ def file_store_observer(runs_dir: str | os.PathLike, continue_after_epoch: int |
         previous_run: dict | None = None
 
         def _make_run_dir(self, _id):
-            if continue_after_epoch is not None:
+            if continuation is not None:
                 self.dir = os.path.join(self.basedir, str(_id))
                 with open(os.path.join(self.dir, "run.json")) as handle:
                     self.previous_run = json.load(handle)
-                _drop_metrics_after(Path(self.dir), continue_after_epoch, self.save_json)
+                _continue_record(Path(self.dir), continuation, self.save_json)
                 return
             # With MongoDB attached, Sacred hands MongoDB's run id to the file store too.
             # A directory of that name may already hold an offline run: take the next
@@ -235,6 +248,28 @@ def file_store_observer(runs_dir: str | os.PathLike, continue_after_epoch: int |
             write_atomically(Path(self.dir) / filename, text.encode("utf-8"))
 
     return RunDirectoryObserver(str(Path(runs_dir)))
+
+
+def _continue_record(run_dir: Path, continuation: Continuation, save_json) -> None:
+    """metrics.json and cout.txt as they were at the checkpoint, cout.txt noting where
+    the resumed process takes over."""
+    if continuation.metrics is None:
+        _drop_metrics_after(run_dir, continuation.epochs, save_json)
+    else:
+        metrics: dict[str, dict[str, list]] = {}
+        for name, step, value, stamp in continuation.metrics:
+            series = metrics.setdefault(name, {"steps": [], "values": [], "timestamps": []})
+            series["steps"].append(step)
+            series["values"].append(clean_number(value))
+            series["timestamps"].append(stamp)
+        save_json(metrics, "metrics.json")
+    cout = run_dir / "cout.txt"
+    text = cout.read_bytes() if cout.exists() else b""
+    if continuation.output_bytes is not None:
+        text = text[: continuation.output_bytes]
+    if text and not text.endswith(b"\n"):
+        text += b"\n"
+    write_atomically(cout, text + continuation.note.encode("utf-8") + b"\n")
 
 
 def _drop_metrics_after(run_dir: Path, epoch: int, save_json) -> None:
