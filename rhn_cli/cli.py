@@ -108,6 +108,10 @@ def train(
     With no arguments it trains the quickstart: a small RHN on the built-in
     synthetic corpus, whose true entropy rate is printed for comparison.
 
+    Before a run is recorded, the config is checked against this machine and the data
+    (device, load_model, the dataset's files, vocab_size, splits that fill a minibatch):
+    one that cannot run stops with one line and exit code 2.
+
     Checkpoints are written into the run directory at every epoch end, every
     checkpoint_every minutes, and on Ctrl-C or SIGTERM (which stop after the current
     step; press Ctrl-C twice to stop at once). Continue with --resume RUN_ID.
@@ -135,11 +139,12 @@ def train(
             extra["deterministic"] = True
         resolved = _resolve(updates, extra)
     if nproc is not None:
-        _launch_processes(nproc, resolved.config)
+        _launch_processes(nproc, resolved.config, resuming=plan is not None)
         return
     from rhn_cli.engine.distributed import env_rank
 
     rank = env_rank()  # under torchrun: only rank 0 speaks
+    corpus = _preflight(resolved.config, resuming=plan is not None, quiet=rank != 0)
     try:
         outcome = run_training(
             resolved,
@@ -151,6 +156,7 @@ def train(
             tags=tags,
             resume=plan,
             warn=warn,
+            corpus=corpus,
         )
     except RunInterrupted as stop:
         if rank != 0:
@@ -171,9 +177,10 @@ def train(
     click.echo(f"run {outcome.run_id} {outcome.status}{where}; {result}")
 
 
-def _launch_processes(nproc: int, config: dict) -> None:
+def _launch_processes(nproc: int, config: dict, resuming: bool) -> None:
     """``rhn train --nproc N``: this same command line, without --nproc, on N local
-    processes under torchrun; a failed rank is named, and the exit code is non-zero."""
+    processes under torchrun; a failed rank is named, and the exit code is non-zero.
+    The config is checked here first, so a bad one starts no process."""
     from rhn_cli.engine.distributed import DistributedError, Shard, launch_local, launched
 
     if launched():
@@ -182,6 +189,7 @@ def _launch_processes(nproc: int, config: dict) -> None:
         Shard(world_size=nproc).check_config(config)
     except DistributedError as error:
         _fail(f"--nproc {nproc}: {error}")
+    _preflight(config, resuming=resuming)  # prepares the data once, for every rank
     argv = sys.argv[1:]
     if "train" not in argv:
         _fail("--nproc relaunches the 'rhn train' command line, and it cannot be found")
@@ -195,6 +203,29 @@ def _launch_processes(nproc: int, config: dict) -> None:
     if outcome.exit_code and not outcome.interrupted:
         _fail(outcome.describe(), code=outcome.exit_code)
     sys.exit(outcome.exit_code)
+
+
+def _preflight(
+    config: dict, *, resuming: bool = False, quiet: bool = False, evaluation: bool = False
+):
+    """The corpus to train on, after the checks of :mod:`rhn_cli.experiment.preflight`
+    (``evaluation``: the device and the data only): a config this machine or the data
+    cannot run stops here (exit 2), before any run is recorded; data that cannot be
+    obtained (a failed download, a full disk) exits 1."""
+    from rhn_cli.data.errors import DatasetError
+    from rhn_cli.experiment.preflight import preflight_evaluation, preflight_training
+    from rhn_cli.experiment.schema import ConfigError
+
+    echo = (lambda message: None) if quiet else click.echo
+    progress = None if quiet else _terminal_stderr()
+    try:
+        if evaluation:
+            return preflight_evaluation(config, echo=echo, progress=progress)
+        return preflight_training(config, resuming=resuming, echo=echo, progress=progress)
+    except ConfigError as error:
+        _fail(str(error))
+    except (DatasetError, OSError) as error:
+        _fail(f"dataset={config['dataset']!r} cannot be loaded: {error}", code=1)
 
 
 def _check_tags(tags: tuple[str, ...]) -> list[str]:
@@ -297,6 +328,7 @@ def evaluate(target, split, mc_steps, runs_dir, mongo_url) -> None:
         _fail(str(error))
     except CheckpointError as error:
         _fail(str(error), code=1)
+    corpus = _preflight(config, evaluation=True)
     splits = ("valid", "test") if split == "both" else (split,)
     try:
         outcome = run_evaluation(
@@ -306,6 +338,7 @@ def evaluate(target, split, mc_steps, runs_dir, mongo_url) -> None:
             runs_dir=runs_dir,
             mongo_url=mongo_url,
             warn=lambda message: _stderr(f"Warning: {message}", "yellow"),
+            corpus=corpus,
         )
     except RunInterrupted as stop:
         _report_stop(stop)
@@ -386,7 +419,8 @@ def configs() -> None:
     """List the named configs, each with its one-line description.
 
     Named configs are YAML files shipped with rhn plus any found in the directories of
-    RHN_CONFIG_PATH (separated by ':'), which take precedence.
+    RHN_CONFIG_PATH (separated by ':'), which take precedence. A file there that cannot
+    be read as a named config is listed as unusable, and the exit code is 2.
     """
     from rhn_cli.experiment.resolve import CONFIG_PATH_ENV, discover
 
@@ -395,14 +429,19 @@ def configs() -> None:
         click.echo("No named configs found.")
         return
     width = max(len(name) for name in found)
+    problems = {name: named.problem() for name, named in found.items() if not named.shipped}
     for name in sorted(found):
         named = found[name]
         origin = "" if named.shipped else f"  [{named.path.parent}]"
-        click.echo(f"{name:<{width}}  {named.description or '(no description)'}{origin}")
+        text = "(unusable: the error says why)" if problems.get(name) else named.description
+        click.echo(f"{name:<{width}}  {text or '(no description)'}{origin}")
     if not os.environ.get(CONFIG_PATH_ENV):
         click.echo(
             f"\nAdd your own: put NAME.yaml files in a directory listed in {CONFIG_PATH_ENV}."
         )
+    unusable = [problem for problem in problems.values() if problem]
+    if unusable:
+        _fail(f"{CONFIG_PATH_ENV}: fix or remove each unusable file: {'; '.join(unusable)}")
 
 
 @cli.group()

@@ -1,5 +1,5 @@
 """``rhn data`` as a user drives it: exit codes, one-line errors, tables, confirmation;
-and ``rhn train`` on the user's own text file."""
+``rhn train`` on the user's own text file, and on caches changed since they were made."""
 
 from __future__ import annotations
 
@@ -12,7 +12,13 @@ import pytest
 
 from rhn_cli.cli import cli
 from rhn_cli.data.registry import DATASETS
-from tests.fakedata import FileServer, simple_examples_tgz, tiny_specs, write_ptb_directory
+from tests.fakedata import (
+    FileServer,
+    enwik8_zip,
+    simple_examples_tgz,
+    tiny_specs,
+    write_ptb_directory,
+)
 
 
 @pytest.fixture
@@ -166,3 +172,83 @@ def test_train_with_a_missing_text_file_fails_before_any_run(runner, tmp_path):
     assert result.exit_code == 2
     assert one_line_error(result) == "Error: data_path='no.txt': no such file or directory"
     assert not (tmp_path / "runs").exists()
+
+
+# --- a cache changed since it was prepared is never trained on ---------------------------
+
+TINY_ENWIK8_RUN = [
+    "dataset='tiny_enwik8'",
+    "depth=1",
+    "hidden_size=8",
+    "max_max_epoch=1",
+    "batch_size=2",
+    "num_steps=5",
+]
+
+
+def corrupt_the_middle(path: Path) -> None:
+    """Eight bytes in the middle of the array changed, the size kept (a bad disk, a stray
+    write): only the recorded sha256 can tell."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2  # past the 128-byte .npy header
+    data[middle : middle + 8] = b"\xff" * 8
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def tiny_enwik8(monkeypatch, tmp_path):
+    """tiny_enwik8 registered (no URL to fetch from); returns its archive on disk."""
+    zipped = enwik8_zip()
+    monkeypatch.setitem(DATASETS, "tiny_enwik8", tiny_specs(b"", zip_data=zipped)["tiny_enwik8"])
+    archive = tmp_path / "enwik8.zip"
+    archive.write_bytes(zipped)
+    return archive
+
+
+def test_a_corrupted_cache_is_rebuilt_from_its_source_or_refused(runner, tiny_enwik8, tmp_path):
+    fetched = runner.invoke(cli, ["data", "fetch", "tiny_enwik8", "--from", str(tiny_enwik8)])
+    assert fetched.exit_code == 0, fetched.output
+    train_npy = Path("data/tiny_enwik8/train.npy")
+    prepared = train_npy.read_bytes()
+    corrupt_the_middle(train_npy)
+    assert runner.invoke(cli, ["data", "verify", "tiny_enwik8"]).exit_code == 1
+
+    # The archive it was prepared from is still there: training rebuilds from it.
+    rebuilt = runner.invoke(cli, ["train", "with", *TINY_ENWIK8_RUN])
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert f"{train_npy} does not match the sha256 recorded in its meta.json" in rebuilt.output
+    assert f"rebuilding it from {tiny_enwik8}" in rebuilt.output
+    assert train_npy.read_bytes() == prepared
+
+    # Without it, training stops before any run, naming the file and the remedy.
+    tiny_enwik8.unlink()
+    corrupt_the_middle(train_npy)
+    refused = runner.invoke(cli, ["train", "--runs-dir", "other", "with", *TINY_ENWIK8_RUN])
+    assert refused.exit_code == 2
+    assert one_line_error(refused) == (
+        f"Error: dataset='tiny_enwik8': {train_npy} does not match the sha256 recorded in its "
+        "meta.json (it changed since it was prepared); 'rhn data fetch tiny_enwik8' rebuilds it"
+    )
+    assert not (tmp_path / "other").exists()
+
+    # That command rebuilds it (from the archive given again), without --force.
+    tiny_enwik8.write_bytes(enwik8_zip())
+    again = runner.invoke(cli, ["data", "fetch", "tiny_enwik8", "--from", str(tiny_enwik8)])
+    assert again.exit_code == 0 and "is corrupted" in again.output, again.output
+    assert train_npy.read_bytes() == prepared
+
+
+def test_train_rebuilds_a_corrupted_textfile_cache_from_the_text(runner, tmp_path):
+    (tmp_path / "mine.txt").write_text("".join(f"the {w} sat\n" for w in ("cat", "dog") * 40))
+    argv = ["train", "with", "dataset='textfile'", "data_path='mine.txt'"]
+    tiny_model = ["depth=1", "hidden_size=8", "max_max_epoch=1", "batch_size=4", "num_steps=5"]
+    assert runner.invoke(cli, [*argv, *tiny_model]).exit_code == 0
+    (entry,) = Path("data/textfile").iterdir()
+    prepared = (entry / "train.npy").read_bytes()
+    corrupt_the_middle(entry / "train.npy")
+
+    result = runner.invoke(cli, [*argv, *tiny_model])
+    assert result.exit_code == 0, result.output
+    assert f"textfile: the cache in {entry} is corrupted" in result.output
+    assert (entry / "train.npy").read_bytes() == prepared
+    assert json.loads(Path("runs/2/run.json").read_text())["status"] == "COMPLETED"

@@ -19,11 +19,13 @@ runs_dir_option = click.option(
 
 
 def _configured_mongo_url(ctx, param, value: str | None) -> str | None:
-    """--mongo, else RHN_MONGO_URL, else mongo_url in the settings file; 'none': off."""
-    from rhn_cli.tracking.settings import SettingsError, resolve_mongo_url
+    """--mongo, else RHN_MONGO_URL, else mongo_url in the settings file; 'none': off.
+    A malformed URL is a usage error (exit 2), whichever of them gave it."""
+    from rhn_cli.tracking.settings import MONGO_URL_ENV, SettingsError, resolve_mongo_url
 
+    from_env = ctx.get_parameter_source(param.name) == click.core.ParameterSource.ENVIRONMENT
     try:
-        return resolve_mongo_url(value).url
+        return resolve_mongo_url(value, MONGO_URL_ENV if from_env else "--mongo").url
     except SettingsError as error:
         problem = click.ClickException(str(error))
         problem.exit_code = 2

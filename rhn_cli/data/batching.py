@@ -14,7 +14,11 @@ import numpy as np
 
 
 class SplitTooShortError(ValueError):
-    """A split cannot fill a single minibatch."""
+    """A split cannot fill a single minibatch; ``split`` names it where it is known."""
+
+    def __init__(self, message: str, split: str | None = None) -> None:
+        super().__init__(message)
+        self.split = split
 
 
 def batchify(tokens: np.ndarray, batch_size: int) -> np.ndarray:
@@ -37,7 +41,8 @@ def minibatches(
         raise SplitTooShortError(
             f"the {split} split has {len(tokens):,} tokens, too few for one minibatch of "
             f"batch_size={batch_size} x num_steps={num_steps} "
-            f"(needs at least {batch_size * (num_steps + 1):,})"
+            f"(needs at least {batch_size * (num_steps + 1):,})",
+            split,
         )
     rows = batchify(tokens, batch_size)
     for k in range(steps):

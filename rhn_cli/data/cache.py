@@ -254,8 +254,9 @@ def staging_area(name: str) -> Iterator[Path]:
 
 @dataclass
 class CacheState:
-    """What a dataset directory holds: ``ready`` (complete and current), ``missing`` or
-    ``stale`` (with the reason)."""
+    """What a dataset directory holds: ``ready`` (complete and current), ``missing``,
+    ``stale`` (with the reason) or ``corrupted`` (a file's bytes changed since it was
+    written: the reason names it)."""
 
     status: str
     directory: Path
@@ -276,11 +277,15 @@ def read_meta(directory: Path) -> dict[str, Any] | None:
         return {}
 
 
-def inspect(directory: Path, expect: Callable[[dict[str, Any]], str | None]) -> CacheState:
-    """Cheap checks that the cache in ``directory`` is complete and current.
+def inspect(
+    directory: Path, expect: Callable[[dict[str, Any]], str | None], contents: bool = False
+) -> CacheState:
+    """Checks that the cache in ``directory`` is complete and current.
 
-    Reads the metadata and each array's header and size, never the data. ``expect``
-    returns why the metadata does not fit the dataset's spec (or None when it does).
+    Reads the metadata and each array's header and size, never the data; with
+    ``contents`` also the SHA-256 of every file against the one recorded when it was
+    written (what training does before using a cache: about 0.1 s for enwik8's 95 MB).
+    ``expect`` returns why the metadata does not fit the dataset's spec (or None).
     """
     meta = read_meta(directory)
     if meta is None:
@@ -291,7 +296,20 @@ def inspect(directory: Path, expect: Callable[[dict[str, Any]], str | None]) -> 
     reason = _meta_problem(directory, meta) or expect(meta)
     if reason:
         return CacheState("stale", directory, meta, reason)
+    changed = _changed_file(directory, meta) if contents else None
+    if changed is not None:
+        reason = f"{changed} does not match the sha256 recorded in its meta.json"
+        return CacheState("corrupted", directory, meta, reason)
     return CacheState("ready", directory, meta)
+
+
+def _changed_file(directory: Path, meta: dict[str, Any]) -> Path | None:
+    """The first file of a complete cache whose bytes are not the ones written."""
+    for entry in [meta["vocab"], *meta["splits"].values()]:
+        path = directory / entry["file"]
+        if hash_file(path)["sha256"] != entry.get("sha256"):
+            return path
+    return None
 
 
 def _meta_problem(directory: Path, meta: dict[str, Any]) -> str | None:

@@ -1,4 +1,4 @@
-"""The one exception the data layer raises for the user to read."""
+"""The exceptions the data layer raises for the user to read."""
 
 from __future__ import annotations
 
@@ -16,3 +16,9 @@ class UnknownDatasetError(DatasetError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
+
+
+class DataInputError(DatasetError):
+    """The data the config points at cannot be trained on as it is: a text file that is
+    empty or not UTF-8 text, or a cache changed since it was prepared. The user fixes
+    it (a usage error, exit 2), unlike a failed download or a full disk."""

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from rhn_cli.data.cache import CacheWriter, split_file
-from rhn_cli.data.errors import DatasetError
+from rhn_cli.data.errors import DataInputError, DatasetError
 from rhn_cli.data.registry import SPLITS, DatasetSpec
 
 EOS = "<eos>"
@@ -102,13 +102,20 @@ def check_expected(spec: DatasetSpec, prepared: Prepared) -> None:
 
 
 def read_utf8(path: Path) -> str:
+    """The text of ``path``; DataInputError unless it is UTF-8 text."""
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise DatasetError(
+        raise DataInputError(
             f"{path} is not UTF-8 text (byte {error.start:,} is 0x{data[error.start]:02x})"
         ) from None
+    # NUL decodes as UTF-8 but never occurs in text: it marks a binary file (a tar, an
+    # image) that would otherwise be trained on as characters.
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise DataInputError(f"{path} is not UTF-8 text but a binary file (byte {nul:,} is 0x00)")
+    return text
 
 
 def word_tokens(text: str) -> list[str]:
@@ -126,7 +133,7 @@ def word_tokens(text: str) -> list[str]:
 def held_out_bounds(length: int, held_out: int, what: str) -> dict[str, tuple[int, int]]:
     """The reference's split: the last ``2 * held_out`` tokens are valid, then test."""
     if held_out < 1 or length - 2 * held_out < 1:
-        raise DatasetError(
+        raise DataInputError(
             f"{what} has {length:,} tokens, too few to hold out {held_out:,} each for valid "
             "and test"
         )
@@ -269,12 +276,18 @@ def _chunks(handle, start: int, end: int):
 def _text_splits(paths: list[Path], tokenize: Callable[[str], Any], length=len) -> dict:
     """Tokens per split: three files as they are, or one file split 90/5/5."""
     if len(paths) == 3:
-        return {split: tokenize(read_utf8(path)) for split, path in zip(SPLITS, paths, strict=True)}
+        splits = {
+            split: tokenize(read_utf8(path)) for split, path in zip(SPLITS, paths, strict=True)
+        }
+        for split, path in zip(SPLITS, paths, strict=True):
+            if length(splits[split]) == 0:
+                raise DataInputError(f"{path} has no tokens; the {split} split needs some")
+        return splits
     (path,) = paths
     tokens = tokenize(read_utf8(path))
     held_out = length(tokens) * TEXTFILE_HELD_OUT_PERCENT // 100
     if held_out < 1:
-        raise DatasetError(
+        raise DataInputError(
             f"{path} has {length(tokens):,} tokens, too few for a 90/5/5 split (at least 20)"
         )
     bounds = held_out_bounds(length(tokens), held_out, str(path))

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from rhn_cli import __version__
 from rhn_cli.data import cache
-from rhn_cli.data.errors import DatasetError
+from rhn_cli.data.errors import DataInputError, DatasetError
 from rhn_cli.data.registry import DATASETS, SPLITS, DatasetSpec, SourceFile, get_spec
 from rhn_cli.data.textfile import TEXT_LEVELS, textfile_paths
 
@@ -51,31 +51,45 @@ def fetch_dataset(
 ) -> FetchOutcome:
     """Fetch, verify and prepare ``name`` from ``source`` (None: the published URLs).
 
-    A complete, current cache is kept unless ``force``; a stale one is rebuilt.
+    A complete, current and intact cache is kept unless ``force``; a stale or corrupted
+    one is rebuilt.
     """
     spec = _downloadable(name)
     directory = cache.dataset_dir(spec.name)
     with cache.locked(spec.name, echo):
-        state = inspect_dataset(spec)
+        state = inspect_dataset(spec, contents=True)
         if state.ready and not force:
             return FetchOutcome(spec.name, False, directory, state.meta or {})
-        if state.status == "stale":
-            echo(f"{spec.name}: the cache in {directory} is stale ({state.reason}); rebuilding it")
+        if state.status in ("stale", "corrupted"):
+            echo(
+                f"{spec.name}: the cache in {directory} is {state.status} ({state.reason}); "
+                "rebuilding it"
+            )
         meta = _build(spec, source, directory, echo, progress)
     return FetchOutcome(spec.name, True, directory, meta)
 
 
 def open_dataset(spec: DatasetSpec, echo: Echo = print, progress: TextIO | None = None) -> Corpus:
-    """The cached corpus of ``spec``, fetched from its published URLs if need be."""
+    """The cached corpus of ``spec``, fetched from its published URLs if need be.
+
+    A cache whose files changed since they were written is never used: it is rebuilt
+    from the local file or directory it was made from, or else DataInputError names
+    the file and the command that rebuilds it.
+    """
     directory = cache.dataset_dir(spec.name)
     with cache.locked(spec.name, echo):
-        state = inspect_dataset(spec)
+        state = inspect_dataset(spec, contents=True)
         if not state.ready:
             source = _local_origin(state)
-            if state.status == "stale":
+            if state.status == "corrupted" and source is None:
+                raise DataInputError(
+                    f"{state.reason} (it changed since it was prepared); "
+                    f"'rhn data fetch {spec.name}' rebuilds it"
+                )
+            if state.status != "missing":
                 where = f" from {source}" if source else ""
                 echo(
-                    f"{spec.name}: the cache in {directory} is stale ({state.reason}); "
+                    f"{spec.name}: the cache in {directory} is {state.status} ({state.reason}); "
                     f"rebuilding it{where}"
                 )
             else:
@@ -96,9 +110,12 @@ def _local_origin(state: cache.CacheState) -> str | None:
     return None
 
 
-def inspect_dataset(spec: DatasetSpec, directory: Path | None = None) -> cache.CacheState:
+def inspect_dataset(
+    spec: DatasetSpec, directory: Path | None = None, contents: bool = False
+) -> cache.CacheState:
+    """The state of ``spec``'s cache; ``contents`` also checks every file's SHA-256."""
     directory = directory or cache.dataset_dir(spec.name)
-    return cache.inspect(directory, lambda meta: _spec_mismatch(spec, meta))
+    return cache.inspect(directory, lambda meta: _spec_mismatch(spec, meta), contents)
 
 
 def _spec_mismatch(spec: DatasetSpec, meta: dict[str, Any]) -> str | None:
@@ -264,10 +281,12 @@ def load_textfile(data_path: str, level: str, echo: Echo = print) -> Corpus:
     directory = cache.data_dir() / TEXTFILE / entry
     spec = textfile_spec(level)
     with cache.locked(f"{TEXTFILE}-{entry}", echo):
-        state = inspect_dataset(spec, directory)
+        state = inspect_dataset(spec, directory, contents=True)
         if not state.ready:
             from rhn_cli.data.fetch import RawSources
 
+            if state.status != "missing":
+                echo(f"textfile: the cache in {directory} is {state.status} ({state.reason})")
             echo(f"textfile: preparing {data_path} at the {level} level into {directory}")
             files = [
                 {"name": str(path.resolve()), "sha256": digest, "bytes": path.stat().st_size}

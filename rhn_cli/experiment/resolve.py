@@ -38,6 +38,14 @@ class NamedConfig:
     def load(self) -> dict[str, Any]:
         return load_yaml(self.path)
 
+    def problem(self) -> str | None:
+        """Why the file cannot be used as a named config (None: it can)."""
+        try:
+            self.load()
+        except ConfigError as error:
+            return str(error)
+        return None
+
 
 def shipped_dir() -> Path:
     return Path(str(files("rhn_cli.named_configs")))
@@ -50,14 +58,18 @@ def config_dirs() -> list[tuple[Path, bool]]:
 
 
 def description_of(path: Path) -> str:
-    """The first comment line of a YAML file, without the '#'."""
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            stripped = line.strip()
-            if stripped.startswith("#"):
-                return stripped.lstrip("#").strip()
-            if stripped:
-                break
+    """The first comment line of a YAML file, without the '#' ('' for an unreadable
+    file: loading it says what is wrong)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                stripped = line.strip()
+                if stripped.startswith("#"):
+                    return stripped.lstrip("#").strip()
+                if stripped:
+                    break
+    except (OSError, UnicodeDecodeError):
+        pass
     return ""
 
 
@@ -74,9 +86,15 @@ def discover() -> dict[str, NamedConfig]:
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
+    """The mapping a named config file holds; ConfigError (one line) if it holds none."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            content = yaml.safe_load(handle)
+        data = path.read_bytes()
+        content = yaml.safe_load(data.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"named config {path} is not UTF-8 text (byte {error.start:,} is "
+            f"0x{data[error.start]:02x}); expected a UTF-8 YAML file"
+        ) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

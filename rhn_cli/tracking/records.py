@@ -466,7 +466,8 @@ _RANGE = re.compile(r"^(\d+)-(\d+)$")
 
 def select_runs(records: Sequence[RunRecord], tokens: Iterable[str], label: str) -> list[RunRecord]:
     """The runs named by ``tokens`` (ids, ranges ``3-7``, comma lists ``1,4,9``), in the
-    order given, each once. A range takes the runs it covers (it must cover one)."""
+    order given, each once. A range takes the runs it covers (it must cover one); a
+    reversed range (``7-3``) is an error, not read as ``3-7``."""
     by_key = {r.key: r for r in records}
     chosen: dict[str, RunRecord] = {}
     for token in tokens:
@@ -477,7 +478,11 @@ def select_runs(records: Sequence[RunRecord], tokens: Iterable[str], label: str)
             if piece in by_key:
                 chosen.setdefault(piece, by_key[piece])
             elif match:
-                low, high = sorted((int(match[1]), int(match[2])))
+                low, high = int(match[1]), int(match[2])
+                if low > high:
+                    raise RunSelectionError(
+                        f"run range '{piece}': expected LOW-HIGH with LOW <= HIGH ({high}-{low})"
+                    )
                 covered = [r for r in records if r.key.isdigit() and low <= int(r.key) <= high]
                 if not covered:
                     raise _no_run(piece, records, label)

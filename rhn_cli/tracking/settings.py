@@ -25,6 +25,10 @@ MONGO_URL_ENV = "RHN_MONGO_URL"
 MONGO_URL_KEY = "mongo_url"
 # Values of --mongo / RHN_MONGO_URL that mean "no MongoDB for this command".
 MONGO_OFF = ("", "none", "off")
+MONGO_URL_FORMS = (
+    "mongodb://[USER:PASSWORD@]HOST[:PORT][/DATABASE] or mongodb+srv://[USER:PASSWORD@]HOST"
+    "[/DATABASE]"
+)
 
 
 class SettingsError(Exception):
@@ -83,11 +87,12 @@ def load_settings(path: Path | None = None) -> dict[str, Any]:
     return settings
 
 
-def resolve_mongo_url(given: str | None) -> MongoSetting:
+def resolve_mongo_url(given: str | None, given_by: str = "--mongo") -> MongoSetting:
     """The MongoDB URL for a command, from ``--mongo`` (``given``, which click may already
-    have filled from ``RHN_MONGO_URL``), the environment, or the settings file."""
+    have filled from ``RHN_MONGO_URL``: ``given_by`` says so), the environment, or the
+    settings file. A URL that is not of a MongoDB URL's form is a SettingsError."""
     if given is not None:
-        source = "--mongo"
+        source = given_by
     else:
         given = os.environ.get(MONGO_URL_ENV)
         source = MONGO_URL_ENV
@@ -95,10 +100,57 @@ def resolve_mongo_url(given: str | None) -> MongoSetting:
         given = given.strip()
         if given.lower() in MONGO_OFF:
             return MongoSetting(None, source)
-        return MongoSetting(given, source)
+        return MongoSetting(_checked_url(given, source), source)
     path = config_file()
     url = load_settings(path).get(MONGO_URL_KEY)
-    return MongoSetting(url.strip() if url else None, str(path))
+    if not url:
+        return MongoSetting(None, str(path))
+    return MongoSetting(_checked_url(url.strip(), f"{MONGO_URL_KEY} in {path}"), str(path))
+
+
+def _checked_url(url: str, source: str) -> str:
+    """``url`` if it has the shape of a MongoDB URL, else SettingsError naming it (its
+    password hidden): a URL that can never connect must not mark runs for sync to it."""
+    problem = mongo_url_problem(url)
+    if problem is not None:
+        from rhn_cli.tracking.observers import redact
+
+        raise SettingsError(f"{source} {redact(url)!r}: {problem}; expected {MONGO_URL_FORMS}")
+    return url
+
+
+def mongo_url_problem(url: str) -> str | None:
+    """What is wrong with the form of a MongoDB URL (None: nothing). Only the form: no
+    name is resolved and no server is asked."""
+    scheme, separator, rest = url.partition("://")
+    if not separator or scheme.lower() not in ("mongodb", "mongodb+srv"):
+        return f"the scheme is {scheme + '://' if separator else 'missing'}, not mongodb://"
+    end = min((i for i in (rest.find(c) for c in "/?") if i >= 0), default=len(rest))
+    hosts = rest[:end].rpartition("@")[2]
+    if not hosts:
+        return "it names no host"
+    for host in hosts.split(","):
+        name, port = _split_port(host)
+        if not name:
+            return f"host {host!r} has no name"
+        if port is None:
+            continue
+        if scheme.lower() == "mongodb+srv":
+            return "a mongodb+srv:// URL takes no port (DNS gives it)"
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            return f"port {port!r} is not a number in 1..65535"
+    return None
+
+
+def _split_port(host: str) -> tuple[str, str | None]:
+    """('name', 'port' or None) of 'name:port', '[ipv6]:port' or a bare name."""
+    if host.startswith("["):
+        name, bracket, tail = host.partition("]")
+        if not bracket:
+            return "", None
+        return name + bracket, tail[1:] if tail.startswith(":") else (tail or None)
+    name, colon, port = host.rpartition(":")
+    return (name, port) if colon else (host, None)
 
 
 def how_to_configure_mongo() -> str:
