@@ -115,6 +115,11 @@ CASES = [
         {},
         id="nproc-parent",
     ),
+    # a seed numpy cannot take (Sacred seeds numpy's global generator with it)
+    pytest.param([*TRAIN, "seed=-1"], "seed=-1", {}, id="negative-seed"),
+    pytest.param(
+        ["train", "--seed", "4294967296", "--runs-dir", RUNS], "seed=4294967296", {}, id="big-seed"
+    ),
     # load_model
     pytest.param(
         [*TRAIN, "load_model='missing.pt'"],

@@ -42,6 +42,11 @@ def _positive(v: Any) -> str | None:
     return None if v > 0 else "more than 0"
 
 
+def _seed(v: Any) -> str | None:
+    # numpy's global seed, which Sacred sets from it, takes 0 to 2**32 - 1.
+    return None if v is None or 0 <= v < 2**32 else f"an integer from 0 to {2**32 - 1}"
+
+
 def _drop_rate(v: Any) -> str | None:
     return None if 0.0 <= v < 1.0 else "a drop rate in [0, 1)"
 
@@ -278,7 +283,7 @@ SCHEMA: dict[str, Option] = {
         "test_tokens": Option(20_000, int, "length of the test split", _at_least(1)),
         "source_seed": Option(1234, int, "seed of the source (fixed: runs share one corpus)"),
     },
-    "seed": Option(None, int, "random seed of the run (chosen by Sacred when not given)"),
+    "seed": Option(None, int, "random seed of the run (chosen by Sacred when not given)", _seed),
 }
 
 
