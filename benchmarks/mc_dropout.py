@@ -20,11 +20,12 @@ import time
 
 import numpy as np
 import torch
+from mask_rows import select_rows  # benchmarks/, the script's own directory
 
 from rhn_cli.engine import checkpoint
-from rhn_cli.engine.evaluation import mc_masks, select_rows, token_log_probs
-from rhn_cli.engine.train import build_model
+from rhn_cli.engine.evaluation import mc_masks, token_log_probs
 from rhn_cli.experiment.resolve import resolve
+from rhn_cli.models import build_model
 
 
 def main() -> None:

@@ -71,8 +71,9 @@ def child(zip_path: Path, data_dir: Path, zip_sha256: str, member_md5: str) -> N
     os.environ["RHN_DATA_DIR"] = str(data_dir)
     from dataclasses import replace
 
+    from rhn_cli.data.loading import open_dataset
     from rhn_cli.data.registry import DATASETS, ENWIK8
-    from rhn_cli.data.store import fetch_dataset, open_dataset
+    from rhn_cli.data.store import fetch_dataset
 
     spec = replace(
         ENWIK8,

@@ -69,21 +69,24 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from mask_rows import select_rows  # noqa: E402
 from rhn_baseline import BaselineRHNLanguageModel  # noqa: E402
 
 from rhn_cli.engine.evaluation import (  # noqa: E402
     MC_BATCH,
+    evaluate,
     full_perplexity,
     mc_masks,
-    select_rows,
     token_log_probs,
 )
 from rhn_cli.engine.objective import sequence_loss  # noqa: E402
 from rhn_cli.engine.optim import make_optimizer, penalised_step  # noqa: E402
-from rhn_cli.engine.train import build_model, evaluate  # noqa: E402
 from rhn_cli.experiment.resolve import resolve  # noqa: E402
+from rhn_cli.kernels.onednn import applies as onednn_applies  # noqa: E402
+from rhn_cli.kernels.onednn import linear as onednn_linear  # noqa: E402
+from rhn_cli.kernels.onednn import pack as onednn_pack  # noqa: E402
+from rhn_cli.models import build_model  # noqa: E402
 from rhn_cli.models.base import detach_state  # noqa: E402
-from rhn_cli.models.rhn_fast import onednn_applies, onednn_linear, onednn_pack  # noqa: E402
 
 KINDS = ("rhn", "baseline", "lstm")
 TARGETS = {

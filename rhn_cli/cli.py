@@ -119,13 +119,9 @@ def train(
     On the CPU the RHN's time loop runs in C++, compiled for the machine on first use
     (about 30 s, once) into the user cache; RHN_NATIVE=0 runs the Python loop instead.
     """
-    from rhn_cli.experiment.sacred_app import RunFailed, RunInterrupted, run_training
+    from rhn_cli.experiment.sacred_app import RunFailed, RunInterrupted, RunLabels, run_training
 
-    def warn(message: str) -> None:
-        _stderr(f"Warning: {message}", "yellow")
-
-    tags = _check_tags(tags)
-    plan = None
+    labels = RunLabels(name, comment, _check_tags(tags))
     if resume_target is not None:
         if seed is not None or deterministic or unobserved:
             _fail(
@@ -134,10 +130,7 @@ def train(
             )
         resolved, plan = _plan_resume(resume_target, runs_dir, updates)
     else:
-        extra = {"seed": seed} if seed is not None else {}
-        if deterministic:
-            extra["deterministic"] = True
-        resolved = _resolve(updates, extra)
+        resolved, plan = _resolve(updates, _run_control(seed, deterministic)), None
     if nproc is not None:
         _launch_processes(nproc, resolved.config, resuming=plan is not None)
         return
@@ -151,11 +144,9 @@ def train(
             runs_dir=runs_dir,
             mongo_url=mongo_url,
             unobserved=unobserved,
-            name=name,
-            comment=comment,
-            tags=tags,
+            labels=labels,
             resume=plan,
-            warn=warn,
+            warn=_warn,
             corpus=corpus,
         )
     except RunInterrupted as stop:
@@ -165,8 +156,24 @@ def train(
     except RunFailed as failure:
         where = f" (traceback recorded in {failure.run_dir}/run.json)" if failure.run_dir else ""
         _fail(f"{'' if rank == 0 else f'rank {rank}: '}{failure.cause}{where}", code=1)
-    if rank != 0:
-        return
+    if rank == 0:
+        _report_training(outcome)
+
+
+def _warn(message: str) -> None:
+    _stderr(f"Warning: {message}", "yellow")
+
+
+def _run_control(seed: int | None, deterministic: bool) -> dict:
+    """The config updates that --seed and --deterministic stand for."""
+    extra: dict = {"seed": seed} if seed is not None else {}
+    if deterministic:
+        extra["deterministic"] = True
+    return extra
+
+
+def _report_training(outcome) -> None:
+    """The last line of a completed training run: where it is recorded, and its result."""
     result = f"result (best valid ppl) {outcome.result:.4f}"
     if outcome.run_id is None:
         click.echo(f"{outcome.status} (unobserved: not recorded); {result}")
@@ -337,7 +344,7 @@ def evaluate(target, split, mc_steps, runs_dir, mongo_url) -> None:
             evaluated_run,
             runs_dir=runs_dir,
             mongo_url=mongo_url,
-            warn=lambda message: _stderr(f"Warning: {message}", "yellow"),
+            warn=_warn,
             corpus=corpus,
         )
     except RunInterrupted as stop:
@@ -483,11 +490,13 @@ def _terminal_stderr():
 def _human_size(size: int) -> str:
     if size <= 0:
         return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+    if size < 1024:
+        return f"{size:.0f} B"
+    for unit in ("KiB", "MiB"):
         size /= 1024
-    return ""  # unreachable
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+    return f"{size / 1024:.1f} GiB"
 
 
 @data.command()

@@ -14,6 +14,7 @@ Omniboard is installed once (about 1-2 minutes, 530 MB) into rhn's cache directo
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -29,22 +30,20 @@ from pathlib import Path
 
 import pytest
 
-from rhn_cli.cli import cli
-from rhn_cli.tracking import board as board_module
-from rhn_cli.tracking.board import (
+from rhn_cli.board import launch
+from rhn_cli.board import omniboard as omniboard_module
+from rhn_cli.board.omniboard import (
     OMNIBOARD_VERSION,
-    BoardError,
     ensure_omniboard,
     find_node,
-    free_port,
     installed_omniboard,
     omniboard_home,
     parse_node_version,
-    port_problem,
-    scrub,
     start_omniboard,
     with_database,
 )
+from rhn_cli.board.process import BoardError, free_port, port_problem, scrub
+from rhn_cli.cli import cli
 from tests.conftest import FAST_RUN
 from tests.test_mongo_recording import (
     _secantus_command,
@@ -53,7 +52,7 @@ from tests.test_mongo_recording import (
 
 # Where the end-to-end tests find (or install, once) Omniboard: read before the autouse
 # fixture changes the environment.
-OMNIBOARD_CACHE = board_module.cache_dir()
+OMNIBOARD_CACHE = omniboard_module.cache_dir()
 NODE_MISSING = shutil.which("node") is None or shutil.which("npm") is None
 needs_node = pytest.mark.skipif(
     NODE_MISSING,
@@ -195,10 +194,10 @@ def test_install_once_then_reuse(tmp_path, fake_bin, npm_calls):
 
 def test_cache_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("RHN_CACHE_DIR", str(tmp_path / "c"))
-    assert board_module.cache_dir() == tmp_path / "c"
+    assert omniboard_module.cache_dir() == tmp_path / "c"
     assert omniboard_home() == tmp_path / "c" / f"omniboard-{OMNIBOARD_VERSION}"
     monkeypatch.delenv("RHN_CACHE_DIR")
-    assert board_module.cache_dir().name == "rhn"
+    assert omniboard_module.cache_dir().name == "rhn"
 
 
 def test_failed_install_leaves_nothing_to_use(tmp_path, fake_bin, npm_calls):
@@ -260,7 +259,7 @@ def test_port_problem(busy_port):
 
 
 def test_busy_port_is_one_clear_error(runner, busy_port, monkeypatch, tmp_path):
-    monkeypatch.setattr(board_module, "find_node", lambda: "node")
+    monkeypatch.setattr(omniboard_module, "find_node", lambda: "node")
     monkeypatch.setenv("RHN_CACHE_DIR", str(tmp_path / "cache"))
     result = runner.invoke(
         cli, ["board", "--mongo", "mongodb://127.0.0.1:1/x", "--port", str(busy_port)]
@@ -307,7 +306,7 @@ def test_scrub_hides_the_password():
 
 
 def test_unreachable_mongo_is_one_clear_error_without_password(runner, monkeypatch, tmp_path):
-    monkeypatch.setattr(board_module, "prepare_omniboard", lambda *a, **k: ("node", tmp_path))
+    monkeypatch.setattr(omniboard_module, "prepare_omniboard", lambda *a, **k: ("node", tmp_path))
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as closed:
         closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
         port = closed.getsockname()[1]
@@ -328,9 +327,9 @@ def test_unreachable_mongo_is_one_clear_error_without_password(runner, monkeypat
 
 def test_missing_secantusdb_says_install_rhn_board(runner, monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "executable", str(tmp_path / "venv" / "bin" / "python"))
-    real_find_spec = board_module.importlib.util.find_spec
+    real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        board_module.importlib.util,
+        importlib.util,
         "find_spec",
         lambda name, *a: None if name == "secantus" else real_find_spec(name, *a),
     )
@@ -358,7 +357,7 @@ def test_mongo_none_means_the_local_board(runner, monkeypatch, tmp_path):
         seen.append(url)
         raise BoardError("stop here")
 
-    monkeypatch.setattr(board_module, "open_board", fake_open_board)
+    monkeypatch.setattr(launch, "open_board", fake_open_board)
     assert runner.invoke(cli, ["board", "--mongo", "none"]).exit_code == 1
     assert runner.invoke(cli, ["board"]).exit_code == 1
     assert seen == [None, "mongodb://127.0.0.1:1/configured"]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from rhn_cli.cli import cli
+from rhn_cli.experiment.schema import ALIASES
 from tests.conftest import FAST_RUN
 
 
@@ -115,6 +116,17 @@ def test_bad_config_exits_2_with_one_line_and_records_nothing(
     assert message.startswith("Error:")
     assert named in message and allowed in message
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("alias", "key"), sorted(ALIASES.items()))
+def test_every_alias_suggests_its_key(runner, alias, key):
+    """Another codebase's name for a key gets the key suggested; an alias that is itself
+    a key (clip: rhn's clipping mode) could never be suggested."""
+    result = runner.invoke(cli, ["print-config", "with", f"{alias}=1"])
+    assert result.exit_code == 2
+    assert f"unknown config key {alias!r} (from the command line); did you mean {key!r}?" in (
+        result.output
+    )
 
 
 def test_train_writes_a_complete_run_record(runner, tmp_path):

@@ -8,18 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import rhn_cli.models.rhn_fast as rhn_fast
-import rhn_cli.models.rhn_native as rhn_native
 from rhn_cli.engine.cross_entropy import IGNORE_INDEX, summed_cross_entropy
 from rhn_cli.engine.objective import sequence_loss
+from rhn_cli.kernels import native
 
 
 @pytest.fixture(params=["native", "fallback"])
 def kernels(request, monkeypatch):
-    native = request.param == "native"
-    monkeypatch.setattr(rhn_fast, "NATIVE", native)
-    if native:
-        assert rhn_native.load() is not None, "the native kernels could not be built"
+    use_native = request.param == "native"
+    monkeypatch.setattr(native, "USE_NATIVE", use_native)
+    if use_native:
+        assert native.load() is not None, "the native kernels could not be built"
     return request.param
 
 
@@ -76,7 +75,7 @@ def test_the_native_gradient_is_column_major_for_the_output_product(kernels):
 
 
 def test_without_a_gradient_it_is_torch_s_loss(monkeypatch):
-    monkeypatch.setattr(rhn_native, "load", lambda: pytest.fail("no kernels without grad"))
+    monkeypatch.setattr(native, "load", lambda: pytest.fail("no kernels without grad"))
     logits = torch.randn(4, 6)
     targets = torch.tensor([0, 5, IGNORE_INDEX, 2])
     with torch.no_grad():

@@ -19,8 +19,9 @@ import pytest
 
 from rhn_cli.data import cache
 from rhn_cli.data.errors import DatasetError
+from rhn_cli.data.loading import inspect_dataset, open_dataset
 from rhn_cli.data.registry import DATASETS, ENWIK8, PTB_CHARS, PTB_WORDS, TEXT8, load_corpus
-from rhn_cli.data.store import fetch_dataset, inspect_dataset, open_dataset, verify_dataset
+from rhn_cli.data.store import fetch_dataset, verify_dataset
 from rhn_cli.experiment.schema import ConfigError, defaults, validate
 from tests.fakedata import (
     ENWIK8_BYTES,

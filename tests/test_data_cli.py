@@ -167,6 +167,30 @@ def test_train_on_a_text_file_end_to_end(runner, tmp_path):
     assert "1 prepared" in listing.output
 
 
+def test_the_run_trains_on_the_text_rhn_checked_and_loaded(runner, tmp_path, monkeypatch):
+    """The config is validated once, before the run exists: a text file moved away after
+    rhn checked and loaded it is not looked for again inside the run (where it would
+    fail a recorded run)."""
+    import rhn_cli.data.registry as registry
+
+    text = tmp_path / "mine.txt"
+    text.write_text("".join(f"the {w} sat on the mat\n" for w in ("cat", "dog", "rat") * 20))
+    load_corpus = registry.load_corpus
+
+    def load_then_move_the_file(config, **kwargs):
+        corpus = load_corpus(config, **kwargs)
+        text.rename(tmp_path / "moved.txt")
+        return corpus
+
+    monkeypatch.setattr(registry, "load_corpus", load_then_move_the_file)
+    tiny_model = ["depth=2", "hidden_size=16", "max_max_epoch=1", "batch_size=4", "num_steps=5"]
+    result = runner.invoke(
+        cli, ["train", "with", "dataset='textfile'", "data_path='mine.txt'", *tiny_model]
+    )
+    assert result.exit_code == 0, result.output
+    assert not text.exists() and "COMPLETED" in result.output
+
+
 def test_train_with_a_missing_text_file_fails_before_any_run(runner, tmp_path):
     result = runner.invoke(cli, ["train", "with", "dataset='textfile'", "data_path='no.txt'"])
     assert result.exit_code == 2

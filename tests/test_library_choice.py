@@ -1,9 +1,9 @@
-"""MKL or oneDNN for the RHN's weight-gradient products (rhn_cli.models.library_choice):
+"""MKL or oneDNN for the RHN's weight-gradient products (rhn_cli.kernels.library_choice):
 decided once per machine and setup, on disk, so that a run's numbers do not depend on
 which library happened to time faster in its process; pinned on resume.
 
 Every test uses its own decision cache through RHN_CACHE_DIR, which the native loop's
-build (rhn_native, in the user cache) ignores: no test rebuilds it.
+build (rhn_cli.kernels.native, in the user cache) ignores: no test rebuilds it.
 """
 
 from __future__ import annotations
@@ -17,15 +17,13 @@ import sys
 import pytest
 import torch
 
-import rhn_cli.models.rhn_fast as rhn_fast
-import rhn_cli.models.rhn_native as rhn_native
-from rhn_cli.models import library_choice
-from rhn_cli.models.library_choice import library_decisions, pin_library_decisions
+from rhn_cli.kernels import library_choice, native, onednn, weight_gradient
+from rhn_cli.kernels.library_choice import library_decisions, pin_library_decisions
 
 PRODUCT = "weight_gradient 40x64 64x20 float32"  # of _operands()
 
 pytestmark = pytest.mark.skipif(
-    not rhn_fast.onednn_applies(torch.float32), reason="no oneDNN in this torch: MKL only"
+    not onednn.applies(torch.float32), reason="no oneDNN in this torch: MKL only"
 )
 
 
@@ -34,10 +32,10 @@ def cache(tmp_path, monkeypatch):
     """The decision cache file, in an empty directory, for this test and the processes it
     starts; this process has decided nothing yet."""
     monkeypatch.setenv("RHN_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(library_choice, "_used", {})
-    monkeypatch.setattr(library_choice, "_pinned", {})
-    assert rhn_native.load() is not None, "the native RHN loop could not be built"
-    return tmp_path / "cache" / library_choice.CACHE_FILE
+    library_choice.forget_decisions()
+    assert native.load() is not None, "the native kernels could not be built"
+    yield tmp_path / "cache" / library_choice.CACHE_FILE
+    library_choice.forget_decisions()  # none of this cache's decisions outlive the test
 
 
 def _operands():
@@ -46,11 +44,9 @@ def _operands():
 
 
 def _timing_returns(monkeypatch, library):
-    """rhn_fast's timing rigged to find ``library`` faster; the list of its calls."""
+    """The timing rigged to find ``library`` faster; the list of its calls."""
     calls = []
-    monkeypatch.setattr(
-        rhn_fast, "timed_weight_gradient_library", lambda *a: calls.append(a) or library
-    )
+    monkeypatch.setattr(weight_gradient, "timed_library", lambda *a: calls.append(a) or library)
     return calls
 
 
@@ -59,12 +55,12 @@ def _timing_returns(monkeypatch, library):
 DECIDE = """
 import sys
 import torch
-import rhn_cli.models.rhn_fast as rhn_fast
+from rhn_cli.kernels import weight_gradient
 if sys.argv[1] != "-":
-    rhn_fast.timed_weight_gradient_library = lambda *a: sys.argv[1]
+    weight_gradient.timed_library = lambda *a: sys.argv[1]
 gen = torch.Generator().manual_seed(0)
 lefts, rights = torch.randn(3, 64, 40, generator=gen), torch.randn(3, 64, 20, generator=gen)
-print("onednn" if rhn_fast.weight_gradients_through_onednn(lefts, rights) else "mkl")
+print("onednn" if weight_gradient.through_onednn(lefts, rights) else "mkl")
 """
 
 
@@ -91,14 +87,15 @@ def test_a_later_process_uses_the_cached_decision_whatever_its_own_timing_says(c
 def test_pinned_decisions_override_the_cache_and_timing(cache, monkeypatch):
     lefts, rights = _operands()
     _timing_returns(monkeypatch, "mkl")
-    assert not rhn_fast.weight_gradients_through_onednn(lefts, rights)
+    assert not weight_gradient.through_onednn(lefts, rights)
     assert library_decisions() == {PRODUCT: "mkl"}
     timings = _timing_returns(monkeypatch, "mkl")
     pin_library_decisions({PRODUCT: "onednn"})  # recorded by the run being resumed
-    assert rhn_fast.weight_gradients_through_onednn(lefts, rights)
+    assert weight_gradient.through_onednn(lefts, rights)
     cache.unlink()  # nor does a deleted cache matter
-    monkeypatch.setattr(library_choice, "_used", {})
-    assert rhn_fast.weight_gradients_through_onednn(lefts, rights)
+    library_choice.forget_decisions()  # a new process of the resumed run: pinned again
+    pin_library_decisions({PRODUCT: "onednn"})
+    assert weight_gradient.through_onednn(lefts, rights)
     assert library_decisions() == {PRODUCT: "onednn"}
     assert not timings and not cache.exists()
 
@@ -120,7 +117,7 @@ def test_a_corrupt_cache_file_is_rewritten_not_fatal(cache, monkeypatch, caplog,
     lefts, rights = _operands()
     _timing_returns(monkeypatch, "onednn")
     with caplog.at_level("WARNING", logger=library_choice.__name__):
-        assert rhn_fast.weight_gradients_through_onednn(lefts, rights)
+        assert weight_gradient.through_onednn(lefts, rights)
     assert json.loads(cache.read_text())[library_choice.setup()] == {PRODUCT: "onednn"}
     if contents != b'{"AVX2 torch 1 threads 1": "x"}':
         assert "unreadable" in caplog.text or "holds no decisions" in caplog.text
@@ -130,40 +127,39 @@ def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_run(cache, monke
     cache.parent.write_text("a file where the cache directory should be")
     timings = _timing_returns(monkeypatch, "onednn")
     with caplog.at_level("WARNING", logger=library_choice.__name__):
-        assert library_choice.decide(PRODUCT, rhn_fast.timed_weight_gradient_library) == ("onednn")
+        assert library_choice.decide(PRODUCT, weight_gradient.timed_library) == "onednn"
     assert len(timings) == 1 and "timing it for this process only" in caplog.text
     assert library_decisions() == {PRODUCT: "onednn"}
 
 
 def test_a_cache_entry_holds_for_one_thread_count_and_torch_version(cache, monkeypatch):
     timings = _timing_returns(monkeypatch, "mkl")
-    assert library_choice.decide(PRODUCT, rhn_fast.timed_weight_gradient_library) == "mkl"
+    assert library_choice.decide(PRODUCT, weight_gradient.timed_library) == "mkl"
     variations = [(torch, "get_num_threads", lambda: 7), (torch, "__version__", "9.9.9")]
     for module, name, value in variations:
-        monkeypatch.setattr(library_choice, "_used", {})  # a new process, in another setup
+        library_choice.forget_decisions()  # a new process, in another setup
         timings = _timing_returns(monkeypatch, "onednn")
         with monkeypatch.context() as changed:
             changed.setattr(module, name, value)
-            assert library_choice.decide(PRODUCT, rhn_fast.timed_weight_gradient_library) == (
-                "onednn"
-            )
+            assert library_choice.decide(PRODUCT, weight_gradient.timed_library) == "onednn"
         assert len(timings) == 1  # timed afresh, not read from the other setup's entry
-    monkeypatch.setattr(library_choice, "_used", {})
-    assert library_choice.decide(PRODUCT, rhn_fast.timed_weight_gradient_library) == "mkl"
+    library_choice.forget_decisions()
+    assert library_choice.decide(PRODUCT, weight_gradient.timed_library) == "mkl"
     setups = json.loads(cache.read_text())
     assert len(setups) == 3 and all(entry.keys() == {PRODUCT} for entry in setups.values())
     assert any("threads 7" in s for s in setups) and any("torch 9.9.9 " in s for s in setups)
 
 
-# `rhn train` in this process, with rhn_fast's clock rigged so that any library timing
-# finds sys.argv[1] ('mkl' or 'onednn') a second per product faster, as a busy machine
-# can make either look; it prints a digest of every weight-gradient product the training
-# computed (not the timing's), which differs between the libraries in the last bits.
+# `rhn train` in this process, with the weight-gradient timing's clock rigged so that any
+# library timing finds sys.argv[1] ('mkl' or 'onednn') a second per product faster, as a
+# busy machine can make either look; it prints a digest of every weight-gradient product
+# the training computed (not the timing's), which differs between the libraries in the
+# last bits.
 RIGGED_TRAIN = """
 import atexit, hashlib, sys, time, types
-import rhn_cli.models.rhn_fast as rhn_fast
+from rhn_cli.kernels import weight_gradient as wg
 favoured, deciding, penalty, digest = sys.argv[1] == "onednn", [False], [0.0], hashlib.sha256()
-product, decide = rhn_fast.weight_gradient, rhn_fast.weight_gradients_through_onednn
+product, decide = wg.product, wg.through_onednn
 
 def weight_gradient(out, left, right, accumulate, onednn=False):
     if deciding[0] and onednn != favoured:
@@ -180,9 +176,9 @@ def weight_gradients_through_onednn(lefts, rights):
     finally:
         deciding[0] = False
 
-rhn_fast.weight_gradient = weight_gradient
-rhn_fast.weight_gradients_through_onednn = weight_gradients_through_onednn
-rhn_fast.time = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + penalty[0])
+wg.product = weight_gradient
+wg.through_onednn = weight_gradients_through_onednn
+wg.time = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + penalty[0])
 atexit.register(lambda: print("weight-gradient digest", digest.hexdigest()))
 from rhn_cli.cli import main
 sys.argv = ["rhn", *sys.argv[2:]]

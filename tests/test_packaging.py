@@ -1,4 +1,5 @@
-"""A plain (non-editable) install must ship the named configs inside the package."""
+"""A plain (non-editable) install must ship the named configs and the native kernels' C++
+sources inside the package."""
 
 from __future__ import annotations
 
@@ -45,4 +46,8 @@ def test_wheel_contains_the_named_configs_the_native_source_and_the_console_scri
     assert shipped, "the repository ships at least one named config"
     assert {f"rhn_cli/named_configs/{name}" for name in shipped} <= names
     assert "rhn = rhn_cli.cli:main" in scripts
-    assert "rhn_cli/models/rhn_native.cpp" in names  # built on first use from the install
+    # The native kernels are built on first use from the install: every source ships.
+    csrc = REPO / "rhn_cli" / "kernels" / "csrc"
+    sources = {f"rhn_cli/kernels/csrc/{path.name}" for path in csrc.iterdir()}
+    assert {".cpp", ".h"} == {Path(name).suffix for name in sources}
+    assert sources <= names

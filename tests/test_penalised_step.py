@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import rhn_cli.engine.optim as optim
-import rhn_cli.models.rhn_native as rhn_native
 from rhn_cli.engine.optim import make_optimizer, penalised_step
+from rhn_cli.kernels import native
 
 
 def _setup(dtype=torch.float64, scale=1.0, seed=0):
@@ -27,7 +26,7 @@ def _setup(dtype=torch.float64, scale=1.0, seed=0):
 @pytest.mark.parametrize("scale", [10.0, 0.01], ids=["clipped", "not-clipped"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.3])
 def test_sgd_step_is_p_minus_lr_c_times_g_plus_wd_p(clip, scale, weight_decay):
-    assert rhn_native.load() is not None
+    assert native.load() is not None
     params = _setup(scale=scale)
     before = [p.detach().clone().numpy() for p in params]
     grads = [p.grad.clone().numpy() for p in params]
@@ -50,8 +49,8 @@ def test_sgd_step_is_p_minus_lr_c_times_g_plus_wd_p(clip, scale, weight_decay):
 def test_the_fused_and_the_generic_path_agree_in_float32(monkeypatch):
     results = []
     for fused in (True, False):
-        if not fused:
-            monkeypatch.setattr(optim, "_fused_sgd", lambda *a: None)
+        if not fused:  # the generic path, as without the native kernels
+            monkeypatch.setattr(native, "USE_NATIVE", False)
         params = _setup(torch.float32, scale=10.0)
         optimizer = make_optimizer({"optimizer": "sgd", "learning_rate": 0.7}, params)
         norm, penalty = penalised_step(optimizer, params, "grad_norm", 1.5, 0.3)
@@ -70,7 +69,7 @@ def test_only_plain_sgd_with_every_gradient_takes_the_fused_passes(monkeypatch, 
     """The fused passes leave p.grad as backward() made it; the generic path adds the
     L2 term into it: which one ran shows there."""
     if case == "no-native":
-        monkeypatch.setattr(rhn_native, "load", lambda: None)
+        monkeypatch.setattr(native, "load", lambda: None)
     params = _setup()
     config = {"optimizer": "adam" if case == "adam" else "sgd", "learning_rate": 0.1}
     optimizer = make_optimizer(config, params)

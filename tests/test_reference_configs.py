@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from rhn_cli.cli import cli
-from rhn_cli.engine.train import build_model
-from rhn_cli.experiment.resolve import resolve
+from rhn_cli.experiment.resolve import discover, resolve
+from rhn_cli.experiment.sacred_app import build_experiment
+from rhn_cli.experiment.schema import plain
+from rhn_cli.models import build_model
 
 # Spec table §1.1 of the reference rhn_train.py, column by column.
 SPEC: dict[str, dict] = {
@@ -159,3 +161,41 @@ def test_evaluate_records_its_own_run_linked_to_the_trained_one(runner, tmp_path
     assert info["full_test_ppl"] == pytest.approx(trained["full_test_perplexity"], rel=1e-9)
     assert "mc_test_ppl" in info and "full_valid_ppl" not in info
     assert runner.invoke(cli, ["evaluate", "9"]).exit_code == 2
+
+
+def _typed(config):
+    """Values with their types: 1 and 1.0 differ here."""
+    return {k: _typed(v) if isinstance(v, dict) else (type(v), v) for k, v in config.items()}
+
+
+SHIPPED = sorted(name for name, named in discover().items() if named.shipped)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_sacred_resolves_each_shipped_config_as_rhn_validated_it(name):
+    """rhn validates its own resolution once; inside the run, Sacred's copy (resolved
+    again from the same named config) must be that config, as plain typed values."""
+    resolved = resolve([name, "seed=7"])
+    experiment = build_experiment(resolved, [])
+
+    def sacred_config(_config):
+        return plain(_config)
+
+    experiment.command(sacred_config)
+    run = experiment.run("sacred_config", config_updates=resolved.updates, named_configs=[name])
+    assert _typed(run.result) == _typed(resolved.config)
+
+
+def test_sacred_copy_of_whole_numbers_is_widened_as_validation_widens_them():
+    resolved = resolve(["tiny", "learning_rate=1", "max_grad_norm=5", "init_scale=0"])
+    experiment = build_experiment(resolved, [])
+
+    def sacred_config(_config):
+        return _config["learning_rate"], plain(_config)
+
+    experiment.command(sacred_config)
+    run = experiment.run("sacred_config", config_updates=resolved.updates, named_configs=["tiny"])
+    sacred_value, config = run.result
+    assert type(sacred_value) is int  # what Sacred records, as it was typed
+    assert _typed(config) == _typed({**resolved.config, "seed": config["seed"]})
+    assert config["learning_rate"] == 1.0 and type(config["max_grad_norm"]) is float

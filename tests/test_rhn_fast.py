@@ -1,5 +1,5 @@
-"""The RHN layer's fast path (hand-written backward, rhn_cli.models.rhn_fast) against the
-straightforward implementations.
+"""The RHN layer's fast path (hand-written backward, rhn_cli.kernels.rhn_recurrence) against
+the straightforward implementations.
 
 Two independent references: rhn's own autograd loop (``RHNLayer.fast = False``: fused
 [2H, H] weights, differentiated by autograd) and ``benchmarks/rhn_baseline.py`` (the
@@ -23,10 +23,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
-import rhn_cli.models.rhn_fast as rhn_fast
-import rhn_cli.models.rhn_native as rhn_native
-from rhn_cli.models import library_choice
+from rhn_cli.kernels import (
+    buffers,
+    library_choice,
+    native,
+    onednn,
+    rhn_recurrence,
+    weight_gradient,
+)
 from rhn_cli.models.rhn import RHNConfig, RHNLanguageModel
 
 _spec = importlib.util.spec_from_file_location(
@@ -40,12 +46,12 @@ TOL = 1e-10
 
 @pytest.fixture(params=["native", "python"])
 def loop(request, monkeypatch):
-    """The fast path's time loop: the C++ one (rhn_native.cpp, which must build here)
-    or the Python one it falls back to."""
-    native = request.param == "native"
-    monkeypatch.setattr(rhn_fast, "NATIVE", native)
-    if native:
-        assert rhn_native.load() is not None, "the native RHN loop could not be built"
+    """The fast path's time loop: the C++ one (kernels/csrc, which must build here) or the
+    Python one it falls back to."""
+    use_native = request.param == "native"
+    monkeypatch.setattr(native, "USE_NATIVE", use_native)
+    if use_native:
+        assert native.load() is not None, "the native kernels could not be built"
     return request.param
 
 
@@ -116,12 +122,12 @@ CASES = [
 def test_fast_equals_autograd_loop_and_baseline(
     monkeypatch, loop, depth, num_layers, B, T, masks_kind, z_states, chunk_rows, recompute
 ):
-    monkeypatch.setattr(rhn_fast, "CHUNK_ROWS", chunk_rows)  # 2: chunks of 1-2 steps
+    monkeypatch.setattr(rhn_recurrence, "CHUNK_ROWS", chunk_rows)  # 2: chunks of 1-2 steps
     if recompute:  # as for large windows: micro-layers 1, 3, ... recomputed in the
         # backward (never 0), and no transposed copy of the recurrent weights
-        monkeypatch.setattr(rhn_fast, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
-        monkeypatch.setattr(rhn_fast, "RECOMPUTE_EVERY", 2)
-        monkeypatch.setattr(rhn_fast, "TRANSPOSED_COPY_UP_TO", 0)
+        monkeypatch.setattr(rhn_recurrence, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
+        monkeypatch.setattr(rhn_recurrence, "RECOMPUTE_EVERY", 2)
+        monkeypatch.setattr(rhn_recurrence, "TRANSPOSED_COPY_UP_TO", 0)
     model = _model(depth, num_layers, tied_noise=masks_kind != "separate", z_states=z_states)
     tokens = torch.randint(0, 7, (B, T))
     state = torch.randn(num_layers, B, 5, dtype=torch.float64)
@@ -181,11 +187,11 @@ def test_float32_agrees_with_float64_to_rounding(
     go through oneDNN with prepacked weights (another summation order than MKL's).
     With zoneout, in eval (float32 and float64 draws differ)."""
     packs = []
-    packed = rhn_fast._packed
-    monkeypatch.setattr(rhn_fast, "_packed", lambda *a: packs.append(packed(*a)) or packs[-1])
+    pack_all = onednn.pack_all
+    monkeypatch.setattr(onednn, "pack_all", lambda *a: packs.append(pack_all(*a)) or packs[-1])
     if recompute:
-        monkeypatch.setattr(rhn_fast, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
-        monkeypatch.setattr(rhn_fast, "RECOMPUTE_EVERY", 2)
+        monkeypatch.setattr(rhn_recurrence, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
+        monkeypatch.setattr(rhn_recurrence, "RECOMPUTE_EVERY", 2)
     tied = masks_kind == "shared"
     model64 = _model(3, num_layers=2, H=32, tied_noise=tied, z_states=z_states).train()
     with torch.no_grad():
@@ -235,15 +241,15 @@ def test_native_float32_with_training_zoneout_equals_the_python_loop(
     products, its zoneout draws) against the Python loop, to float32 rounding; also as
     for large weights, whose backward products are ATen's on the weights, and with the
     weight gradients' products in either library."""
-    onednn = weight_gradients == "onednn"
+    onednn_library = weight_gradients == "onednn"
     monkeypatch.setattr(  # the Python loop, the reference, keeps MKL's
-        rhn_fast, "weight_gradients_through_onednn", lambda *a: onednn and rhn_fast.NATIVE
+        weight_gradient, "through_onednn", lambda *a: onednn_library and native.USE_NATIVE
     )
     if large:
-        monkeypatch.setattr(rhn_fast, "TRANSPOSED_COPY_UP_TO", 0)
-    monkeypatch.setattr(rhn_fast, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
-    monkeypatch.setattr(rhn_fast, "RECOMPUTE_EVERY", 2)
-    assert rhn_native.load() is not None
+        monkeypatch.setattr(rhn_recurrence, "TRANSPOSED_COPY_UP_TO", 0)
+    monkeypatch.setattr(rhn_recurrence, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
+    monkeypatch.setattr(rhn_recurrence, "RECOMPUTE_EVERY", 2)
+    assert native.load() is not None
     tied = masks_kind == "shared"
     model = _model(3, num_layers=2, H=32, dtype=torch.float32, tied_noise=tied, z_states=0.3)
     with torch.no_grad():
@@ -254,9 +260,9 @@ def test_native_float32_with_training_zoneout_equals_the_python_loop(
     state = torch.randn(2, 4, 32)
     masks = model.draw_masks(tokens)
     runs = {}
-    for native in (True, False):
-        monkeypatch.setattr(rhn_fast, "NATIVE", native)
-        runs[native] = (*_run(model, tokens, state, masks), *_grads(model).values())
+    for use_native in (True, False):
+        monkeypatch.setattr(native, "USE_NATIVE", use_native)
+        runs[use_native] = (*_run(model, tokens, state, masks), *_grads(model).values())
     for got, want in zip(runs[True], runs[False], strict=True):
         assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
 
@@ -276,11 +282,11 @@ def test_gradcheck(monkeypatch, loop, masks_kind, z_states, training, recompute)
     """Finite differences of the Function w.r.t. projected inputs, initial state,
     recurrent weights and biases, across chunk boundaries (2 + 1 steps), with every
     micro-layer's p kept or the second one's recomputed."""
-    monkeypatch.setattr(rhn_fast, "CHUNK_ROWS", 3)
+    monkeypatch.setattr(rhn_recurrence, "CHUNK_ROWS", 3)
     if recompute:  # and, as for large weights, no transposed copy of them
-        monkeypatch.setattr(rhn_fast, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
-        monkeypatch.setattr(rhn_fast, "RECOMPUTE_EVERY", 2)
-        monkeypatch.setattr(rhn_fast, "TRANSPOSED_COPY_UP_TO", 0)
+        monkeypatch.setattr(rhn_recurrence, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
+        monkeypatch.setattr(rhn_recurrence, "RECOMPUTE_EVERY", 2)
+        monkeypatch.setattr(rhn_recurrence, "TRANSPOSED_COPY_UP_TO", 0)
     B, T, H, D = 2, 3, 3, 2
     gen = torch.Generator().manual_seed(3)
 
@@ -296,7 +302,7 @@ def test_gradcheck(monkeypatch, loop, masks_kind, z_states, training, recompute)
 
     def fn(*args):
         torch.manual_seed(5)  # the same zoneout draws at every evaluation
-        return rhn_fast.recurrence(*args, mask, z_states=z_states, training=training)
+        return rhn_recurrence.recurrence(*args, mask, z_states=z_states, training=training)
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
 
@@ -334,10 +340,10 @@ class _SavedTensors:
 def test_a_kept_graph_gives_the_same_gradients_again(monkeypatch, loop, chunk_rows):
     """A backward that frees the graph writes dp over p; one that keeps it (retain_graph)
     must leave p intact, so a second backward gives the same gradients."""
-    monkeypatch.setattr(rhn_fast, "CHUNK_ROWS", chunk_rows)
+    monkeypatch.setattr(rhn_recurrence, "CHUNK_ROWS", chunk_rows)
     kept = []
-    real = rhn_fast._graph_kept
-    monkeypatch.setattr(rhn_fast, "_graph_kept", lambda: kept.append(real()) or kept[-1])
+    real = buffers.graph_kept
+    monkeypatch.setattr(buffers, "graph_kept", lambda: kept.append(real()) or kept[-1])
     model = _model(3).train()
     tokens = torch.randint(0, 7, (3, 4))
     masks = model.draw_masks(tokens)
@@ -362,8 +368,8 @@ def test_a_kept_graph_gives_the_same_gradients_again(monkeypatch, loop, chunk_ro
         torch.testing.assert_close(b, c, rtol=0, atol=0)
 
 
-def test_a_freed_graph_s_preactivations_serve_the_next_forward_and_no_other(monkeypatch):
-    monkeypatch.setattr(rhn_fast, "_SPARE_BUFFERS", [])
+def test_a_freed_graph_s_preactivations_serve_the_next_forward_and_no_other():
+    buffers.forget()
     layer = _model(2).train().layers[0]
     x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
     state = torch.zeros(3, 5, dtype=torch.float64)
@@ -372,7 +378,7 @@ def test_a_freed_graph_s_preactivations_serve_the_next_forward_and_no_other(monk
         return outputs.grad_fn.saved_tensors[4]
 
     def spares():
-        return [b.data_ptr() for b in rhn_fast._SPARE_BUFFERS]
+        return [b.data_ptr() for b in buffers.spares()]
 
     first = layer(x, state)[0]
     alive = layer(x, state)[0]  # its graph is alive: its p is nobody's to take
@@ -391,27 +397,25 @@ def test_a_freed_graph_s_preactivations_serve_the_next_forward_and_no_other(monk
     short.sum().backward()
     assert short_address in spares()
     layer(x, state)
-    assert rhn_fast._SPARE_BUFFERS == []  # spares of other shapes are let go
+    assert buffers.spares() == ()  # spares of other shapes are let go
     alive.sum().backward()
 
 
 def test_the_backward_s_scratch_space_serves_the_next_backward(monkeypatch):
     """The scratch space (the states s^i, and dp where it cannot overwrite p) is handed
     on from one backward to the next of the same shape, with the same gradients."""
-    monkeypatch.setattr(rhn_fast, "_SPARE_BUFFERS", [])
+    buffers.forget()
     allocated = []
-    buffer = rhn_fast._buffer
+    spare = buffers.spare
     monkeypatch.setattr(
-        rhn_fast,
-        "_buffer",
-        lambda shape, like: allocated.append(buffer(shape, like)) or allocated[-1],
+        buffers, "spare", lambda shape, like: allocated.append(spare(shape, like)) or allocated[-1]
     )
     inputs, mask = _recurrence_inputs()
     grads = []
     for _ in range(2):
         for t in inputs:
             t.grad = None
-        outputs, final = rhn_fast.recurrence(*inputs, mask, training=True)
+        outputs, final = rhn_recurrence.recurrence(*inputs, mask, training=True)
         (outputs.sin().sum() + final.sum()).backward()
         grads.append([t.grad for t in inputs])
     first, second = allocated[: len(allocated) // 2], allocated[len(allocated) // 2 :]
@@ -426,7 +430,7 @@ def test_a_dropped_weight_gradient_s_memory_serves_the_next_one_and_a_kept_one_i
 ):
     """The recurrent weight's .grad, once dropped (zero_grad(set_to_none=True)), lends its
     memory to the next step's; one still held by anybody keeps its values."""
-    monkeypatch.setattr(rhn_fast, "_GRADIENT_STORAGES", {})
+    buffers.forget()
     model = _model(2).train()
     tokens = torch.randint(0, 7, (3, 4))
     masks = model.draw_masks(tokens)
@@ -482,7 +486,7 @@ def test_training_saves_a_fixed_number_of_tensors_and_half_the_bytes(masks_kind)
             mask = model.draw_masks(torch.zeros(B, T, dtype=torch.long))["h"][0]
         x = torch.randn(B, T, layer.input_weight.shape[1], dtype=torch.float64).requires_grad_()
         state = torch.randn(B, H, dtype=torch.float64, requires_grad=True)
-        projected = layer._project(x, None)
+        projected = x @ layer.input_weight.t()  # the layer's own projection, unmasked
         exclude = (*layer.parameters(), projected, state, x)
         for fast in (True, False):
             layer.fast = fast
@@ -506,35 +510,32 @@ def test_state_mask_that_needs_a_gradient_goes_through_the_loop():
     outputs.sum().backward()
     assert mask.grad is not None and mask.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="no gradient"):
-        rhn_fast.recurrence(
-            layer._project(x, None), torch.zeros(2, 5), layer.recurrent_weight, layer.bias, mask
+        rhn_recurrence.recurrence(
+            x @ layer.input_weight.t(), torch.zeros(2, 5), layer.recurrent_weight, layer.bias, mask
         )
 
 
 def test_large_windows_recompute_a_third_of_the_preactivations(monkeypatch):
     """Past KEEP_ALL_PREACTIVATIONS_UP_TO bytes of p, micro-layers 2, 5, 8... are not
     kept (enwik8_sota's window: 768 MB of p otherwise); the gradients do not change."""
-    assert rhn_fast.recomputed_layers(10, 10 * 2**20) == frozenset()
-    assert rhn_fast.recomputed_layers(10, 77 * 2**20) == {2, 5, 8}  # enwik8_sota
+    assert rhn_recurrence.recomputed_layers(10, 10 * 2**20) == frozenset()
+    assert rhn_recurrence.recomputed_layers(10, 77 * 2**20) == {2, 5, 8}  # enwik8_sota
     B, T, H, D = 3, 4, 5, 6
     model = _model(D, H=H).train()
     tokens = torch.randint(0, 7, (B, T))
     state = torch.randn(1, B, H, dtype=torch.float64)
     masks = model.draw_masks(tokens)
+
+    def saved_bytes():
+        with _SavedTensors(model.parameters()) as saved:
+            model(tokens, state, masks)
+        return saved.nbytes
+
     kept = _run(model, tokens, state, masks), _grads(model)
-    monkeypatch.setattr(rhn_fast, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
-    pre_bytes = []
-    original = rhn_fast._forward
-
-    def spy(*args, **kwargs):
-        pre = args[7]
-        if pre is not None:
-            pre_bytes.append(pre.nbytes)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(rhn_fast, "_forward", spy)
+    all_kept = saved_bytes()
+    monkeypatch.setattr(rhn_recurrence, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
     recomputed = _run(model, tokens, state, masks), _grads(model)
-    assert pre_bytes == [(D - 2) * T * B * 2 * H * 8]  # layers 2 and 5 not kept
+    assert all_kept - saved_bytes() == 2 * T * B * 2 * H * 8  # layers 2 and 5 not kept
     for got, want in zip(recomputed[0], kept[0], strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=TOL)
     for name, grad in recomputed[1].items():
@@ -547,9 +548,9 @@ def test_fast_path_keeps_to_the_inputs_device(monkeypatch, recompute):
     mixed in, or a read of a value on the host (.item(), NumPy), would raise here, as
     it would slow down or break a GPU run. (No GPU is available to test on.)"""
     monkeypatch.setattr(torch, "is_autocast_enabled", lambda *args: False)  # meta has none
-    monkeypatch.setattr(rhn_fast, "CHUNK_ROWS", 2)
+    monkeypatch.setattr(rhn_recurrence, "CHUNK_ROWS", 2)
     if recompute:
-        monkeypatch.setattr(rhn_fast, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
+        monkeypatch.setattr(rhn_recurrence, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
     for tied_noise, z_states in ((True, 0.0), (False, 0.3)):
         with torch.device("meta"):
             model = _model(4, tied_noise=tied_noise, z_states=z_states, dtype=torch.float32)
@@ -579,16 +580,16 @@ def _both_loops(monkeypatch, inputs, mask, after_native=None):
     training, on a nonlinear loss; ``after_native`` sees the native run's saved p after
     its backward (before the Python run's forward may reuse its memory)."""
     runs = {}
-    for native in (True, False):
-        monkeypatch.setattr(rhn_fast, "NATIVE", native)
+    for use_native in (True, False):
+        monkeypatch.setattr(native, "USE_NATIVE", use_native)
         for t in inputs:
             t.grad = None
-        outputs, final = rhn_fast.recurrence(*inputs, mask, training=True)
+        outputs, final = rhn_recurrence.recurrence(*inputs, mask, training=True)
         pre = outputs.grad_fn.saved_tensors[4]
         (outputs.sin().sum() + final.sum()).backward()
-        if native and after_native is not None:
+        if use_native and after_native is not None:
             after_native(pre)
-        runs[native] = (outputs.detach(), *(t.grad for t in inputs))
+        runs[use_native] = (outputs.detach(), *(t.grad for t in inputs))
     return runs
 
 
@@ -597,24 +598,37 @@ def _assert_the_same_to_float32_rounding(runs):
         assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
 
 
+class _TorchCalls(TorchFunctionMode):
+    """Counts the torch functions and tensor methods called from Python."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 def test_native_loop_runs_the_whole_recurrence(monkeypatch):
-    """With the native loop on, neither the forward nor the backward goes through the
-    Python loop's per-step functions (with recomputed p and separate masks)."""
-    assert rhn_native.load() is not None
+    """With the native loop on, neither the forward nor the backward runs a loop over the
+    steps in Python: the torch calls made from Python do not grow with T (fewer extra calls
+    than extra steps: buffer reuse varies; with recomputed p, zoneout and separate
+    masks), where the Python loop's grow by dozens a step."""
+    assert native.load() is not None
+    monkeypatch.setattr(rhn_recurrence, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
 
-    def python_loop(*args):
-        raise AssertionError("the Python loop ran")
+    def torch_calls(T):
+        inputs, mask = _recurrence_inputs(T=T)
+        with _TorchCalls() as calls:
+            outputs, final = rhn_recurrence.recurrence(*inputs, mask, z_states=0.2, training=True)
+            (outputs.sum() + final.sum()).backward()
+        assert all(t.grad is not None for t in inputs)
+        return calls.count
 
-    monkeypatch.setattr(rhn_fast, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
-    monkeypatch.setattr(rhn_fast, "_preactivation", python_loop)
-    monkeypatch.setattr(rhn_fast, "_state_gradient", python_loop)
-    inputs, mask = _recurrence_inputs()
-    outputs, final = rhn_fast.recurrence(*inputs, mask, z_states=0.2, training=True)
-    (outputs.sum() + final.sum()).backward()
-    assert all(t.grad is not None for t in inputs)
-    monkeypatch.setattr(rhn_fast, "NATIVE", False)
-    with pytest.raises(AssertionError, match="the Python loop ran"):
-        rhn_fast.recurrence(*inputs, mask, z_states=0.2, training=True)
+    assert torch_calls(12) - torch_calls(4) < 8
+    monkeypatch.setattr(native, "USE_NATIVE", False)
+    assert torch_calls(12) - torch_calls(4) > 8 * 20
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -622,11 +636,11 @@ def test_native_loop_runs_the_whole_recurrence(monkeypatch):
 def test_native_transpose_equals_torch_s(dtype, shape):
     """The native transpose (AVX-512 tiles in float32 on such CPUs, whole and partial,
     streaming stores where the rows are whole cache lines) moves every number."""
-    native = rhn_native.load()
-    assert native is not None
+    kernels = native.load()
+    assert kernels is not None
     source = torch.randn(shape, dtype=dtype)
     out = torch.full((*shape[:-2], shape[-1], shape[-2]), float("nan"), dtype=dtype)
-    native.transpose_into(out, source)
+    kernels.transpose_into(out, source)
     torch.testing.assert_close(out, source.transpose(-1, -2), rtol=0, atol=0)
 
 
@@ -646,14 +660,14 @@ def test_native_weight_gradients_from_columns_equal_the_python_loop_s(
     with groups that do not divide a chunk, chunks of unequal lengths, partial tiles and
     scratch buffers that start out as NaN (so that every number used must be written),
     the gradients are the Python loop's (float32 rounding)."""
-    assert rhn_native.load() is not None
-    monkeypatch.setattr(rhn_fast, "COLUMN_RUN", column_run)
-    monkeypatch.setattr(rhn_fast, "CHUNK_ROWS", chunk_rows)
+    assert native.load() is not None
+    monkeypatch.setattr(rhn_recurrence, "COLUMN_RUN", column_run)
+    monkeypatch.setattr(rhn_recurrence, "CHUNK_ROWS", chunk_rows)
     if recompute:
-        monkeypatch.setattr(rhn_fast, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
-        monkeypatch.setattr(rhn_fast, "RECOMPUTE_EVERY", 2)
-    buffer = rhn_fast._buffer
-    monkeypatch.setattr(rhn_fast, "_buffer", lambda *a: buffer(*a).fill_(float("nan")))
+        monkeypatch.setattr(rhn_recurrence, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
+        monkeypatch.setattr(rhn_recurrence, "RECOMPUTE_EVERY", 2)
+    spare = buffers.spare
+    monkeypatch.setattr(buffers, "spare", lambda *a: spare(*a).fill_(float("nan")))
     inputs, mask = _recurrence_inputs(D=5, B=B, T=T, H=H, dtype=torch.float32)
     with torch.no_grad():  # a contracting recurrence: no rounding blown up over T steps
         inputs[2].div_(H**0.5)
@@ -666,15 +680,15 @@ def test_a_large_window_gives_the_memory_of_finished_steps_p_back(monkeypatch):
     """Where p is too large to keep whole (recomputed layers), the native backward hands
     the pages of each finished chunk's p back to the system (they read as zeros after),
     and the gradients are the Python loop's."""
-    native = rhn_native.load()
-    assert native is not None
-    monkeypatch.setattr(rhn_fast, "_SPARE_BUFFERS", [])
-    monkeypatch.setattr(rhn_fast, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
-    monkeypatch.setattr(rhn_fast, "RECOMPUTE_EVERY", 2)
-    monkeypatch.setattr(rhn_fast, "CHUNK_ROWS", 8)  # chunks of 2 steps, 32 KB of p each
+    kernels = native.load()
+    assert kernels is not None
+    buffers.forget()
+    monkeypatch.setattr(rhn_recurrence, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
+    monkeypatch.setattr(rhn_recurrence, "RECOMPUTE_EVERY", 2)
+    monkeypatch.setattr(rhn_recurrence, "CHUNK_ROWS", 8)  # chunks of 2 steps, 32 KB of p each
     released = []
-    release = native.release
-    monkeypatch.setattr(native, "release", lambda t: released.append(release(t)) or released[-1])
+    release = kernels.release
+    monkeypatch.setattr(kernels, "release", lambda t: released.append(release(t)) or released[-1])
     inputs, mask = _recurrence_inputs(D=3, B=4, T=6, H=512, dtype=torch.float32)
     with torch.no_grad():
         inputs[2].div_(512**0.5)
@@ -687,36 +701,60 @@ def test_a_large_window_gives_the_memory_of_finished_steps_p_back(monkeypatch):
     _assert_the_same_to_float32_rounding(runs)
 
 
-def test_a_native_build_failure_falls_back_to_the_python_loop(monkeypatch, caplog):
-    def no_compiler():
-        raise RuntimeError("Error building extension 'rhn_native': g++: not found")
-
-    monkeypatch.setattr(rhn_native, "_build", no_compiler)
-    rhn_native.load.cache_clear()
+@pytest.mark.skipif(sys.platform != "linux", reason="the build directory follows XDG_CACHE_HOME")
+def test_a_native_build_failure_falls_back_to_the_python_loop(monkeypatch, tmp_path, caplog):
+    """A machine whose compiler is missing (a build directory of its own, so the build
+    runs): one warning, and the Python loop's results."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    native.load.cache_clear()
     try:
-        with caplog.at_level("WARNING", logger=rhn_native.__name__):
-            assert rhn_native.load() is None
-            assert rhn_native.load() is None  # tried once per process, said once
-        assert len(caplog.records) == 1
-        message = caplog.records[0].getMessage()
-        assert "g++: not found" in message and "Python loop" in message
+        with caplog.at_level("WARNING", logger=native.__name__):
+            assert native.load() is None
+            assert native.load() is None  # tried once per process, said once
+        (record,) = [r for r in caplog.records if r.name == native.__name__]
+        message = record.getMessage()
+        assert "could not be built" in message and "Python loop" in message
+        assert list((tmp_path / "rhn" / "extensions").iterdir())  # the build was tried there
         inputs, mask = _recurrence_inputs()
-        outputs, final = rhn_fast.recurrence(*inputs, mask, training=True)
-        monkeypatch.setattr(rhn_fast, "NATIVE", False)
-        want = rhn_fast.recurrence(*inputs, mask, training=True)
+        outputs, final = rhn_recurrence.recurrence(*inputs, mask, training=True)
+        monkeypatch.setattr(native, "USE_NATIVE", False)
+        want = rhn_recurrence.recurrence(*inputs, mask, training=True)
         torch.testing.assert_close(outputs, want[0], rtol=0, atol=0)
     finally:
-        rhn_native.load.cache_clear()
+        native.load.cache_clear()
 
 
-def test_rhn_native_0_skips_the_build(monkeypatch):
+def test_rhn_native_0_skips_the_build(monkeypatch, tmp_path):
     monkeypatch.setenv("RHN_NATIVE", "0")
-    monkeypatch.setattr(rhn_native, "_build", lambda: pytest.fail("built despite RHN_NATIVE=0"))
-    rhn_native.load.cache_clear()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native.load.cache_clear()
     try:
-        assert rhn_native.load() is None
+        assert native.load() is None
+        assert not (tmp_path / "rhn").exists()  # no build directory: no build started
     finally:
-        rhn_native.load.cache_clear()
+        native.load.cache_clear()
+
+
+def test_a_change_to_any_native_source_builds_afresh(tmp_path):
+    """The build's name hashes every file of csrc/, compiled or included: a stale binary
+    is never loaded for changed sources."""
+    csrc = Path(native.__file__).with_name("csrc")
+    assert {p.name for p in (*native.SOURCES, *native.HEADERS)} == {p.name for p in csrc.iterdir()}
+    files = []
+    for source in (*native.SOURCES, *native.HEADERS):
+        files.append(tmp_path / source.name)
+        files[-1].write_bytes(source.read_bytes())
+    flags, version = ["-O3"], torch.__version__
+    names = {native.build_name("AVX2", flags, version, files)}
+    for path in files:
+        path.write_bytes(path.read_bytes() + b"\n")
+        names.add(native.build_name("AVX2", flags, version, files))
+    names.add(native.build_name("AVX2", ["-O2"], version, files))
+    names.add(native.build_name("AVX2", flags, "9.9.9", files))
+    names.add(native.build_name("AVX512", flags, version, files))
+    assert len(names) == len(files) + 4
+    assert native.build_name("AVX2", flags, version, files) in names  # deterministic
 
 
 @pytest.fixture
@@ -724,9 +762,9 @@ def fresh_decisions(tmp_path, monkeypatch):
     """An empty MKL/oneDNN decision cache (RHN_CACHE_DIR: the native loop's build stays in
     the user cache) and a process that has decided nothing yet."""
     monkeypatch.setenv("RHN_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(library_choice, "_used", {})
-    monkeypatch.setattr(library_choice, "_pinned", {})
-    return tmp_path / "cache" / library_choice.CACHE_FILE
+    library_choice.forget_decisions()
+    yield tmp_path / "cache" / library_choice.CACHE_FILE
+    library_choice.forget_decisions()  # none of this cache's decisions outlive the test
 
 
 def test_the_weight_gradients_library_is_timed_once_per_machine_and_shape(
@@ -736,23 +774,23 @@ def test_the_weight_gradients_library_is_timed_once_per_machine_and_shape(
     shape in the native loop's float32 setting (never for float64), kept on disk, and read
     from there by a later process instead of timed again."""
     ways = []
-    product = rhn_fast.weight_gradient
+    product = weight_gradient.product
     monkeypatch.setattr(
-        rhn_fast,
-        "weight_gradient",
-        lambda out, left, right, accumulate, onednn=False: (
-            ways.append(onednn) or product(out, left, right, accumulate, onednn)
+        weight_gradient,
+        "product",
+        lambda out, left, right, accumulate, onednn_library=False: (
+            ways.append(onednn_library) or product(out, left, right, accumulate, onednn_library)
         ),
     )
     lefts, rights = torch.randn(2, 12, 8), torch.randn(2, 12, 4)
     held = (lefts.clone(), rights.clone())
-    choice = rhn_fast.weight_gradients_through_onednn(lefts, rights)
-    rounds = rhn_fast.DECISION_ROUNDS
+    choice = weight_gradient.through_onednn(lefts, rights)
+    rounds = weight_gradient.DECISION_ROUNDS
     onednn_here = torch.backends.mkldnn.is_available()
     assert ways == ([False, False, True, True] * rounds if onednn_here else [])
-    assert rhn_fast.weight_gradients_through_onednn(lefts, rights) == choice
-    monkeypatch.setattr(library_choice, "_used", {})  # as in a new process
-    assert rhn_fast.weight_gradients_through_onednn(lefts, rights) == choice
+    assert weight_gradient.through_onednn(lefts, rights) == choice
+    library_choice.forget_decisions()  # as in a new process
+    assert weight_gradient.through_onednn(lefts, rights) == choice
     assert len(ways) in (0, 4 * rounds)  # the later calls only looked the choice up
     if onednn_here:
         library = "onednn" if choice else "mkl"
@@ -761,14 +799,14 @@ def test_the_weight_gradients_library_is_timed_once_per_machine_and_shape(
         assert library_choice.library_decisions() == {"weight_gradient 8x12 12x4 float32": library}
     torch.testing.assert_close((lefts, rights), held, rtol=0, atol=0)
     left, right, out = lefts[0], rights[0], torch.empty(8, 4)
-    for onednn in (False, True):
-        assert rhn_fast.weight_gradient(out, left, right, False, onednn) is out
+    for onednn_library in (False, True):
+        assert product(out, left, right, False, onednn_library) is out
         torch.testing.assert_close(out, left.t() @ right)
-        assert rhn_fast.weight_gradient(out, left, right, True, onednn) is out
+        assert product(out, left, right, True, onednn_library) is out
         torch.testing.assert_close(out, 2 * left.t() @ right)
-        new = rhn_fast.weight_gradient(None, left, right, False, onednn)
+        new = product(None, left, right, False, onednn_library)
         torch.testing.assert_close(new, left.t() @ right)
-    assert not rhn_fast.weight_gradients_through_onednn([left.double()], [right.double()])
+    assert not weight_gradient.through_onednn([left.double()], [right.double()])
     assert "float64" not in str(library_choice.library_decisions())  # no choice made there
 
 
@@ -778,11 +816,11 @@ def test_timing_a_new_shape_of_a_later_chunk_leaves_the_sums_so_far_alone(
     """Chunks of unequal lengths (steps [2, 5) and [0, 2) at B = 16: 48 and 32 rows)
     meet the library decision for the second shape with the first chunk's sums already
     in the gradient: deciding writes none of them."""
-    assert rhn_native.load() is not None
-    monkeypatch.setattr(rhn_fast, "CHUNK_ROWS", 48)
+    assert native.load() is not None
+    monkeypatch.setattr(rhn_recurrence, "CHUNK_ROWS", 48)
     inputs, mask = _recurrence_inputs(D=2, B=16, T=5, H=8, dtype=torch.float32)
     _assert_the_same_to_float32_rounding(_both_loops(monkeypatch, inputs, mask[:, 0]))
-    shapes = 2 if rhn_fast.onednn_applies(torch.float32) else 0  # both shapes were timed
+    shapes = 2 if onednn.applies(torch.float32) else 0  # both shapes were timed
     assert len(library_choice.library_decisions()) == shapes
 
 
@@ -792,10 +830,10 @@ def test_without_onednn_the_native_loop_uses_aten_products(monkeypatch, switch):
     """A torch build without the oneDNN operators, or a user who turned oneDNN off: no
     packing, ATen's products in the native loop, the same results as the Python loop."""
     if switch == "no-operators":
-        monkeypatch.setattr(rhn_fast, "_onednn_operators", lambda: False)
+        monkeypatch.setattr(onednn, "operators_available", lambda: False)
     packs = []
-    packed = rhn_fast._packed
-    monkeypatch.setattr(rhn_fast, "_packed", lambda *a: packs.append(packed(*a)) or packs[-1])
+    pack_all = onednn.pack_all
+    monkeypatch.setattr(onednn, "pack_all", lambda *a: packs.append(pack_all(*a)) or packs[-1])
     inputs, mask = _recurrence_inputs(dtype=torch.float32)
     with torch.backends.mkldnn.flags(enabled=switch != "turned-off"):
         runs = _both_loops(monkeypatch, inputs, mask)
@@ -808,12 +846,12 @@ def test_a_killed_build_s_lock_does_not_hang_the_next_one(tmp_path, caplog):
     (left by a killed one) is removed, a fresh one (a build under way) is left alone."""
     lock = tmp_path / "lock"
     lock.touch()
-    rhn_native._remove_stale_lock(lock)
+    native.remove_stale_lock(lock)
     assert lock.exists()
-    old = time.time() - rhn_native.STALE_LOCK_SECONDS - 60
+    old = time.time() - native.STALE_LOCK_SECONDS - 60
     os.utime(lock, (old, old))
-    with caplog.at_level("WARNING", logger=rhn_native.__name__):
-        rhn_native._remove_stale_lock(lock)
+    with caplog.at_level("WARNING", logger=native.__name__):
+        native.remove_stale_lock(lock)
     assert not lock.exists()
     assert "did not finish" in caplog.text
-    rhn_native._remove_stale_lock(lock)  # no lock: nothing to do
+    native.remove_stale_lock(lock)  # no lock: nothing to do

@@ -1,23 +1,23 @@
-"""The RHN output layer's hand-written backward (rhn_cli.models.rhn_output) against
-autograd through torch.nn.functional.linear."""
+"""The RHN output layer's hand-written backward (rhn_cli.kernels.output_layer) against
+autograd through torch.nn.functional.linear, and the tied embedding's gradient
+hand-over against autograd through torch.nn.functional.embedding."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-import rhn_cli.models.rhn_fast as rhn_fast
-import rhn_cli.models.rhn_native as rhn_native
-from rhn_cli.models import rhn_output
+from rhn_cli.kernels import native, output_layer, weight_gradient
 
 
 @pytest.fixture(params=["mkl", "onednn"])
 def layer_inputs(request, monkeypatch):
     """x [3, 4, 6], weight [9, 6], bias [9] and a generator, with the output layer's weight
     gradient through MKL or oneDNN."""
-    assert rhn_native.load() is not None
+    assert native.load() is not None
     onednn = request.param == "onednn"
-    monkeypatch.setattr(rhn_fast, "weight_gradients_through_onednn", lambda *a: onednn)
+    monkeypatch.setattr(weight_gradient, "through_onednn", lambda *a: onednn)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 6, generator=gen, requires_grad=True)
     weight = torch.randn(9, 6, generator=gen, requires_grad=True)
@@ -29,7 +29,7 @@ def test_logits_and_gradients_equal_autograd_through_linear(layer_inputs):
     x, weight, bias, gen = layer_inputs
     upstream = torch.randn(3, 4, 9, generator=gen)
     results = []
-    for layer in (rhn_output.logits, torch.nn.functional.linear):
+    for layer in (output_layer.logits, torch.nn.functional.linear):
         logits = layer(x, weight, bias)
         grads = torch.autograd.grad((logits * upstream).sum(), (x, weight, bias))
         results.append((logits, *grads))
@@ -47,7 +47,7 @@ def test_with_the_training_loss_gradients_equal_autograd_s(layer_inputs):
     x, weight, bias, gen = layer_inputs
     targets = torch.randint(0, 9, (3, 4), generator=gen)
     ours = torch.autograd.grad(
-        sequence_loss(rhn_output.logits(x, weight, bias), targets), (x, weight, bias)
+        sequence_loss(output_layer.logits(x, weight, bias), targets), (x, weight, bias)
     )
     logits = torch.nn.functional.linear(x, weight, bias)
     total = torch.nn.functional.cross_entropy(
@@ -63,38 +63,56 @@ def test_elsewhere_the_layer_is_plain_linear(monkeypatch, case):
     """float64, evaluation and the Python-loop fallback keep autograd's linear."""
     dtype = torch.float64 if case == "float64" else torch.float32
     if case == "python-loop":
-        monkeypatch.setattr(rhn_fast, "NATIVE", False)
+        monkeypatch.setattr(native, "USE_NATIVE", False)
     x = torch.randn(2, 5, dtype=dtype, requires_grad=True)
     weight = torch.randn(3, 5, dtype=dtype, requires_grad=True)
     bias = torch.randn(3, dtype=dtype, requires_grad=True)
     with torch.set_grad_enabled(case != "no-grad"):
-        logits = rhn_output.logits(x, weight, bias)
+        logits = output_layer.logits(x, weight, bias)
     name = type(logits.grad_fn).__name__ if logits.grad_fn else None
     assert name in ((None,) if case == "no-grad" else ("AddmmBackward0",))
     torch.testing.assert_close(logits, torch.nn.functional.linear(x, weight, bias))
 
 
-def _tied_case():
+def _tied_case(dtype=torch.float32):
     gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(9, 6, generator=gen, requires_grad=True)
-    bias = torch.randn(9, generator=gen, requires_grad=True)
+    weight = torch.randn(9, 6, generator=gen, dtype=dtype, requires_grad=True)
+    bias = torch.randn(9, generator=gen, dtype=dtype, requires_grad=True)
     tokens = torch.tensor([[0, 3, 3, 8], [5, 0, 2, 3]])  # repeated rows add up
-    mix = torch.randn(6, 6, generator=gen)
+    mix = torch.randn(6, 6, generator=gen, dtype=dtype)
     return weight, bias, tokens, mix
 
 
-def test_tied_weights_get_one_gradient_built_in_the_output_layer_s(monkeypatch):
+class _NewTensors(TorchDispatchMode):
+    """The tensors of ``shape`` that the operations under it return (in-place ones
+    included, so a tensor added to in place shows up again)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.made = torch.Size(shape), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for out in result if isinstance(result, (tuple, list)) else (result,):
+            if isinstance(out, torch.Tensor) and out.shape == self.shape:
+                self.made.append((func.__name__, out.data_ptr()))
+        return result
+
+
+def test_tied_weights_get_one_gradient_built_in_the_output_layer_s():
     """The lookup's rows are added into the output layer's dW, which becomes W's
-    gradient as it is (no dense lookup gradient, no copy), equal to autograd's sum."""
-    assert rhn_native.load() is not None
+    gradient as it is: the backward makes one [V, H] tensor (no dense lookup gradient,
+    no sum, no copy), and W's gradient equals autograd's sum."""
+    assert native.load() is not None
     weight, bias, tokens, mix = _tied_case()
-    tied = rhn_output.TiedGradient()
-    x = rhn_output.embedding(tokens, weight, tied)
-    handed = []
-    x.register_hook(lambda grad: handed.append(tied.d_weight.data_ptr()))  # before the lookup's
-    rhn_output.logits(torch.tanh(x @ mix), weight, bias, tied).sin().sum().backward()
+    tied = output_layer.TiedGradient()
+    x = output_layer.embedding(tokens, weight, tied)
+    loss = output_layer.logits(torch.tanh(x @ mix), weight, bias, tied).sin().sum()
+    with _NewTensors(weight.shape) as watched:
+        loss.backward()
     ours = weight.grad
-    assert handed == [ours.data_ptr()] and tied.d_weight is None
+    assert {address for _, address in watched.made} == {ours.data_ptr()}
+    assert any(name.startswith("index_add_") for name, _ in watched.made)
 
     plain = weight.detach().clone().requires_grad_(True)
     x = torch.nn.functional.embedding(tokens, plain)
@@ -102,17 +120,79 @@ def test_tied_weights_get_one_gradient_built_in_the_output_layer_s(monkeypatch):
     torch.testing.assert_close(ours, plain.grad, rtol=1e-5, atol=1e-6)
 
 
+# Other terms of the loss that reach the tied weight in the same backward pass.
+EXTRA_TERMS = {
+    "zero-times-sum": lambda weight, tokens: 0 * weight.sum(),
+    "l2-in-the-loss": lambda weight, tokens: 0.3 * (weight**2).sum(),
+    "another-lookup": lambda weight, tokens: (
+        torch.nn.functional.embedding(tokens.flip(1), weight).cos().sum()
+    ),
+    "used-twice-more": lambda weight, tokens: weight.sum() * weight[2].square().sum(),
+}
+
+
+def _tied_and_plain_gradients(extra, dtype, tied_calls=1):
+    """W's gradient of sin(logits) + extra(W) through the tied lookup and output layer,
+    and through F.embedding and F.linear (autograd's)."""
+    weight, bias, tokens, mix = _tied_case(dtype)
+    grads = []
+    for embedding, logits in (
+        (output_layer.embedding, output_layer.logits),
+        (torch.nn.functional.embedding, torch.nn.functional.linear),
+    ):
+        w = weight.detach().clone().requires_grad_(True)
+        tied = (output_layer.TiedGradient(),) if embedding is output_layer.embedding else ()
+        x = sum(embedding(tokens, w, *tied) for _ in range(tied_calls))
+        loss = logits(torch.tanh(x @ mix), w, bias, *tied).sin().sum()
+        (loss + extra(w, tokens)).backward()
+        grads.append(w.grad)
+    return grads
+
+
+@pytest.mark.parametrize("extra", EXTRA_TERMS.values(), ids=EXTRA_TERMS.keys())
+def test_other_loss_terms_on_the_tied_weight_keep_every_row(monkeypatch, extra):
+    """An L2 term in the loss, 0 * W.sum(), another lookup of W: autograd sums them with
+    the tied pair's gradient, and no row of the lookup's is lost (float64, the hand-written
+    layer made to run there: exact to rounding)."""
+    monkeypatch.setattr(output_layer, "applies", lambda *tensors: True)
+    ours, want = _tied_and_plain_gradients(extra, torch.float64)
+    torch.testing.assert_close(ours, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("extra", EXTRA_TERMS.values(), ids=EXTRA_TERMS.keys())
+def test_other_loss_terms_keep_every_row_in_float32_as_training_runs(extra):
+    assert native.load() is not None
+    ours, want = _tied_and_plain_gradients(extra, torch.float32)
+    torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_tied_gradient_looked_up_twice_falls_back_to_dense_gradients(monkeypatch):
+    """Two lookups through one TiedGradient: no hand-over (it is meant for one lookup and
+    one output layer), and the gradient is still autograd's."""
+    monkeypatch.setattr(output_layer, "applies", lambda *tensors: True)
+    no_extra = EXTRA_TERMS["zero-times-sum"]
+    ours, want = _tied_and_plain_gradients(no_extra, torch.float64, tied_calls=2)
+    torch.testing.assert_close(ours, want, rtol=0, atol=1e-12)
+
+
+def test_a_tied_gradient_ties_one_weight():
+    weight, bias, tokens, mix = _tied_case()
+    tied = output_layer.TiedGradient()
+    x = output_layer.embedding(tokens, weight, tied)
+    with pytest.raises(ValueError, match="ties one weight"):
+        output_layer.logits(x, weight.detach().clone().requires_grad_(True), bias, tied)
+
+
 def test_a_lookup_in_another_backward_pass_gives_its_own_gradient():
     """dW left by one backward pass (through the output layer only) is not added to in a
     later one that reaches the lookup only: that one gets the dense gradient."""
-    assert rhn_native.load() is not None
+    assert native.load() is not None
     weight, bias, tokens, mix = _tied_case()
-    tied = rhn_output.TiedGradient()
-    x = rhn_output.embedding(tokens, weight, tied)
+    tied = output_layer.TiedGradient()
+    x = output_layer.embedding(tokens, weight, tied)
     hidden = torch.tanh(x @ mix)
-    logits = rhn_output.logits(hidden, weight, bias, tied)
+    logits = output_layer.logits(hidden, weight, bias, tied)
     torch.autograd.grad(logits.sum(), [hidden], retain_graph=True)  # the output layer's only
-    assert tied.d_weight is not None
     (ours,) = torch.autograd.grad(hidden.square().sum(), [weight])  # the lookup's only
     plain = weight.detach().clone().requires_grad_(True)
     (want,) = torch.autograd.grad(
@@ -121,25 +201,39 @@ def test_a_lookup_in_another_backward_pass_gives_its_own_gradient():
     torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
 
 
-def test_a_tied_rhn_model_trains_as_with_autograd_s_embedding_and_linear(monkeypatch):
+def _node_names(tensor):
+    """The names of the autograd nodes behind ``tensor``."""
+    names, todo, seen = set(), [tensor.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(node.name())
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("extra_term", [False, True], ids=["loss", "loss-plus-l2-term"])
+def test_a_tied_rhn_model_trains_as_with_autograd_s_embedding_and_linear(monkeypatch, extra_term):
     from rhn_cli.models.rhn import RHNConfig, RHNLanguageModel
 
-    assert rhn_native.load() is not None
+    assert native.load() is not None
     torch.manual_seed(0)
     model = RHNLanguageModel(RHNConfig(vocab_size=11, hidden_size=8, depth=2, tied=True))
     tokens = torch.randint(0, 11, (3, 5))
     masks = model.train().draw_masks(tokens)
-    lookups = []
-    real = rhn_output._Lookup.apply
-    monkeypatch.setattr(rhn_output._Lookup, "apply", lambda *a: lookups.append(1) or real(*a))
     grads = []
     for fast in (True, False):
         if not fast:  # F.embedding and F.linear, differentiated by autograd
-            monkeypatch.setattr(rhn_output, "_applies", lambda *tensors: False)
+            monkeypatch.setattr(output_layer, "applies", lambda *tensors: False)
         model.zero_grad(set_to_none=True)
         logits, _ = model(tokens, model.initial_state(3), masks)
-        torch.nn.functional.cross_entropy(logits.reshape(-1, 11), tokens.reshape(-1)).backward()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), tokens.reshape(-1))
+        if extra_term:
+            loss = loss + 1e-2 * model.embedding.weight.square().sum()
+        assert ("_LookupBackward" in _node_names(logits)) == fast
+        loss.backward()
         grads.append([p.grad for p in model.parameters()])
-    assert lookups == [1]
     for got, want in zip(*grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

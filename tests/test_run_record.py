@@ -197,12 +197,16 @@ def test_a_run_records_the_code_libraries_and_machine_that_made_it(tmp_path):
     sources = {name for name, _ in run["experiment"]["sources"]}
     package = Path(sys.modules["rhn_cli"].__file__).parent
     expected = {
-        str(p.relative_to(package)) for p in package.rglob("*") if p.suffix in (".py", ".cpp")
+        str(p.relative_to(package)) for p in package.rglob("*") if p.suffix in (".py", ".cpp", ".h")
     }
     assert sources == expected  # models/, engine/, data/ and the C++ kernels included
-    assert {"models/rhn.py", "engine/train.py", "data/registry.py", "models/rhn_native.cpp"} <= (
-        sources
-    )
+    assert {
+        "models/rhn.py",
+        "engine/train.py",
+        "data/registry.py",
+        "kernels/csrc/rhn_forward.cpp",
+        "kernels/csrc/common.h",
+    } <= (sources)
     dependencies = dict(d.split("==") for d in run["experiment"]["dependencies"])
     assert dependencies["torch"] == torch.__version__
     for name in ("numpy", "sacred", "pymongo", "click", "rhn"):

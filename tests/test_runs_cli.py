@@ -69,7 +69,7 @@ def store(tmp_path_factory) -> Path:
 
         def ctrl_c_in_epoch_2(*args):
             calls["n"] += 1
-            if calls["n"] == 20:  # 11 training + 2 + 2 evaluation batches per epoch
+            if calls["n"] == 20:  # the training loss only: epoch 2, step 9 (11 an epoch)
                 raise KeyboardInterrupt
             return real_loss(*args)
 

@@ -21,8 +21,9 @@ from rhn_cli.engine.objective import (
     learning_rate_at,
     sequence_loss,
 )
-from rhn_cli.engine.train import Trainer, TrainingDiverged, build_model, train
+from rhn_cli.engine.train import RunContext, Trainer, TrainingDiverged, train
 from rhn_cli.experiment.schema import defaults
+from rhn_cli.models import build_model
 from tests.conftest import Recorder
 
 
@@ -150,7 +151,7 @@ def test_one_training_step_is_clipped_sgd_on_loss_plus_l2():
     tokens = np.random.default_rng(0).integers(0, 5, size=2 * 4)  # exactly one minibatch
     corpus = Corpus("toy", tokens, tokens, tokens, vocab=list("abcde"))
     torch.manual_seed(0)
-    trainer = Trainer(config, corpus, Recorder(), echo=lambda _: None)
+    trainer = Trainer(config, corpus, Recorder(), RunContext(echo=lambda _: None))
     reference = copy.deepcopy(trainer.model)
     trainer.train_epoch(lr=0.7)
     model = trainer.model
@@ -172,6 +173,46 @@ def test_one_training_step_is_clipped_sgd_on_loss_plus_l2():
         assert torch.allclose(p_ref - 0.7 * scale * g, p_new, atol=1e-6)
 
 
+def quiet(_message: str) -> None:
+    pass
+
+
+def test_a_training_step_reports_its_cost_tokens_gradient_norm_and_state():
+    """train_step on the first minibatch, against autograd on a copy of the model: the
+    cost (loss + L2 term), the targets counted, the gradient norm before clipping, the
+    hidden state it leaves, and the clipped SGD step it takes."""
+    config = small_config(max_grad_norm=0.05, weight_decay=0.01, learning_rate=0.7)
+    tokens = np.random.default_rng(3).integers(0, 5, size=2 * 4)
+    corpus = Corpus("toy", tokens, tokens, tokens, vocab=list("abcde"))
+    torch.manual_seed(0)
+    trainer = Trainer(config, corpus, Recorder(), RunContext(echo=quiet))
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = 0.7
+    reference = copy.deepcopy(trainer.model)
+    rows = tokens.reshape(2, 4)
+    trainer.model.train()
+    result = trainer.train_step(rows[:, :3], rows[:, 1:])
+
+    reference.train()
+    logits, state = reference(torch.as_tensor(rows[:, :3]), reference.initial_state(2))
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, 5), torch.as_tensor(rows[:, 1:]).reshape(-1), reduction="sum"
+    )
+    params = list(reference.parameters())
+    l2 = 0.01 * sum((p.double() ** 2).sum() for p in params) / 2
+    cost = nll / 2 + l2
+    grads = torch.autograd.grad(cost, params)
+    norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
+    assert (result.rows, result.tokens) == (2, 6)
+    assert result.cost == pytest.approx(cost.item(), rel=1e-6)
+    assert result.grad_norm == pytest.approx(norm, rel=1e-5)
+    torch.testing.assert_close(result.state, state.detach(), rtol=1e-6, atol=1e-7)
+    assert not result.state.requires_grad  # carried to the next minibatch without a graph
+    scale = 0.05 / norm
+    for p_ref, g, p_new in zip(params, grads, trainer.model.parameters(), strict=True):
+        assert torch.allclose(p_ref - 0.7 * scale * g, p_new, atol=1e-6)
+
+
 def test_divergence_stops_training_with_epoch_and_step():
     corpus = Corpus(
         "toy",
@@ -181,7 +222,7 @@ def test_divergence_stops_training_with_epoch_and_step():
     config = small_config(learning_rate=float("1e30"), max_grad_norm=1e30, max_max_epoch=3)
     torch.manual_seed(0)
     with pytest.raises(TrainingDiverged, match=r"epoch 1, step \d+/\d+.*learning_rate"):
-        train(config, corpus, Recorder(), echo=lambda _: None)
+        train(config, corpus, Recorder(), RunContext(echo=lambda _: None))
 
 
 def test_train_records_reference_info_and_metrics_per_epoch():
@@ -192,7 +233,7 @@ def test_train_records_reference_info_and_metrics_per_epoch():
     )
     recorder = Recorder()
     torch.manual_seed(0)
-    summary = train(small_config(max_max_epoch=3), corpus, recorder, echo=lambda _: None)
+    summary = train(small_config(max_max_epoch=3), corpus, recorder, RunContext(echo=quiet))
     valid = [v for _, v in recorder.scalars["valid.ppl"]]
     assert [s for s, _ in recorder.scalars["valid.ppl"]] == [1, 2, 3]
     assert summary.best_valid_ppl == min(valid)

@@ -75,7 +75,8 @@ def board(mongo_url, port, runs_dir, no_browser) -> None:
 
 def _serve(setting, runs_dir: str, port: int, no_browser: bool) -> str | None:
     """Open the board and keep it open until Ctrl-C (None) or until a server stops (why)."""
-    from rhn_cli.tracking.board import BoardError, open_board
+    from rhn_cli.board.launch import open_board
+    from rhn_cli.board.process import BoardError
     from rhn_cli.tracking.observers import redact
 
     try:

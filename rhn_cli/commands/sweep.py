@@ -179,6 +179,7 @@ def _continue_command(planned, jobs, child_runs_dir, child_mongo) -> str:
 def _run_sweep(planned, plans, jobs, runs_dir, child_runs_dir, child_mongo) -> None:
     from rhn_cli.experiment.sweep import (
         SWEEP_LOG_DIR,
+        PointHooks,
         Runner,
         child_environment,
         runs_of,
@@ -229,9 +230,7 @@ def _run_sweep(planned, plans, jobs, runs_dir, child_runs_dir, child_mongo) -> N
                 click.echo(f"  {last}  (output: {outcome.log})")
 
     runner = Runner(
-        command,
-        find_run,
-        known_ids,
+        PointHooks(command, find_run, known_ids),
         Path(runs_dir) / SWEEP_LOG_DIR / planned.name,
         jobs=jobs,
         echo=click.echo,

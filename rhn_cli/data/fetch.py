@@ -40,7 +40,7 @@ from urllib.request import url2pathname
 
 from rhn_cli.data.cache import Hasher, hash_file, parse_hash
 from rhn_cli.data.errors import DatasetError
-from rhn_cli.data.registry import DatasetSpec, SourceFile
+from rhn_cli.data.spec import DatasetSpec, SourceFile
 
 URL_SCHEMES = ("http", "https", "ftp", "sftp")
 # Seconds to connect, and to wait for each read: a dead or stalled server fails soon.

@@ -37,7 +37,7 @@ import numpy as np
 
 from rhn_cli.data.cache import CacheWriter, split_file
 from rhn_cli.data.errors import DataInputError, DatasetError
-from rhn_cli.data.registry import SPLITS, DatasetSpec
+from rhn_cli.data.spec import SPLITS, DatasetSpec
 
 EOS = "<eos>"
 UNK = "<unk>"

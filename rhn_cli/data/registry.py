@@ -5,9 +5,10 @@ URL first, then mirrors), the published checksums and sizes, which raw files it
 holds, how they are tokenised and split, and the statistics the result must have
 (``../shared/spec/datasets.md`` gives the sources of every number). The work is done
 elsewhere: :mod:`rhn_cli.data.fetch` gets and verifies the raw files,
-:mod:`rhn_cli.data.prepare` tokenises them and :mod:`rhn_cli.data.cache` keeps the
-result. Datasets with a ``load`` function (``synthetic``, ``textfile``) build their
-corpus from the run's config instead.
+:mod:`rhn_cli.data.prepare` tokenises them, :mod:`rhn_cli.data.cache` keeps the result
+and :mod:`rhn_cli.data.loading` ties these together for :func:`load_corpus`. Datasets
+with a ``load`` function (``synthetic``, ``textfile``) build their corpus from the run's
+config instead. What a description holds is :mod:`rhn_cli.data.spec`.
 
 This module imports nothing heavy (no numpy), so config validation and ``rhn data
 --help`` can read the names without paying for the machinery.
@@ -17,84 +18,14 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rhn_cli.data.errors import UnknownDatasetError
+from rhn_cli.data.spec import Archive, DatasetSpec, Expected, SourceFile
+from rhn_cli.data.textfile import TEXTFILE_DATASET
 
 if TYPE_CHECKING:
     from rhn_cli.data.corpus import Corpus
-
-SPLITS = ("train", "valid", "test")
-
-# Loaders of config-driven datasets get the config and a function that prints progress.
-Loader = Callable[[Mapping[str, Any], Callable[[str], None]], "Corpus"]
-
-
-@dataclass(frozen=True)
-class SourceFile:
-    """One raw file the preparation reads.
-
-    ``name`` is the file name a ``--from`` directory must hold (and the name it gets in
-    the staging area); ``member`` its path inside the canonical archive. ``hash`` is the
-    published checksum as ``'algorithm:hex'``, or None where nobody publishes one (the
-    statistics of the prepared splits are checked instead).
-    """
-
-    name: str
-    member: str
-    hash: str | None = None
-    size: int | None = None
-
-
-@dataclass(frozen=True)
-class Archive:
-    """A published archive holding the raw files."""
-
-    filename: str
-    hash: str  # 'algorithm:hex'
-    size: int
-    urls: tuple[str, ...]  # the canonical URL first, then mirrors with the same checksum
-
-
-@dataclass(frozen=True)
-class Expected:
-    """Statistics the prepared dataset must have, or it is not the published one."""
-
-    tokens: Mapping[str, int]  # per split
-    vocab_size: int
-    symbols: str | None = None  # the exact vocabulary, where it is published
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """A dataset: either a ``load`` function, or everything needed to fetch and prepare it.
-
-    ``tokenizer`` names a function of :mod:`rhn_cli.data.prepare`. With ``held_out``
-    the single raw file is split as the reference does: the last ``2 * held_out``
-    tokens are valid then test; without it there is one raw file per split, in the
-    order train, valid, test.
-    """
-
-    name: str
-    summary: str
-    level: str = "char"  # 'word' or 'char' (bytes count as characters)
-    load: Loader | None = None
-    tokenizer: str | None = None
-    files: tuple[SourceFile, ...] = ()
-    archive: Archive | None = None
-    file_urls: tuple[str, ...] = ()  # directories (ending in '/') that hold the raw files
-    held_out: int | None = None
-    expected: Expected | None = None
-    convention: str = ""
-
-    @property
-    def downloadable(self) -> bool:
-        return self.load is None
-
-    def download_urls(self) -> tuple[str, ...]:
-        """Where to fetch from when the user names no source, in order of preference."""
-        return (self.archive.urls if self.archive else ()) + self.file_urls
 
 
 def _load_synthetic(config: Mapping[str, Any], echo: Callable[[str], None]) -> Corpus:
@@ -122,7 +53,7 @@ def _load_synthetic(config: Mapping[str, Any], echo: Callable[[str], None]) -> C
 
 
 def _load_textfile(config: Mapping[str, Any], echo: Callable[[str], None]) -> Corpus:
-    from rhn_cli.data.store import load_textfile
+    from rhn_cli.data.loading import load_textfile
 
     return load_textfile(config["data_path"], config["text_level"], echo=echo)
 
@@ -282,7 +213,7 @@ TINYSHAKESPEARE = DatasetSpec(
 )
 
 TEXTFILE = DatasetSpec(
-    name="textfile",
+    name=TEXTFILE_DATASET,
     summary="your own UTF-8 text: data_path=FILE (split 90/5/5), a directory or a {split} "
     "pattern; text_level=char|word",
     level="char",
@@ -326,6 +257,6 @@ def load_corpus(
     spec = get_spec(config["dataset"])
     if spec.load is not None:
         return spec.load(config, echo)
-    from rhn_cli.data.store import open_dataset
+    from rhn_cli.data.loading import open_dataset
 
     return open_dataset(spec, echo=echo, progress=progress)

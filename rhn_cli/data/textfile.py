@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from rhn_cli.data.errors import DatasetError
-from rhn_cli.data.registry import SPLITS
+from rhn_cli.data.spec import SPLITS
 
+TEXTFILE_DATASET = "textfile"  # its name in dataset=...
 TEXT_LEVELS = ("char", "word")
 SPLIT_PLACEHOLDER = "{split}"
 DATA_PATH_FORMS = (

@@ -7,7 +7,7 @@
 backward passes, about 11 ms at ptb_sota's [700, 10000] logits on the 2-core dev CPU,
 and hands the gradient on row-major, which the output layer's weight-gradient product
 (dlogits^T x, through oneDNN) first copies into column-major: another 16 ms. Where
-rhn_native's kernels apply (CPU, float32/float64, a gradient wanted), one pass writes
+the native kernels apply (CPU, float32/float64, a gradient wanted), one pass writes
 the gradient column-major instead ([V, N], passed on as its transposed view [N, V]:
 the same tensor to every consumer, which ATen's products take in either layout), and
 the forward keeps only the rows' log-sum-exp. Elsewhere it is ``F.cross_entropy``.
@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from rhn_cli.kernels import native
 
 IGNORE_INDEX = -100  # F.cross_entropy's default, rhn's padding target
 
@@ -31,13 +33,11 @@ def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
 
 
 def _native(logits, targets):
-    """rhn_native's kernels where they apply (as for the RHN's time loop), else None."""
+    """The native kernels where they apply (as for the RHN's time loop), else None."""
     wanted = torch.is_grad_enabled() and logits.requires_grad
     if not wanted or logits.dim() != 2 or targets.device != logits.device:
         return None
-    from rhn_cli.models.rhn_fast import native_loop
-
-    return native_loop(logits)
+    return native.kernels_for(logits)
 
 
 class _SummedCrossEntropy(torch.autograd.Function):

@@ -14,20 +14,35 @@ average is reported. Here many samples run at once as rows of one batch, each ro
 its own masks; rows are independent, so this equals running them one after another.
 The reference also averaged in one never-filled zero entry (clipped to 1e-10) at the
 end of its probability array; this module averages the real tokens only.
+
+The per-epoch numbers of training come from here too: batched perplexity (:func:`evaluate`,
+streams carried with the training B and T) and that of independent minibatches
+(:func:`evaluate_independent`, chunks or sentences). Training imports this module, never
+the reverse.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rhn_cli.engine.objective import perplexity
+from rhn_cli.data.batching import PAD_TARGET, minibatches
+from rhn_cli.engine import checkpoint
+from rhn_cli.engine.device import as_tensor, pick_device
+from rhn_cli.engine.distributed import SINGLE, Shard
+from rhn_cli.engine.objective import perplexity, sequence_loss
+from rhn_cli.models import build_model
+from rhn_cli.models.base import LanguageModel
 from rhn_cli.models.dropout import variational_mask
-from rhn_cli.models.rhn import RHNLanguageModel
+
+if TYPE_CHECKING:  # only named in annotations: imported with the model when one is built
+    from rhn_cli.models.rhn import RHNLanguageModel
 
 FULL_EVALUATION_CHUNK = 1000
 MC_REJECT_PERPLEXITY = 500.0
@@ -36,8 +51,49 @@ MC_REJECT_PERPLEXITY = 500.0
 MC_BATCH = 32
 
 
+@torch.no_grad()
+def evaluate(
+    model: LanguageModel,
+    tokens: np.ndarray,
+    batch_size: int,
+    num_steps: int,
+    device: torch.device,
+    split: str,
+    shard: Shard = SINGLE,
+) -> float:
+    """Batched perplexity of ``tokens`` with no dropout, state carried from the initial one.
+
+    On several processes each rank reads its own streams of the B and the sums are
+    added up, which gives the one-process number."""
+    model.eval()
+    rows, local_batch = shard.rows(batch_size), shard.local_batch(batch_size)
+    state = model.initial_state(local_batch)
+    total_nll, count = 0.0, 0
+    for inputs, targets in minibatches(tokens, batch_size, num_steps, split):
+        inputs, targets = inputs[rows], targets[rows]
+        logits, state = model(as_tensor(inputs, device), state)
+        total_nll += sequence_loss(logits, as_tensor(targets, device)).item() * local_batch
+        count += targets.size
+    total_nll, count = shard.sum([total_nll, count])
+    return perplexity(total_nll / count)
+
+
+@torch.no_grad()
+def evaluate_independent(model: LanguageModel, batches, device: torch.device) -> float:
+    """Perplexity over minibatches that each start from the initial state (chunks or
+    padded sentences; padded targets do not count)."""
+    model.eval()
+    total_nll, count = 0.0, 0
+    for inputs, targets in batches:
+        state = model.initial_state(inputs.shape[0])
+        logits, _ = model(as_tensor(inputs, device), state)
+        total_nll += sequence_loss(logits, as_tensor(targets, device)).item() * len(inputs)
+        count += int((targets != PAD_TARGET).sum())
+    return perplexity(total_nll / count)
+
+
 def _stream(tokens: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    data = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).to(device)
+    data = as_tensor(tokens, device)
     return data[:-1], data[1:]
 
 
@@ -88,20 +144,6 @@ def mc_masks(model: RHNLanguageModel, samples: int) -> dict:
     return masks
 
 
-def select_rows(masks: dict, rows) -> dict:
-    """The masks of some samples only (rows of every mask tensor)."""
-
-    def pick(mask):
-        return None if mask is None else mask[rows]
-
-    return {
-        "x": pick(masks["x"]),
-        "i": [pick(m) for m in masks["i"]],
-        "h": [pick(m) for m in masks["h"]],
-        "o": pick(masks["o"]),
-    }
-
-
 @dataclass
 class MCResult:
     perplexity: float
@@ -146,11 +188,6 @@ def evaluate_saved_model(config, corpus, reporter, splits, *, echo=print) -> dic
     """The reference ``evaluate`` / ``evaluate_mc`` commands on ``config['load_model']``:
     batched (training B and T) and full perplexity on each split, and MC-dropout
     perplexity when ``config['mc_steps']`` > 0. Returns {metric name: perplexity}."""
-    from pathlib import Path
-
-    from rhn_cli.engine import checkpoint
-    from rhn_cli.engine.train import build_model, evaluate, pick_device
-
     device = pick_device(config["device"])
     model = build_model(config, corpus.vocab_size).to(device)
     model.load_state_dict(checkpoint.load(Path(config["load_model"]))["model"])

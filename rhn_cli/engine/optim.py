@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from rhn_cli.engine.objective import add_l2_gradient, l2_penalty
+from rhn_cli.kernels import native
 
 
 class BlocksAdam(torch.optim.Optimizer):
@@ -136,7 +137,7 @@ def penalised_step(
     finite.
 
     Plain SGD with ``grad_norm`` or no clipping on the CPU takes two fused passes over
-    the parameters (rhn_native: the sums of p^2 and (g + wd p)^2, then p -= lr c (g + wd
+    the parameters (native kernels: the sums of p^2 and (g + wd p)^2, then p -= lr c (g + wd
     p)) instead of four (ptb_sota: about 470 MB of memory traffic instead of 750). The
     norms are summed in float64 there, so the clipping factor can differ from the other
     path's by float32 rounding; p.grad is left as backward() made it.
@@ -159,7 +160,7 @@ def penalised_step(
 
 
 def _fused_sgd(optimizer, parameters, clip):
-    """rhn_native's kernels when the fused step applies (plain SGD in one group, every
+    """The native kernels when the fused step applies (plain SGD in one group, every
     parameter with a gradient, contiguous, of the same float dtype on the CPU), else None."""
     if type(optimizer) is not torch.optim.SGD or clip not in ("grad_norm", "none"):
         return None
@@ -174,6 +175,4 @@ def _fused_sgd(optimizer, parameters, clip):
     tensors = [t for p in parameters for t in (p, p.grad)]
     if not all(t.is_contiguous() for t in tensors):
         return None
-    from rhn_cli.models.rhn_fast import native_loop
-
-    return native_loop(*tensors)
+    return native.kernels_for(*tensors)

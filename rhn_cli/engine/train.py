@@ -30,7 +30,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -41,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 from rhn_cli.data.batching import (
+    PAD_TARGET,
     chunk_batches,
     minibatches,
     num_minibatches,
@@ -50,7 +51,14 @@ from rhn_cli.data.batching import (
 )
 from rhn_cli.data.corpus import Corpus
 from rhn_cli.engine import checkpoint
+from rhn_cli.engine.device import as_tensor, pick_device
 from rhn_cli.engine.distributed import SINGLE, Shard, batch_dims, rank_seed
+from rhn_cli.engine.evaluation import (
+    evaluate,
+    evaluate_independent,
+    full_perplexity,
+    mc_dropout_perplexity,
+)
 from rhn_cli.engine.objective import (
     MAX_FINITE_NLL,
     add_l2_gradient,
@@ -62,9 +70,9 @@ from rhn_cli.engine.objective import (
 from rhn_cli.engine.optim import clip_and_step, make_optimizer, penalised_step
 from rhn_cli.engine.regularizers import norm_stabilizer, weight_noise
 from rhn_cli.engine.timing import parse_duration
-from rhn_cli.models import build_model as _build_model
-from rhn_cli.models.base import LanguageModel, detach_state, map_state
-from rhn_cli.models.library_choice import library_decisions, pin_library_decisions
+from rhn_cli.kernels.library_choice import library_decisions, pin_library_decisions
+from rhn_cli.models import build_model
+from rhn_cli.models.base import State, detach_state, map_state
 
 PLAIN_PROGRESS_LINES_PER_EPOCH = 10
 _SPLITS = ("train", "valid", "test")
@@ -154,6 +162,36 @@ class TrainingSummary:
     final: dict[str, float] = field(default_factory=dict)  # full / MC-dropout perplexities
 
 
+@dataclass
+class RunContext:
+    """Where a training run speaks, writes and starts from, beyond its config and data.
+
+    Epoch summaries go to ``echo``; a per-epoch progress bar goes to ``progress`` if
+    given, else a plain line every tenth of an epoch. Checkpoints are written into
+    ``run_dir`` (none if it is None); ``resume_from`` is a loaded checkpoint to continue;
+    ``stop`` is set to stop after the current step. ``shard`` is this process's part of
+    a data-parallel job (:mod:`rhn_cli.engine.distributed`); only its rank 0 should get
+    a ``run_dir``."""
+
+    echo: Callable[[str], None] = print
+    progress: TextIO | None = None
+    run_dir: Path | None = None
+    resume_from: Mapping[str, Any] | None = None
+    stop: StopRequest | None = None
+    shard: Shard = field(default_factory=lambda: SINGLE)
+
+
+@dataclass
+class StepResult:
+    """What one training step (:meth:`Trainer.train_step`) hands the epoch loop."""
+
+    cost: float  # loss (scaled as config['loss'] says) + norm stabiliser + L2 penalty
+    rows: int  # minibatch rows: streams, chunks or sentences
+    tokens: int  # targets that count (padding does not)
+    grad_norm: float  # the global gradient norm before clipping
+    state: State | None  # the hidden state it leaves, detached (None: nothing carried)
+
+
 def configure_determinism(enabled: bool) -> None:
     """Only deterministic kernels (and cuBLAS workspace settings) when ``enabled``.
 
@@ -166,18 +204,6 @@ def configure_determinism(enabled: bool) -> None:
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name!r} but no CUDA device is available here; use device=cpu")
-    return torch.device(name)
-
-
-def build_model(config: Mapping[str, Any], vocab_size: int) -> LanguageModel:
-    return _build_model(config, vocab_size)
 
 
 def sentence_end_id(corpus: Corpus) -> int:
@@ -206,53 +232,8 @@ def _bits(ppl: float) -> float:
     return math.log2(ppl)
 
 
-def _as_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)).to(device)
-
-
 def _clock(seconds: float) -> str:
     return str(timedelta(seconds=round(max(seconds, 0.0))))
-
-
-@torch.no_grad()
-def evaluate(
-    model: LanguageModel,
-    tokens: np.ndarray,
-    batch_size: int,
-    num_steps: int,
-    device: torch.device,
-    split: str,
-    shard: Shard = SINGLE,
-) -> float:
-    """Batched perplexity of ``tokens`` with no dropout, state carried from the initial one.
-
-    On several processes each rank reads its own streams of the B and the sums are
-    added up, which gives the one-process number."""
-    model.eval()
-    rows, local_batch = shard.rows(batch_size), shard.local_batch(batch_size)
-    state = model.initial_state(local_batch)
-    total_nll, count = 0.0, 0
-    for inputs, targets in minibatches(tokens, batch_size, num_steps, split):
-        inputs, targets = inputs[rows], targets[rows]
-        logits, state = model(_as_tensor(inputs, device), state)
-        total_nll += sequence_loss(logits, _as_tensor(targets, device)).item() * local_batch
-        count += targets.size
-    total_nll, count = shard.sum([total_nll, count])
-    return perplexity(total_nll / count)
-
-
-@torch.no_grad()
-def evaluate_independent(model: LanguageModel, batches, device: torch.device) -> float:
-    """Perplexity over minibatches that each start from the initial state (chunks or
-    padded sentences; padded targets do not count)."""
-    model.eval()
-    total_nll, count = 0.0, 0
-    for inputs, targets in batches:
-        state = model.initial_state(inputs.shape[0])
-        logits, _ = model(_as_tensor(inputs, device), state)
-        total_nll += sequence_loss(logits, _as_tensor(targets, device)).item() * len(inputs)
-        count += int((targets != -100).sum())
-    return perplexity(total_nll / count)
 
 
 class Trainer:
@@ -263,22 +244,18 @@ class Trainer:
         config: Mapping[str, Any],
         corpus: Corpus,
         reporter: Reporter,
-        *,
-        echo=print,
-        progress: TextIO | None = None,
-        run_dir: Path | None = None,
-        stop: StopRequest | None = None,
-        shard: Shard = SINGLE,
+        context: RunContext | None = None,
     ) -> None:
+        context = context or RunContext()
         self.config = config
         self.corpus = corpus
         self.reporter = MetricLog(reporter)
-        self.echo = echo
-        self.progress = progress
-        self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.stop = stop or StopRequest()
+        self.echo = context.echo
+        self.progress = context.progress
+        self.run_dir = Path(context.run_dir) if context.run_dir is not None else None
+        self.stop = context.stop or StopRequest()
         # This process's part of a data-parallel job (SINGLE: all of it).
-        self.shard = shard
+        self.shard = shard = context.shard
         shard.check_config(config)
         self.device = pick_device(config["device"])
         if shard.backend == "nccl":
@@ -287,6 +264,7 @@ class Trainer:
         # What the training step calls: the model, or on several processes the model in
         # DistributedDataParallel (rank 0's weights everywhere, gradients averaged).
         self.parallel_model = shard.data_parallel(self.model)
+        self.parameters = list(self.model.parameters())
         self.optimizer = make_optimizer(config, self.model.parameters())
         self.batch_size, self.num_steps = config["batch_size"], config["num_steps"]
         self.local_batch = shard.local_batch(self.batch_size)  # the streams this rank owns
@@ -317,7 +295,7 @@ class Trainer:
         self.best_epoch = 0
         self.epochs_without_improvement = 0
         self.best_weights: dict | None = None
-        self.epoch_tokens, self.tokens_per_s = 0, 0.0
+        self.epoch_tokens = 0  # input tokens (every rank's) trained on in this epoch's call
 
     def _rng(self, epoch_index: int, purpose: int = 0) -> np.random.Generator:
         """A generator fixed by the seed and the epoch, so a resumed epoch sees the same
@@ -451,7 +429,8 @@ class Trainer:
                 },
             )
 
-    def _where(self, step: int | None = None) -> str:
+    def where(self, step: int | None = None) -> str:
+        """Where training is, for messages: epoch E, step S/N."""
         step = self.step if step is None else step
         return f"epoch {self.epoch_index + 1}, step {step}/{self.steps_per_epoch}"
 
@@ -477,11 +456,11 @@ class Trainer:
         if by_int or by_term or by_other:
             number = signal.SIGINT if by_int else signal.SIGTERM if by_term else self.stop.signal
             path = self.save_checkpoint()
-            raise TrainingStopped(f"stopped at {self._where()}", path, number)
+            raise TrainingStopped(f"stopped at {self.where()}", path, number)
         if late:
             path = self.save_checkpoint()
             raise TimeLimitReached(
-                f"max_time={self.config['max_time']} reached at {self._where()}", path
+                f"max_time={self.config['max_time']} reached at {self.where()}", path
             )
         if due:
             self.save_checkpoint()
@@ -493,115 +472,122 @@ class Trainer:
 
     def train_epoch(self, lr: float) -> float:
         """Continue (or start) the current epoch; returns its training perplexity."""
-        config, model = self.config, self.model
-        parameters = list(model.parameters())
-        model.train()
-        epoch = self.epoch_index + 1
+        self.model.train()
         first_step = self.step
         self.steps_per_epoch, epoch_batches = self._epoch_batches(self.epoch_index)
-        batches = itertools.islice(epoch_batches, first_step, None)
-        independent = self.batching != "streams"  # every minibatch from the initial state
-        beta, noise = config["norm_stabilizer"], config["weight_noise"]
-        bar = tqdm(
-            total=self.steps_per_epoch,
-            initial=first_step,
-            desc=f"epoch {epoch}",
-            unit="batch",
-            leave=False,
-            disable=self.progress is None,
-            file=self.progress,
-            mininterval=1.0,
-        )
-        line_every = max(self.steps_per_epoch // PLAIN_PROGRESS_LINES_PER_EPOCH, 1)
-        started = time.monotonic()
-        self.epoch_tokens = 0  # input tokens of this call, for tokens/s
-        with bar:
-            for inputs, targets in batches:
-                rows = inputs.shape[0]
+        self.epoch_tokens = 0
+        with EpochProgress(self, lr) as progress:
+            for inputs, targets in itertools.islice(epoch_batches, first_step, None):
                 self.epoch_tokens += inputs.size * self.shard.world_size
-                start = model.initial_state(rows) if independent else self.state
-                target_tensor = _as_tensor(targets, self.device)
-                with weight_noise(model, noise):
-                    out = self.parallel_model(
-                        _as_tensor(inputs, self.device), start, return_hidden=beta > 0
-                    )
-                    logits, state = out[0], out[1]
-                    cost = sequence_loss(logits, target_tensor, config["loss"])
-                    if beta > 0:
-                        cost = cost + norm_stabilizer(out[2], beta)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    # On several processes the gradients come out averaged over the
-                    # ranks: the gradient of the global batch, so clipping and the step
-                    # below see what one process would.
-                    self.shard.backward(cost)
-                    if noise:  # the L2 term of the noisy weights, the step on the clean
-                        penalty = l2_penalty(parameters, config["weight_decay"])
-                        add_l2_gradient(parameters, config["weight_decay"])
-                clip, threshold = config["clip"], config["max_grad_norm"]
-                if noise:
-                    grad_norm = clip_and_step(self.optimizer, parameters, clip, threshold)
-                else:
-                    grad_norm, penalty = penalised_step(
-                        self.optimizer, parameters, clip, threshold, config["weight_decay"]
-                    )
-                cost_value = cost.item() + penalty
-                # Running sums of the per-token cost (regularisers included, as the
-                # reference's training perplexity), over every rank's streams, with
-                # the stop/checkpoint wishes: one small reduction per step.
-                real_tokens = int((targets != -100).sum()) if independent else targets.size
-                weight = real_tokens if config["loss"] == "mean" else rows
-                cost_sum, tokens, *flags = self.shard.sum(
-                    [cost_value * weight, real_tokens, *self._stop_flags()]
-                )
-                if self.shard.distributed:  # the global batch's cost, for the check below
-                    mean = config["loss"] == "mean"
-                    cost_value = cost_sum / (tokens if mean else self.batch_size)
-                step_nll = cost_sum / max(tokens, 1)  # the global batch's NLL per token
-                if not (math.isfinite(grad_norm.item()) and step_nll <= MAX_FINITE_NLL):
-                    # NaN compares false: a NaN loss fails the test too. A finite loss past
-                    # MAX_FINITE_NLL is a perplexity no float holds: diverged all the same.
-                    raise TrainingDiverged(
-                        f"training diverged at {self._where(self.step + 1)}: loss {cost_value}, "
-                        f"gradient norm {grad_norm.item()}; the last good checkpoint is kept. "
-                        "Try a lower learning_rate or max_grad_norm, or a smaller init_scale"
-                    )
-                if not independent:
-                    self.state = detach_state(state)
-                if self.shard.distributed:
-                    self.costs += cost_sum
-                    self.iters += int(tokens)
-                else:  # exactly as before: the local numbers are the global ones
-                    self.costs += cost_value * weight
-                    self.iters += real_tokens
+                result = self.train_step(inputs, targets)
+                wishes = self._add_to_epoch(result)
+                if result.state is not None:  # carried streams: on to the next minibatch
+                    self.state = result.state
                 self.step += 1
-                done = self.step - first_step
-                elapsed = time.monotonic() - started
-                per_step = elapsed / done
-                self.tokens_per_s = self.epoch_tokens / max(elapsed, 1e-9)
-                if self.progress is not None:
-                    bar.update()
-                    if done % 10 == 0 or self.step == self.steps_per_epoch:
-                        bar.set_postfix_str(self._status(lr, per_step), refresh=False)
-                elif self.step % line_every == 0 and self.step < self.steps_per_epoch:
-                    self.echo(
-                        f"  epoch {epoch} {100 * self.step / self.steps_per_epoch:3.0f}%  "
-                        + self._status(lr, per_step)
-                    )
-                self._act_on_flags(flags)
+                progress.after_step()
+                self._act_on_flags(wishes)
         return perplexity(self.costs / self.iters)
 
-    def _status(self, lr: float, per_step: float) -> str:
-        tokens_per_s = self.tokens_per_s
-        left_in_epoch = (self.steps_per_epoch - self.step) * per_step
-        epochs_after = self.config["max_max_epoch"] - self.epoch_index - 1
-        left_in_run = left_in_epoch + epochs_after * self.steps_per_epoch * per_step
-        ppl = perplexity(self.costs / self.iters)
-        return (
-            f"ppl {ppl:.2f}  lr {lr:.4g}  {tokens_per_s:,.0f} tok/s  "
-            f"ETA epoch {_clock(left_in_epoch)}, run {_clock(left_in_run)}"
+    def train_step(self, inputs: np.ndarray, targets: np.ndarray) -> StepResult:
+        """One minibatch: forward from the carried state (from the initial state when
+        minibatches are independent), loss, backward, clipping and the optimiser's step.
+
+        With weight noise, forward and backward see the noisy weights and the step
+        changes the clean ones. On several processes the gradients come out of backward
+        averaged over the ranks (the global batch's gradient), so clipping and the step
+        see what one process would."""
+        config, model, parameters = self.config, self.model, self.parameters
+        beta, noise = config["norm_stabilizer"], config["weight_noise"]
+        independent = self.batching != "streams"
+        start = model.initial_state(inputs.shape[0]) if independent else self.state
+        target_tensor = as_tensor(targets, self.device)
+        with weight_noise(model, noise):
+            out = self.parallel_model(as_tensor(inputs, self.device), start, return_hidden=beta > 0)
+            cost = sequence_loss(out[0], target_tensor, config["loss"])
+            if beta > 0:
+                cost = cost + norm_stabilizer(out[2], beta)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.shard.backward(cost)
+            if noise:  # the L2 term of the noisy weights, the step on the clean
+                penalty = l2_penalty(parameters, config["weight_decay"])
+                add_l2_gradient(parameters, config["weight_decay"])
+        clip, threshold = config["clip"], config["max_grad_norm"]
+        if noise:
+            grad_norm = clip_and_step(self.optimizer, parameters, clip, threshold)
+        else:
+            grad_norm, penalty = penalised_step(
+                self.optimizer, parameters, clip, threshold, config["weight_decay"]
+            )
+        return StepResult(
+            cost=cost.item() + penalty,
+            rows=inputs.shape[0],
+            tokens=int((targets != PAD_TARGET).sum()) if independent else targets.size,
+            grad_norm=grad_norm.item(),
+            state=None if independent else detach_state(out[1]),
         )
 
+    def _add_to_epoch(self, result: StepResult) -> list[float]:
+        """Add a step to the epoch's running sums of the per-token cost (regularisers
+        included, as the reference's training perplexity) over every rank's streams;
+        a diverged step fails the run. The sums travel with the stop/checkpoint wishes:
+        one small reduction per step, which returns the wishes of every rank added up."""
+        mean = self.config["loss"] == "mean"
+        weight = result.tokens if mean else result.rows
+        cost_sum, tokens, *wishes = self.shard.sum(
+            [result.cost * weight, result.tokens, *self._stop_flags()]
+        )
+        cost = result.cost
+        if self.shard.distributed:  # the global batch's cost, for the check below
+            cost = cost_sum / (tokens if mean else self.batch_size)
+        step_nll = cost_sum / max(tokens, 1)  # the global batch's NLL per token
+        if not (math.isfinite(result.grad_norm) and step_nll <= MAX_FINITE_NLL):
+            # NaN compares false: a NaN loss fails the test too. A finite loss past
+            # MAX_FINITE_NLL is a perplexity no float holds: diverged all the same.
+            raise TrainingDiverged(
+                f"training diverged at {self.where(self.step + 1)}: loss {cost}, "
+                f"gradient norm {result.grad_norm}; the last good checkpoint is kept. "
+                "Try a lower learning_rate or max_grad_norm, or a smaller init_scale"
+            )
+        if self.shard.distributed:
+            self.costs += cost_sum
+            self.iters += int(tokens)
+        else:  # exactly as before: the local numbers are the global ones
+            self.costs += result.cost * weight
+            self.iters += result.tokens
+        return wishes
+
     # -- the whole run -----------------------------------------------------------------
+
+    def announce(self) -> None:
+        """Say what is trained, where, and on which data."""
+        model, corpus, shard = self.model, self.corpus, self.shard
+        self.echo(
+            f"model: {model.describe()}, {model.num_parameters():,} parameters, on {self.device}"
+        )
+        if shard.distributed:
+            self.echo(
+                f"data-parallel: {shard.world_size} processes ({shard.backend}), "
+                f"{self.local_batch} of the {self.batch_size} streams each"
+            )
+        entropy = corpus.entropy_rate_bits
+        self.echo(
+            f"data: {corpus.name}, vocabulary {corpus.vocab_size}, "
+            f"{len(corpus.train):,}/{len(corpus.valid):,}/{len(corpus.test):,} tokens"
+            + (f", source entropy rate {entropy:.4f} bits/symbol" if entropy is not None else "")
+        )
+
+    def start(self, resume_from: Mapping[str, Any] | None = None) -> None:
+        """Continue from ``resume_from`` (a loaded checkpoint), recording its history
+        again; without one, start from config['load_model']'s weights if it names any."""
+        load_model = self.config["load_model"]
+        if load_model and resume_from is None:
+            self.model.load_state_dict(checkpoint.load(Path(load_model))["model"])
+            self.echo(f"weights loaded from {load_model}")
+        if resume_from is not None:
+            self.load_state_dict(resume_from)
+            self.echo(f"resumed at {self.where()} from the last checkpoint")
+            if self.history["valid"]:
+                self.record_info(len(self.history["valid"]))
 
     def fit(self) -> TrainingSummary:
         config, corpus, reporter = self.config, self.corpus, self.reporter
@@ -622,7 +608,7 @@ class Trainer:
                 train_ppl = self.train_epoch(lr)
             except (torch.OutOfMemoryError, MemoryError) as error:
                 raise TrainingOutOfMemory(
-                    f"out of memory on {self.device} at {self._where(self.step + 1)}; reduce "
+                    f"out of memory on {self.device} at {self.where(self.step + 1)}; reduce "
                     "batch_size, num_steps or hidden_size (the last checkpoint is kept)"
                 ) from error
             train_seconds = time.perf_counter() - started
@@ -644,7 +630,7 @@ class Trainer:
             self.history["lr"].append(lr)
             reporter.log_scalar("lr", lr, epoch)
             reporter.log_scalar("tokens_per_s", tokens_per_s, epoch)
-            self._record_info(epoch)
+            self.record_info(epoch)
 
             improved = valid_ppl < self.best_valid
             if improved:
@@ -678,9 +664,10 @@ class Trainer:
                 break
             if self.epoch_index < config["max_max_epoch"]:
                 self._stop_if_requested()
-        return self._summary()
+        return self.summarize()
 
-    def _record_info(self, epoch: int) -> None:
+    def record_info(self, epoch: int) -> None:
+        """The run info the reference keeps after ``epoch``: its number, the perplexities."""
         self.reporter.set_info("epoch_nr", epoch)
         self.reporter.set_info(
             "logs",
@@ -694,8 +681,6 @@ class Trainer:
     def final_evaluation(self) -> dict[str, float]:
         """The reference's closing numbers, from the best-valid model: non-batched
         ("full") valid and test perplexity and, with ``mc_steps``, MC-dropout test."""
-        from rhn_cli.engine.evaluation import full_perplexity, mc_dropout_perplexity
-
         if not self.shard.is_main:
             # One stream (B = 1) does not split; rank 0 evaluates while the others are
             # done (they wait on nothing, so no collective can hang or time out).
@@ -742,7 +727,8 @@ class Trainer:
         self.echo(message)
         return results
 
-    def _summary(self) -> TrainingSummary:
+    def summarize(self) -> TrainingSummary:
+        """The best epoch so far, recorded in the run info and printed."""
         history = self.history
         best_index = int(np.argmin(history["valid"]))
         summary = TrainingSummary(best_index + 1, history["valid"][best_index], history)
@@ -765,6 +751,64 @@ class Trainer:
         return summary
 
 
+class EpochProgress:
+    """The progress of one epoch's training: a tqdm bar on the trainer's ``progress``
+    stream when it has one, else a plain line through its ``echo`` every tenth of the
+    epoch; each with the running perplexity, tokens/s and the time left."""
+
+    def __init__(self, trainer: Trainer, lr: float) -> None:
+        self.trainer, self.lr = trainer, lr
+        self.first_step = trainer.step
+        epoch, steps = trainer.epoch_index + 1, trainer.steps_per_epoch
+        self.bar = tqdm(
+            total=steps,
+            initial=self.first_step,
+            desc=f"epoch {epoch}",
+            unit="batch",
+            leave=False,
+            disable=trainer.progress is None,
+            file=trainer.progress,
+            mininterval=1.0,
+        )
+        self.line_every = max(steps // PLAIN_PROGRESS_LINES_PER_EPOCH, 1)
+        self.started = time.monotonic()
+
+    def __enter__(self) -> EpochProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.bar.__exit__(*exc_info)
+
+    def after_step(self) -> None:
+        """Show the step the trainer has just taken (its ``step`` counts it)."""
+        trainer = self.trainer
+        step, steps = trainer.step, trainer.steps_per_epoch
+        elapsed = time.monotonic() - self.started
+        per_step = elapsed / (step - self.first_step)
+        tokens_per_s = trainer.epoch_tokens / max(elapsed, 1e-9)
+        if trainer.progress is not None:
+            self.bar.update()
+            if (step - self.first_step) % 10 == 0 or step == steps:
+                self.bar.set_postfix_str(self._status(per_step, tokens_per_s), refresh=False)
+        elif step % self.line_every == 0 and step < steps:
+            trainer.echo(
+                f"  epoch {trainer.epoch_index + 1} {100 * step / steps:3.0f}%  "
+                + self._status(per_step, tokens_per_s)
+            )
+
+    def _status(self, per_step: float, tokens_per_s: float) -> str:
+        trainer = self.trainer
+        left_in_epoch = (trainer.steps_per_epoch - trainer.step) * per_step
+        epochs_after = trainer.config["max_max_epoch"] - trainer.epoch_index - 1
+        left_in_run = left_in_epoch + epochs_after * trainer.steps_per_epoch * per_step
+        ppl = perplexity(trainer.costs / trainer.iters)
+        return (
+            f"ppl {ppl:.2f}  lr {self.lr:.4g}  {tokens_per_s:,.0f} tok/s  "
+            f"ETA epoch {_clock(left_in_epoch)}, run {_clock(left_in_run)}"
+        )
+
+
 def check_splits(config: Mapping[str, Any], corpus: Corpus) -> None:
     """Fail on a split too short for one minibatch now, not after the first epoch."""
     B, T = config["batch_size"], config["num_steps"]
@@ -785,22 +829,13 @@ def train(
     config: Mapping[str, Any],
     corpus: Corpus,
     reporter: Reporter,
-    *,
-    echo=print,
-    progress: TextIO | None = None,
-    run_dir: Path | None = None,
-    resume_from: Mapping[str, Any] | None = None,
-    stop: StopRequest | None = None,
-    shard: Shard = SINGLE,
+    context: RunContext | None = None,
 ) -> TrainingSummary:
     """Train and evaluate a model on ``corpus`` as ``config`` says; returns the best epoch.
 
-    Epoch summaries go to ``echo``; a per-epoch progress bar goes to ``progress`` if
-    given, else a plain line every tenth of an epoch. Checkpoints are written into
-    ``run_dir`` (none if it is None); ``resume_from`` is a loaded checkpoint to continue.
-    ``shard`` is this process's part of a data-parallel job
-    (:mod:`rhn_cli.engine.distributed`); only its rank 0 should get a ``run_dir``.
-    """
+    ``context`` says where the run speaks and writes, and what it continues from
+    (:class:`RunContext`; by default: print, no progress bar, no checkpoints)."""
+    context = context or RunContext()
     if config["vocab_size"] is not None and config["vocab_size"] != corpus.vocab_size:
         raise ValueError(
             f"vocab_size={config['vocab_size']} but dataset {corpus.name!r} has "
@@ -808,42 +843,12 @@ def train(
         )
     corpus = apply_split(config, corpus)
     check_splits(config, corpus)
-    trainer = Trainer(
-        config,
-        corpus,
-        reporter,
-        echo=echo,
-        progress=progress,
-        run_dir=run_dir,
-        stop=stop,
-        shard=shard,
-    )
-    echo(
-        f"model: {trainer.model.describe()}, {trainer.model.num_parameters():,} parameters, "
-        f"on {trainer.device}"
-    )
-    if shard.distributed:
-        echo(
-            f"data-parallel: {shard.world_size} processes ({shard.backend}), "
-            f"{trainer.local_batch} of the {trainer.batch_size} streams each"
-        )
-    entropy = corpus.entropy_rate_bits
-    echo(
-        f"data: {corpus.name}, vocabulary {corpus.vocab_size}, "
-        f"{len(corpus.train):,}/{len(corpus.valid):,}/{len(corpus.test):,} tokens"
-        + (f", source entropy rate {entropy:.4f} bits/symbol" if entropy is not None else "")
-    )
-    if config["load_model"] and resume_from is None:
-        trainer.model.load_state_dict(checkpoint.load(Path(config["load_model"]))["model"])
-        echo(f"weights loaded from {config['load_model']}")
-    if resume_from is not None:
-        trainer.load_state_dict(resume_from)
-        echo(f"resumed at {trainer._where()} from the last checkpoint")
-        if trainer.history["valid"]:
-            trainer._record_info(len(trainer.history["valid"]))
+    trainer = Trainer(config, corpus, reporter, context)
+    trainer.announce()
+    trainer.start(context.resume_from)
     if trainer.epoch_index >= config["max_max_epoch"]:
-        echo("nothing left to train: the checkpoint is past max_max_epoch")
-        summary = trainer._summary()
+        context.echo("nothing left to train: the checkpoint is past max_max_epoch")
+        summary = trainer.summarize()
     else:
         summary = trainer.fit()
     summary.final = trainer.final_evaluation()

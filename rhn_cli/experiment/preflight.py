@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from rhn_cli.data.errors import DataInputError
-from rhn_cli.data.registry import SPLITS
+from rhn_cli.data.spec import SPLITS
 from rhn_cli.experiment.schema import ConfigError
 
 if TYPE_CHECKING:

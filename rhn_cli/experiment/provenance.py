@@ -24,7 +24,7 @@ from typing import Any
 import rhn_cli
 
 PACKAGE_DIR = Path(rhn_cli.__file__).resolve().parent
-SOURCE_SUFFIXES = (".py", ".cpp")
+SOURCE_SUFFIXES = (".py", ".cpp", ".h")
 # Packages rhn records besides its install requirements: what computes a run's numbers.
 ALWAYS_RECORDED = ("rhn", "torch", "numpy", "sacred")
 
@@ -133,12 +133,12 @@ def host_facts() -> dict[str, Any]:
     """Machine facts that change a run's numbers, and the process that records it."""
     import torch
 
-    from rhn_cli.models import rhn_native
+    from rhn_cli.kernels import native
 
     facts: dict[str, Any] = {
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
-        "native_loop": "enabled" if rhn_native.enabled() else "off (RHN_NATIVE=0)",
+        "native_loop": "enabled" if native.enabled() else "off (RHN_NATIVE=0)",
         "onednn": bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled),
         "pid": os.getpid(),
         "process_start": process_start_ticks(os.getpid()),

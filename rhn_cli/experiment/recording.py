@@ -56,19 +56,19 @@ class SacredReporter:
 def kernel_facts() -> dict[str, Any]:
     """What computed the run so far: the native RHN loop or the Python one, and MKL or
     oneDNN for each weight-gradient product (they round differently)."""
-    from rhn_cli.models import rhn_native
-    from rhn_cli.models.library_choice import library_decisions
+    from rhn_cli.kernels import native
+    from rhn_cli.kernels.library_choice import library_decisions
 
-    built = rhn_native.load.cache_info().currsize > 0  # asked for (and so used) by now
+    built = native.load.cache_info().currsize > 0  # asked for (and so used) by now
     return {
-        "native_loop": (rhn_native.load() is not None) if built else None,
+        "native_loop": (native.load() is not None) if built else None,
         "library_decisions": library_decisions(),
     }
 
 
 def pin_recorded_decisions(run_dir: Path) -> None:
     """Compute with the libraries the run in ``run_dir`` recorded, where it did."""
-    from rhn_cli.models.library_choice import pin_library_decisions
+    from rhn_cli.kernels.library_choice import pin_library_decisions
 
     try:
         info = json.loads((run_dir / "info.json").read_text())

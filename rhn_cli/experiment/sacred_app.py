@@ -32,7 +32,7 @@ from rhn_cli.experiment.recording import (
 )
 from rhn_cli.experiment.resolve import ResolvedConfig
 from rhn_cli.experiment.resume import ResumePlan
-from rhn_cli.experiment.schema import defaults, validate
+from rhn_cli.experiment.schema import defaults, plain
 from rhn_cli.tracking import quiet_sacred_import
 from rhn_cli.tracking.observers import (
     MONGO_TIMEOUT_S,
@@ -54,6 +54,17 @@ class RunOutcome:
     result: Any
     run_dir: Path | None
     mongo_url: str | None  # redacted; None unless MongoDB recorded the whole run
+
+
+@dataclass
+class RunLabels:
+    """What a user attaches to a run: ``name`` (recorded as the experiment name), a
+    ``comment``, and ``tags`` (recorded in the run's ``meta.tags`` and, in MongoDB, in
+    ``omniboard.tags``, where Omniboard shows them)."""
+
+    name: str | None = None
+    comment: str | None = None
+    tags: Sequence[str] = ()
 
 
 class RunFailed(Exception):
@@ -97,9 +108,11 @@ def _main_function(
 
         from rhn_cli.data.registry import load_corpus
         from rhn_cli.engine.distributed import SINGLE
-        from rhn_cli.engine.train import configure_determinism, train
+        from rhn_cli.engine.train import RunContext, configure_determinism, train
 
-        config = validate(_config)  # plain, type-widened copy of Sacred's read-only config
+        # rhn validated the config before Sacred saw it (Sacred resolves the same one):
+        # a plain, type-widened copy of Sacred's read-only config, not a second check.
+        config = plain(_config)
         configure_determinism(config["deterministic"])
         torch.manual_seed(_seed)
         run_dir = next((Path(o.dir) for o in _run.observers if getattr(o, "dir", None)), None)
@@ -113,16 +126,14 @@ def _main_function(
             _run.info["dataset"] = clean(data.description)
         if shard is not None:
             _run.info["world_size"] = shard.world_size
-        summary = train(
-            config,
-            data,
-            SacredReporter(_run),
+        context = RunContext(
             progress=progress,
             run_dir=run_dir,
             resume_from=resume.state if resume is not None else None,
             stop=stop,
             shard=shard or SINGLE,
         )
+        summary = train(config, data, SacredReporter(_run), context)
         return summary.best_valid_ppl
 
     return main
@@ -138,7 +149,7 @@ def _evaluate_function(splits: tuple[str, ...], evaluated_run: str | None, corpu
         from rhn_cli.data.registry import load_corpus
         from rhn_cli.engine.evaluation import evaluate_saved_model
 
-        config = validate(_config)
+        config = plain(_config)  # validated before Sacred saw it, as in main
         torch.manual_seed(_seed)
         if evaluated_run is not None:
             _run.info["evaluated_run"] = evaluated_run
@@ -347,67 +358,121 @@ def _silenced(quiet: bool) -> Iterator[None]:
         yield
 
 
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _observed_dir(observers: list) -> Path | None:
+    """The run directory of the file store among ``observers`` (None: none, or not yet)."""
+    return next((Path(o.dir) for o in observers if getattr(o, "dir", None)), None)
+
+
+@contextlib.contextmanager
+def _recorded_ends(observers: list) -> Iterator[None]:
+    """A run that did not complete, as :class:`RunInterrupted` (stopped early: a signal,
+    Ctrl-C, max_time) or :class:`RunFailed`, once Sacred has recorded how it ended."""
+    from rhn_cli.engine.train import TrainingStopped
+
+    try:
+        yield
+    except TrainingStopped as stopped:
+        raise RunInterrupted(
+            _observed_dir(observers),
+            stopped.STATUS,
+            stopped.signal,
+            stopped.checkpoint_path,
+            str(stopped),
+        ) from None
+    except KeyboardInterrupt:
+        raise RunInterrupted(_observed_dir(observers), signal_number=signal.SIGINT) from None
+    except Exception as error:
+        raise RunFailed(error, _observed_dir(observers)) from error
+
+
+def _training_observers(
+    runs_dir: Path,
+    mongo_url: str | None,
+    *,
+    quiet: bool,
+    unobserved: bool,
+    resume: ResumePlan | None,
+    warn: Callable[[str], None],
+) -> tuple[list, str | None, str | None]:
+    """(observers, the redacted MongoDB URL when MongoDB records the run, the MongoDB URL
+    to note the run's sync state against) of a training run; ``quiet``: a rank other
+    than 0, which records nothing."""
+    if quiet:
+        return [], None, None
+    if resume is not None:
+        if mongo_url:
+            warn(
+                "a resumed run is recorded in the file store only; MongoDB keeps its earlier "
+                "record until 'rhn runs sync' updates it"
+            )
+        # Nothing to note for MongoDB: the sync state shows the run changed.
+        return [file_store_observer(resume.runs_dir, resume.continuation())], None, None
+    if unobserved:
+        return [], None, mongo_url
+    observers, mongo = make_observers(runs_dir, mongo_url, warn)
+    return observers, mongo, mongo_url
+
+
+def _training_options(labels: RunLabels, resume: ResumePlan | None) -> dict[str, Any]:
+    """Sacred's command-line options for the run."""
+    options: dict[str, Any] = {"--capture": "sys"}
+    if resume is not None:
+        options["--id"] = resume.run_id
+    if labels.name:
+        options["--name"] = labels.name
+    if labels.comment:
+        options["--comment"] = labels.comment
+    return options
+
+
+def _training_tags(labels: RunLabels, resume: ResumePlan | None) -> list[str]:
+    """The run's tags, each once: a resumed run keeps its own, and adds the new ones."""
+    tags = list(labels.tags)
+    if resume is not None:
+        from rhn_cli.tracking.records import load_run_dir
+
+        tags = [*load_run_dir(resume.run_dir).tags, *tags]
+    return list(dict.fromkeys(tags))
+
+
 def run_training(
     resolved: ResolvedConfig,
     *,
     runs_dir: str | Path,
     mongo_url: str | None = None,
     unobserved: bool = False,
-    name: str | None = None,
-    comment: str | None = None,
-    tags: Sequence[str] = (),
+    labels: RunLabels | None = None,
     resume: ResumePlan | None = None,
-    warn: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
+    warn: Callable[[str], None] = _warn,
     corpus=None,
 ) -> RunOutcome:
     """Run ``main`` as a Sacred run. Exceptions from training propagate after Sacred
     has recorded the run as FAILED or INTERRUPTED.
 
-    ``tags`` are recorded in the run's ``meta.tags`` (and, in MongoDB, in
-    ``omniboard.tags``, where Omniboard shows them); a resumed run keeps its own.
-    ``corpus``: the one :mod:`rhn_cli.experiment.preflight` loaded (None: load it)."""
-    from rhn_cli.engine.train import StopRequest, TrainingStopped
+    ``labels``: the run's name, comment and tags (:class:`RunLabels`); a resumed run
+    keeps its own tags. ``corpus``: the one :mod:`rhn_cli.experiment.preflight` loaded
+    (None: load it)."""
+    from rhn_cli.engine.train import StopRequest
 
-    runs_dir = Path(runs_dir)
+    labels = labels or RunLabels()
     shard, resolved = _join_job(resolved)
     quiet = shard is not None and not shard.is_main  # rank 0 alone records and speaks
-    options: dict[str, Any] = {"--capture": "sys"}
-    if quiet:
-        observers, mongo, mongo_url = [], None, None
-    elif resume is not None:
-        observers = [file_store_observer(resume.runs_dir, resume.continuation())]
-        options["--id"] = resume.run_id
-        mongo = None
-        if mongo_url:
-            warn(
-                "a resumed run is recorded in the file store only; MongoDB keeps its earlier "
-                "record until 'rhn runs sync' updates it"
-            )
-        mongo_url = None  # nothing to note: the sync state shows the run changed
-    elif unobserved:
-        observers, mongo = [], None
-    else:
-        observers, mongo = make_observers(runs_dir, mongo_url, warn)
+    observers, mongo, mongo_url = _training_observers(
+        Path(runs_dir), mongo_url, quiet=quiet, unobserved=unobserved, resume=resume, warn=warn
+    )
     stop = StopRequest()
     experiment = build_experiment(
         resolved, observers, stop=stop, resume=resume, shard=shard, corpus=corpus
     )
     if unobserved or quiet:  # Sacred would warn that no observers were added; that is the point
         experiment.logger.setLevel(logging.ERROR)
-    if name:
-        options["--name"] = name
-    if comment:
-        options["--comment"] = comment
-    if resume is not None:
-        from rhn_cli.tracking.records import load_run_dir
-
-        tags = [*load_run_dir(resume.run_dir).tags, *tags]
-    tags = list(dict.fromkeys(tags))
-
-    def run_dir() -> Path | None:
-        return next((Path(o.dir) for o in observers if getattr(o, "dir", None)), None)
-
-    try:
+    options = _training_options(labels, resume)
+    tags = _training_tags(labels, resume)
+    with _recorded_ends(observers):
         with graceful_stop(stop, warn, hard_second=shard is None), _silenced(quiet):
             try:
                 run = start_run(
@@ -419,16 +484,10 @@ def run_training(
                     options=options,
                 )
             finally:
-                in_mongo = finish_mongo_recording(experiment, observers, run_dir(), mongo_url)
-    except TrainingStopped as stopped:
-        raise RunInterrupted(
-            run_dir(), stopped.STATUS, stopped.signal, stopped.checkpoint_path, str(stopped)
-        ) from None
-    except KeyboardInterrupt:
-        raise RunInterrupted(run_dir(), signal_number=signal.SIGINT) from None
-    except Exception as error:
-        raise RunFailed(error, run_dir()) from error
-    return RunOutcome(run._id, run.status, run.result, run_dir(), mongo if in_mongo else None)
+                run_dir = _observed_dir(observers)
+                in_mongo = finish_mongo_recording(experiment, observers, run_dir, mongo_url)
+    outcome_mongo = mongo if in_mongo else None
+    return RunOutcome(run._id, run.status, run.result, _observed_dir(observers), outcome_mongo)
 
 
 def run_evaluation(
@@ -438,7 +497,7 @@ def run_evaluation(
     *,
     runs_dir: str | Path,
     mongo_url: str | None = None,
-    warn: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
+    warn: Callable[[str], None] = _warn,
     corpus=None,
 ) -> RunOutcome:
     """Evaluate ``resolved.config['load_model']`` as a run of its own (command 'evaluate');
@@ -449,11 +508,7 @@ def run_evaluation(
     experiment = build_experiment(resolved, observers, evaluation=(splits, evaluated_run, corpus))
     comment = f"evaluation of run {evaluated_run}" if evaluated_run else None
     options: dict[str, Any] = {"--capture": "sys", "--comment": comment}
-
-    def run_dir() -> Path | None:
-        return next((Path(o.dir) for o in observers if getattr(o, "dir", None)), None)
-
-    try:
+    with _recorded_ends(observers):
         try:
             run = start_run(
                 experiment,
@@ -463,9 +518,7 @@ def run_evaluation(
                 options=options,
             )
         finally:
-            in_mongo = finish_mongo_recording(experiment, observers, run_dir(), mongo_url)
-    except KeyboardInterrupt:
-        raise RunInterrupted(run_dir(), signal_number=signal.SIGINT) from None
-    except Exception as error:
-        raise RunFailed(error, run_dir()) from error
-    return RunOutcome(run._id, run.status, run.result, run_dir(), mongo if in_mongo else None)
+            run_dir = _observed_dir(observers)
+            in_mongo = finish_mongo_recording(experiment, observers, run_dir, mongo_url)
+    outcome_mongo = mongo if in_mongo else None
+    return RunOutcome(run._id, run.status, run.result, _observed_dir(observers), outcome_mongo)

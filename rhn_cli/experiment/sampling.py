@@ -62,7 +62,7 @@ def sample_text(
 
     from rhn_cli.data.registry import get_spec, load_corpus
     from rhn_cli.engine.sampling import generate
-    from rhn_cli.engine.train import build_model
+    from rhn_cli.models import build_model
 
     path, saved = resolve_checkpoint(target, runs_dir, "sample")
     config = recorded_config(saved["config"])

@@ -2,7 +2,10 @@
 
 This table is the single source of truth for the default config (what ``rhn
 print-config`` shows with no arguments), for validation (run before anything is
-trained or recorded) and for the docs printed beside each value. Key names follow the
+trained or recorded) and for the docs printed beside each value. The general keys are
+declared here; the keys only some model families read are declared by each family
+beside its ``build()`` (:mod:`rhn_cli.models`) and merged in, and which family reads
+which key (:data:`USED_BY`) follows from those declarations. Key names follow the
 reference RHN code (``depth``, ``lr_decay`` as a divisor, ``drop_*`` as drop rates...).
 The defaults are a small RHN on the built-in synthetic corpus that trains in well
 under a minute on two CPU cores.
@@ -13,46 +16,23 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 from rhn_cli.data.errors import DatasetError
 from rhn_cli.data.registry import DATASETS as DATASET_REGISTRY
 from rhn_cli.data.textfile import DATA_PATH_FORMS, TEXT_LEVELS, textfile_paths
+from rhn_cli.models import FAMILIES, family_keys
+from rhn_cli.models.option import Option, at_least, drop_rate, one_of, positive
 
 
 class ConfigError(ValueError):
     """A config value or key is not acceptable; the message is one line for the user."""
 
 
-@dataclass(frozen=True)
-class Option:
-    default: Any
-    kind: type | tuple[type, ...]
-    doc: str
-    check: Callable[[Any], str | None] | None = None  # returns what is allowed, or None if ok
-
-
-def _at_least(low: float) -> Callable[[Any], str | None]:
-    return lambda v: None if v >= low else f"at least {low:g}"
-
-
-def _positive(v: Any) -> str | None:
-    return None if v > 0 else "more than 0"
-
-
 def _seed(v: Any) -> str | None:
     # numpy's global seed, which Sacred sets from it, takes 0 to 2**32 - 1.
     return None if v is None or 0 <= v < 2**32 else f"an integer from 0 to {2**32 - 1}"
-
-
-def _drop_rate(v: Any) -> str | None:
-    return None if 0.0 <= v < 1.0 else "a drop rate in [0, 1)"
-
-
-def _one_of(*choices: str) -> Callable[[Any], str | None]:
-    return lambda v: None if v in choices else "one of " + ", ".join(map(repr, choices))
 
 
 def _duration(v: Any) -> str | None:
@@ -72,30 +52,29 @@ def _device(v: Any) -> str | None:
     return None if ok else "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
 
 
-# Model names are a literal so that validation needs no torch. Dataset names come from
-# the data registry, which imports nothing heavy, at check time (so datasets registered
-# later are known too).
-MODELS = ("rhn", "lstm", "zoneout_lstm", "grid_lstm", "charrnn_lstm", "gru")
+# Model names and their keys come from the model registry, whose declarations import no
+# torch. Dataset names come from the data registry, which imports nothing heavy, at check
+# time (so datasets registered later are known too).
+MODELS = tuple(FAMILIES)
 OPTIMIZERS = ("sgd", "adam", "rmsprop", "rmsprop_eps_inside")
 CLIP_MODES = ("grad_norm", "grad_value", "update_norm", "none")
 LOSSES = ("sum_over_steps", "mean")
 BATCHINGS = ("streams", "chunks", "sentences")
 SPLITS = ("dataset", "streams_95_5")
-GRU_VARIANTS = ("tutorial", "standard")
 # Models whose dropout masks are drawn once per minibatch (MC dropout re-draws them).
-MC_DROPOUT_MODELS = ("rhn", "lstm")
+MC_DROPOUT_MODELS = tuple(name for name in MODELS if family_keys(name).mc_dropout)
 
 
 def _known_dataset(v: Any) -> str | None:
     return None if v in DATASET_REGISTRY else "one of " + ", ".join(map(repr, DATASET_REGISTRY))
 
 
-SCHEMA: dict[str, Option] = {
+_GENERAL: dict[str, Any] = {
     "model": Option(
         "rhn",
         str,
         "model family: " + ", ".join(MODELS) + " ('rhn configs' shows examples)",
-        _one_of(*MODELS),
+        one_of(*MODELS),
     ),
     "dataset": Option(
         "synthetic", str, "corpus to train on ('rhn data ls' lists them)", _known_dataset
@@ -110,47 +89,43 @@ SCHEMA: dict[str, Option] = {
         "char",
         str,
         "dataset='textfile': 'char' or 'word' (split on whitespace, <eos> per line)",
-        _one_of(*TEXT_LEVELS),
+        one_of(*TEXT_LEVELS),
     ),
-    "depth": Option(3, int, "recurrence depth D: highway micro-layers per time step", _at_least(1)),
-    "hidden_size": Option(128, int, "units H of each recurrent layer", _at_least(1)),
-    "num_layers": Option(1, int, "stacked recurrent layers", _at_least(1)),
-    "tied": Option(False, bool, "tie the output weights to the embedding"),
-    "init_scale": Option(0.1, float, "weights start uniform in +-init_scale", _at_least(0)),
-    "init_bias": Option(-1.0, float, "initial bias of every transform (T) gate"),
-    "learning_rate": Option(0.5, float, "learning rate of the optimizer", _positive),
+    "hidden_size": Option(128, int, "units H of each recurrent layer", at_least(1)),
+    "num_layers": Option(1, int, "stacked recurrent layers", at_least(1)),
+    "learning_rate": Option(0.5, float, "learning rate of the optimizer", positive),
     "optimizer": Option(
         "sgd",
         str,
         "sgd; adam (Blocks' Adam, eps 1e-8); rmsprop (char-rnn/torch: eps 1e-8 outside the "
         "sqrt); rmsprop_eps_inside (WildML tutorial: lr g / sqrt(m + 1e-6))",
-        _one_of(*OPTIMIZERS),
+        one_of(*OPTIMIZERS),
     ),
     "rmsprop_decay": Option(
-        0.95, float, "RMSprop moving-average decay (char-rnn 0.95, WildML 0.9)", _drop_rate
+        0.95, float, "RMSprop moving-average decay (char-rnn 0.95, WildML 0.9)", drop_rate
     ),
     "lr_decay": Option(
-        1.5, float, "lr is divided by this after every epoch past max_epoch", _positive
+        1.5, float, "lr is divided by this after every epoch past max_epoch", positive
     ),
-    "max_epoch": Option(2, int, "last epoch at the full learning rate", _at_least(0)),
-    "max_max_epoch": Option(4, int, "number of training epochs", _at_least(1)),
+    "max_epoch": Option(2, int, "last epoch at the full learning rate", at_least(0)),
+    "max_max_epoch": Option(4, int, "number of training epochs", at_least(1)),
     "weight_decay": Option(
-        1e-7, float, "L2 penalty weight_decay * sum(p^2)/2 added to the loss", _at_least(0)
+        1e-7, float, "L2 penalty weight_decay * sum(p^2)/2 added to the loss", at_least(0)
     ),
-    "max_grad_norm": Option(10.0, float, "clipping threshold (see clip)", _positive),
+    "max_grad_norm": Option(10.0, float, "clipping threshold (see clip)", positive),
     "clip": Option(
         "grad_norm",
         str,
         "grad_norm: global gradient norm; grad_value: clamp each gradient entry (char-rnn); "
         "update_norm: the optimizer's step (Blocks StepClipping after Adam); none",
-        _one_of(*CLIP_MODES),
+        one_of(*CLIP_MODES),
     ),
     "loss": Option(
         "sum_over_steps",
         str,
         "sum_over_steps: NLL summed over the T steps, mean over the batch (RHN, Zaremba, "
         "WildML); mean: per-token mean (Zoneout, char-rnn)",
-        _one_of(*LOSSES),
+        one_of(*LOSSES),
     ),
     "batching": Option(
         "streams",
@@ -158,7 +133,7 @@ SCHEMA: dict[str, Option] = {
         "streams: B contiguous streams, state carried (TBPTT); chunks: shuffled independent "
         "chunks of num_steps+1 from a random offset, each from the initial state (Zoneout); "
         "sentences: one sentence per row, from a zero state (WildML)",
-        _one_of(*BATCHINGS),
+        one_of(*BATCHINGS),
     ),
     "reset_state_each_epoch": Option(
         True,
@@ -171,93 +146,38 @@ SCHEMA: dict[str, Option] = {
         str,
         "dataset: the dataset's own splits; streams_95_5: char-rnn's split of the whole text "
         "into B streams, the last 5% of each stream for validation (no test split)",
-        _one_of(*SPLITS),
+        one_of(*SPLITS),
     ),
-    "num_steps": Option(35, int, "truncated-BPTT window T", _at_least(1)),
-    "batch_size": Option(50, int, "parallel token streams B per minibatch", _at_least(1)),
-    "drop_x": Option(
-        0.0, float, "embedding dropout (whole word vectors, per word type)", _drop_rate
-    ),
-    "drop_i": Option(0.0, float, "dropout on each RHN layer's input", _drop_rate),
-    "drop_h": Option(0.0, float, "dropout on the recurrent state (not the carry path)", _drop_rate),
-    "drop_o": Option(0.0, float, "dropout on the last layer's output", _drop_rate),
-    "dropout": Option(
-        0.0,
-        float,
-        "standard dropout on non-recurrent connections, a fresh mask per step (lstm, "
-        "grid_lstm, charrnn_lstm)",
-        _drop_rate,
-    ),
-    "z_cells": Option(
-        0.0,
-        float,
-        "zoneout probability of LSTM cells (keep the old value; zoneout_lstm)",
-        _drop_rate,
-    ),
-    "z_states": Option(
-        0.0,
-        float,
-        "zoneout probability of hidden states (zoneout_lstm, gru, rhn). The Zoneout scripts' "
-        "drop_prob_* are update probabilities 1 - z",
-        _drop_rate,
-    ),
-    "drop_igates": Option(
-        0.0,
-        float,
-        "zoneout_lstm input-gate dropout rate, not rescaled (the reference's "
-        "drop_prob_igates is the keep rate 1 - drop_igates)",
-        _drop_rate,
-    ),
-    "forget_bias": Option(
-        None,
-        (int, float),
-        "added to the forget gate pre-activation (lstm, zoneout_lstm); None: the "
-        "reference's (lstm 0, zoneout_lstm 1)",
-    ),
-    "tie_weights": Option(
-        True, bool, "grid_lstm: one depth LSTM shared by every layer (Grid LSTM -tie_weights)"
-    ),
-    "gru_variant": Option(
-        "tutorial",
-        str,
-        "gru: tutorial (hard-sigmoid gates, reset before the matmul, WildML) or standard "
-        "(torch.nn.GRU)",
-        _one_of(*GRU_VARIANTS),
-    ),
+    "num_steps": Option(35, int, "truncated-BPTT window T", at_least(1)),
+    "batch_size": Option(50, int, "parallel token streams B per minibatch", at_least(1)),
     "norm_stabilizer": Option(
         0.0,
         float,
         "beta of the norm stabiliser: beta * mean over batch of sum_t (|h_t+1| - |h_t|)^2 "
         "/ num_steps",
-        _at_least(0),
+        at_least(0),
     ),
     "weight_noise": Option(
         0.0,
         float,
         "std of Gaussian noise added to every weight matrix (not biases) for each update",
-        _at_least(0),
-    ),
-    "tied_noise": Option(
-        True, bool, "one dropout mask for both H and T transforms (TF); False: one each"
-    ),
-    "init_other_bias": Option(
-        None, (int, float), "constant init of the H and output biases (Theano); None: uniform"
+        at_least(0),
     ),
     "device": Option("auto", str, "'auto' picks cuda when available, else cpu", _device),
     "vocab_size": Option(
-        None, int, "expected vocabulary size; None: whatever the dataset has", _at_least(1)
+        None, int, "expected vocabulary size; None: whatever the dataset has", at_least(1)
     ),
     "load_model": Option(
         "", str, "start from the weights of this checkpoint (best_model.pt or checkpoint.pt)"
     ),
     "mc_steps": Option(
-        0, int, "MC-dropout samples for a final test evaluation (0: none)", _at_least(0)
+        0, int, "MC-dropout samples for a final test evaluation (0: none)", at_least(0)
     ),
     "checkpoint_every": Option(
         30.0,
         float,
         "minutes between checkpoints inside an epoch (0: only at epoch ends)",
-        _at_least(0),
+        at_least(0),
     ),
     "max_time": Option(
         None,
@@ -269,22 +189,47 @@ SCHEMA: dict[str, Option] = {
         0,
         int,
         "stop after this many epochs without a better valid perplexity (0: off)",
-        _at_least(0),
+        at_least(0),
     ),
     "deterministic": Option(
         False, bool, "use only deterministic torch kernels (GPU reproducibility)"
     ),
     "synthetic": {
-        "alphabet_size": Option(12, int, "symbols of the synthetic source", _at_least(2)),
-        "order": Option(2, int, "Markov order: symbols of context", _at_least(1)),
-        "branching": Option(3, int, "possible next symbols in each context", _at_least(1)),
-        "train_tokens": Option(200_000, int, "length of the training split", _at_least(1)),
-        "valid_tokens": Option(20_000, int, "length of the validation split", _at_least(1)),
-        "test_tokens": Option(20_000, int, "length of the test split", _at_least(1)),
+        "alphabet_size": Option(12, int, "symbols of the synthetic source", at_least(2)),
+        "order": Option(2, int, "Markov order: symbols of context", at_least(1)),
+        "branching": Option(3, int, "possible next symbols in each context", at_least(1)),
+        "train_tokens": Option(200_000, int, "length of the training split", at_least(1)),
+        "valid_tokens": Option(20_000, int, "length of the validation split", at_least(1)),
+        "test_tokens": Option(20_000, int, "length of the test split", at_least(1)),
         "source_seed": Option(1234, int, "seed of the source (fixed: runs share one corpus)"),
     },
     "seed": Option(None, int, "random seed of the run (chosen by Sacred when not given)", _seed),
 }
+
+
+def _model_keys() -> tuple[dict[str, Option], dict[str, tuple[str, ...]]]:
+    """Every family's declared keys, merged, and which families read each (in the order
+    of :data:`MODELS`). A key two families declare must be the same declaration
+    (:mod:`rhn_cli.models.shared_keys`), and no family may redeclare a general key."""
+    options: dict[str, Option] = {}
+    used_by: dict[str, tuple[str, ...]] = {}
+    for model in MODELS:
+        for key, option in family_keys(model).options.items():
+            if key in _GENERAL:
+                raise TypeError(f"model {model!r} redeclares the general config key {key!r}")
+            if options.setdefault(key, option) is not option:
+                raise TypeError(
+                    f"models {', '.join(used_by[key])} and {model!r} declare config key "
+                    f"{key!r} differently: declare it once, in rhn_cli/models/shared_keys.py"
+                )
+            used_by[key] = (*used_by.get(key, ()), model)
+    return options, used_by
+
+
+# Which models read each model-specific key. Setting one the chosen model ignores is an
+# error: a silently ignored hyperparameter is a wrong experiment.
+_MODEL_OPTIONS, USED_BY = _model_keys()
+SCHEMA: dict[str, Any] = {**_GENERAL, **_MODEL_OPTIONS}
 
 
 def defaults(schema: Mapping[str, Any] = SCHEMA) -> dict[str, Any]:
@@ -329,7 +274,6 @@ ALIASES = {
     "nlayers": "num_layers",
     "layers": "num_layers",
     "recurrence_depth": "depth",
-    "clip": "max_grad_norm",
     "epochs": "max_max_epoch",
     "wdecay": "weight_decay",
     "tied_embeddings": "tied",
@@ -400,27 +344,25 @@ def validate(
     return out
 
 
-# Which models read each model-specific key. Setting one the chosen model ignores is an
-# error: a silently ignored hyperparameter is a wrong experiment.
-USED_BY = {
-    "depth": ("rhn",),
-    "init_bias": ("rhn",),
-    "tied_noise": ("rhn",),
-    "init_other_bias": ("rhn",),
-    "tied": ("rhn", "lstm"),
-    "drop_x": ("rhn", "lstm"),
-    "drop_i": ("rhn", "lstm"),
-    "drop_h": ("rhn", "lstm"),
-    "drop_o": ("rhn", "lstm"),
-    "init_scale": ("rhn", "lstm", "grid_lstm", "charrnn_lstm"),
-    "dropout": ("lstm", "grid_lstm", "charrnn_lstm"),
-    "z_cells": ("zoneout_lstm",),
-    "z_states": ("zoneout_lstm", "gru", "rhn"),
-    "drop_igates": ("zoneout_lstm",),
-    "forget_bias": ("lstm", "zoneout_lstm"),
-    "tie_weights": ("grid_lstm",),
-    "gru_variant": ("gru",),
-}
+def plain(config: Mapping[str, Any], schema: Mapping[str, Any] = SCHEMA) -> dict[str, Any]:
+    """A plain copy of a config :func:`validate` has accepted (Sacred's read-only copy of
+    it), as :func:`validate` returns it: ints widened to floats where the schema wants a
+    float. Checks nothing: a config is validated once, before Sacred ever sees it."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        option = schema.get(key)
+        if isinstance(option, Mapping) and isinstance(value, Mapping):
+            out[key] = plain(value, option)
+        elif (
+            isinstance(option, Option)
+            and option.kind is float
+            and isinstance(value, int)
+            and not isinstance(value, bool)
+        ):
+            out[key] = float(value)
+        else:
+            out[key] = value
+    return out
 
 
 def _check_model_keys(config: Mapping[str, Any], origins: Mapping[str, str]) -> None:

@@ -396,6 +396,18 @@ def end_with_this_process() -> Callable[[], None] | None:
     return set_parent_death_signal
 
 
+@dataclass(frozen=True)
+class PointHooks:
+    """How a :class:`Runner` starts a point and finds the run it recorded: ``command``
+    (the point's ``rhn train`` command line), ``find_run`` (its run record, given the
+    run ids there were before it started; None if none) and ``known_ids`` (the run ids
+    there are now)."""
+
+    command: Callable[[Plan], list[str]]
+    find_run: Callable[[Plan, set], Any]
+    known_ids: Callable[[], set]
+
+
 class Runner:
     """Runs the planned points as ``rhn train`` processes, ``jobs`` at a time.
 
@@ -410,9 +422,7 @@ class Runner:
 
     def __init__(
         self,
-        command: Callable[[Plan], list[str]],
-        find_run: Callable[[Plan, set], Any],
-        known_ids: Callable[[], set],
+        hooks: PointHooks,
         log_dir: Path,
         jobs: int = 1,
         echo: Callable[[str], None] = print,
@@ -420,9 +430,9 @@ class Runner:
         stream: Callable[[str], None] | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
-        self.command = command
-        self.find_run = find_run
-        self.known_ids = known_ids
+        self.command = hooks.command
+        self.find_run = hooks.find_run
+        self.known_ids = hooks.known_ids
         self.log_dir = log_dir
         self.jobs = jobs
         self.echo = echo

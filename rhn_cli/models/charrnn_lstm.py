@@ -155,6 +155,8 @@ class CharRNNLSTMLanguageModel(LanguageModel):
 
 
 def build(config: Mapping[str, Any], vocab_size: int) -> CharRNNLSTMLanguageModel:
+    """The char-rnn LSTM that ``config`` describes: the general keys (hidden_size, num_layers)
+    and those declared in charrnn_lstm_keys.py, torch-free so validation needs no torch."""
     return CharRNNLSTMLanguageModel(
         CharRNNLSTMConfig(
             vocab_size=vocab_size,

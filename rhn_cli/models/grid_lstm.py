@@ -183,6 +183,8 @@ class GridLSTMLanguageModel(LanguageModel):
 
 
 def build(config: Mapping[str, Any], vocab_size: int) -> GridLSTMLanguageModel:
+    """The Grid LSTM that ``config`` describes: the general keys (hidden_size, num_layers)
+    and those declared in grid_lstm_keys.py, torch-free so validation needs no torch."""
     return GridLSTMLanguageModel(
         GridLSTMConfig(
             vocab_size=vocab_size,

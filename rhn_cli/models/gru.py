@@ -51,9 +51,8 @@ import torch
 from torch import nn
 
 from rhn_cli.models.base import LanguageModel
+from rhn_cli.models.gru_keys import GRU_VARIANTS
 from rhn_cli.models.zoneout import zoneout
-
-GRU_VARIANTS = ("tutorial", "standard")
 
 
 def theano_hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
@@ -213,6 +212,8 @@ class GRULanguageModel(LanguageModel):
 
 
 def build(config: Mapping[str, Any], vocab_size: int) -> GRULanguageModel:
+    """The GRU that ``config`` describes: the general keys (hidden_size, num_layers)
+    and those declared in gru_keys.py, torch-free so validation needs no torch."""
     return GRULanguageModel(
         GRUConfig(
             vocab_size=vocab_size,

@@ -203,6 +203,8 @@ class LSTMLanguageModel(LanguageModel):
 
 
 def build(config: Mapping[str, Any], vocab_size: int) -> LSTMLanguageModel:
+    """The LSTM that ``config`` describes: the general keys (hidden_size, num_layers)
+    and those declared in lstm_keys.py, torch-free so validation needs no torch."""
     forget_bias = config["forget_bias"]
     return LSTMLanguageModel(
         LSTMConfig(

@@ -37,10 +37,10 @@ The output bias exists also when tied. For V=10000, H=830, D=10, tied this gives
 Optionally (``z_states`` > 0, not in the RHN paper) the state is zoned out between time
 steps: s_t = zoneout(s^D, s_{t-1}) (:mod:`rhn_cli.models.zoneout`).
 
-The layer's recurrence runs through :mod:`rhn_cli.models.rhn_fast`: the same loop with a
-hand-written backward that keeps only the pre-activations and computes the weight
-gradients as a few large products after the time loop, in C++ on the CPU
-(:mod:`rhn_cli.models.rhn_native`). ``RHNLayer.fast = False`` selects
+The layer's recurrence runs through :func:`rhn_cli.kernels.rhn_recurrence.recurrence`
+(the fast path): the same loop with a hand-written backward that keeps only the gates
+and computes the weight gradients as a few large products after the time loop, in C++
+on the CPU. ``RHNLayer.fast = False`` selects
 the loop below, differentiated by autograd; both give the same numbers up to rounding.
 """
 
@@ -53,10 +53,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from rhn_cli.models import rhn_output
+from rhn_cli.kernels import output_layer, rhn_recurrence
 from rhn_cli.models.base import LanguageModel
 from rhn_cli.models.dropout import variational_mask, word_type_mask
-from rhn_cli.models.rhn_fast import recurrence
 from rhn_cli.models.zoneout import zoneout
 
 
@@ -97,7 +96,7 @@ class RHNLayer(nn.Module):
         self.input_weight = nn.Parameter(torch.empty(2 * hidden_size, input_size))
         self.recurrent_weight = nn.Parameter(torch.empty(depth, 2 * hidden_size, hidden_size))
         self.bias = nn.Parameter(torch.empty(depth, 2 * hidden_size))
-        self.fast = True  # rhn_fast's recurrence; False: _loop, differentiated by autograd
+        self.fast = True  # rhn_recurrence.recurrence; False: _loop, differentiated by autograd
 
     def reset_parameters(
         self, init_scale: float, init_bias: float, other_bias: float | None = None
@@ -123,7 +122,7 @@ class RHNLayer(nn.Module):
         """
         projected = self._project(inputs, input_mask)
         if self._fast_applies(projected, state, state_mask):
-            return recurrence(
+            return rhn_recurrence.recurrence(
                 projected,
                 state,
                 self.recurrent_weight,
@@ -135,7 +134,7 @@ class RHNLayer(nn.Module):
         return self._loop(projected, state, state_mask)
 
     def _fast_applies(self, projected, state, state_mask) -> bool:
-        """rhn_fast takes one dtype throughout, no autocast, and no gradient for a mask."""
+        """The fast path takes one dtype throughout, no autocast, and no gradient for a mask."""
         if not self.fast or torch.is_autocast_enabled(projected.device.type):
             return False
         tensors = [projected, state, self.recurrent_weight, self.bias]
@@ -271,9 +270,9 @@ class RHNLanguageModel(LanguageModel):
             masks = None
         elif masks is None:
             masks = self.draw_masks(tokens)
-        # The tied weight's two gradients meet in the output layer's (rhn_output).
-        tied = rhn_output.TiedGradient() if self.output_weight is None else None
-        x = rhn_output.embedding(tokens, self.embedding.weight, tied)
+        # The tied weight's two gradients meet in the output layer's (output_layer).
+        tied = output_layer.TiedGradient() if self.output_weight is None else None
+        x = output_layer.embedding(tokens, self.embedding.weight, tied)
         if masks is not None and masks["x"] is not None:
             x = x * masks["x"]
         final_states = []
@@ -286,13 +285,15 @@ class RHNLanguageModel(LanguageModel):
         if masks is not None and masks["o"] is not None:
             x = x * masks["o"].unsqueeze(1)
         weight = self.embedding.weight if self.output_weight is None else self.output_weight
-        logits = rhn_output.logits(x, weight, self.output_bias, tied)
+        logits = output_layer.logits(x, weight, self.output_bias, tied)
         if return_hidden:
             return logits, torch.stack(final_states), hidden
         return logits, torch.stack(final_states)
 
 
 def build(config: Mapping[str, Any], vocab_size: int) -> RHNLanguageModel:
+    """The RHN that ``config`` describes: the general keys (hidden_size, num_layers)
+    and those declared in rhn_keys.py, torch-free so validation needs no torch."""
     return RHNLanguageModel(
         RHNConfig(
             vocab_size=vocab_size,

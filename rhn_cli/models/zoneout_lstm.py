@@ -247,6 +247,8 @@ class ZoneoutLSTMLanguageModel(LanguageModel):
 
 
 def build(config: Mapping[str, Any], vocab_size: int) -> ZoneoutLSTMLanguageModel:
+    """The Zoneout LSTM that ``config`` describes: the general keys (hidden_size, num_layers)
+    and those declared in zoneout_lstm_keys.py, torch-free so validation needs no torch."""
     forget_bias = config["forget_bias"]
     return ZoneoutLSTMLanguageModel(
         ZoneoutLSTMConfig(

@@ -1,4 +1,9 @@
-"""Run tracking: Sacred observers and what they record. Never imports models or the CLI."""
+"""What a run records and reads back: Sacred observers (file store, MongoDB), value
+cleaning, run records and reports, MongoDB sync and the settings file.
+
+Never imports models, the CLI or :mod:`rhn_cli.board` (``rhn board``'s servers, which
+read runs through this package).
+"""
 
 from __future__ import annotations
 

@@ -284,6 +284,141 @@ def _drop_metrics_after(run_dir: Path, epoch: int, save_json) -> None:
     save_json(metrics, "metrics.json")
 
 
+class GuardedMongoRecords:
+    """Mixin for Sacred's MongoObserver (rhn's, :func:`mongo_observer`): a failure never
+    fails the run. At its first error it notes why in ``lost``, warns once and stops
+    writing; ``complete`` says whether MongoDB has the whole run. Tags go where
+    Omniboard shows them, and each source file is stored in GridFS once."""
+
+    url: str
+    warn: Callable[[str], None] | None
+    lost: str | None = None
+    finished: bool = False
+
+    def __repr__(self) -> str:
+        return f"MongoObserver({redact(self.url)})"
+
+    @property
+    def run_id(self) -> int | None:
+        return (self.run_entry or {}).get("_id")
+
+    @property
+    def complete(self) -> bool:
+        return self.lost is None and self.finished
+
+    def _guarded(self, what: str, call: Callable[[], Any]) -> Any:
+        with self._lock:
+            if self.lost is not None:
+                return None
+            try:
+                return call()
+            except Exception as error:  # noqa: BLE001 -- no error may end the run
+                self.lost = f"{what}: {describe_error(error, self.url)}"
+                if self.warn is not None:
+                    self.warn(
+                        f"MongoDB at {redact(self.url)} stopped recording this run "
+                        f"({self.lost}); training goes on, the file store keeps the "
+                        "whole run, and it is marked for 'rhn runs sync'"
+                    )
+                return None
+
+    def started_event(self, ex_info, command, host_info, start_time, config, meta_info, _id):
+        run_id = self._guarded(
+            "start",
+            lambda: super(GuardedMongoRecords, self).started_event(
+                ex_info, command, host_info, start_time, config, meta_info, _id
+            ),
+        )
+        if self.lost is not None:  # no run in MongoDB: the file store picks the id
+            self.run_entry = None
+        return run_id
+
+    def heartbeat_event(self, info, captured_out, beat_time, result):
+        self._guarded(
+            "heartbeat",
+            lambda: super(GuardedMongoRecords, self).heartbeat_event(
+                info, captured_out, beat_time, result
+            ),
+        )
+
+    def log_metrics(self, metrics_by_name, info):
+        self._guarded(
+            "metrics",
+            lambda: super(GuardedMongoRecords, self).log_metrics(metrics_by_name, info),
+        )
+
+    def completed_event(self, stop_time, result):
+        self._guarded(
+            "final save",
+            lambda: super(GuardedMongoRecords, self).completed_event(stop_time, result),
+        )
+
+    def interrupted_event(self, interrupt_time, status):
+        self._guarded(
+            "final save",
+            lambda: super(GuardedMongoRecords, self).interrupted_event(interrupt_time, status),
+        )
+
+    def failed_event(self, fail_time, fail_trace):
+        self._guarded(
+            "final save",
+            lambda: super(GuardedMongoRecords, self).failed_event(fail_time, fail_trace),
+        )
+
+    def artifact_event(self, name, filename, metadata=None, content_type=None):
+        self._guarded(
+            "artifact",
+            lambda: super(GuardedMongoRecords, self).artifact_event(
+                name, filename, metadata, content_type
+            ),
+        )
+
+    def resource_event(self, filename):
+        self._guarded("resource", lambda: super(GuardedMongoRecords, self).resource_event(filename))
+
+    def insert(self):
+        # Omniboard shows (and edits) the tags in omniboard.tags. They go in with the
+        # new document only: later saves ($set of run_entry) leave a user's edits be.
+        tags = (self.run_entry.get("meta") or {}).get("tags")
+        if tags:
+            self.run_entry["omniboard"] = {"tags": list(tags)}
+        try:
+            return super().insert()
+        finally:
+            self.run_entry.pop("omniboard", None)
+
+    def save(self):
+        # Sacred ignores a lost connection here ("wait for the next save"), but the
+        # metrics pushed meanwhile would be lost for good: treat it as the failure
+        # it is, so the run is marked for sync.
+        self.runs.update_one({"_id": self.run_entry["_id"]}, {"$set": self.run_entry})
+
+    def final_save(self, attempts):
+        import pymongo.errors
+
+        attempts = max(1, min(attempts, FINAL_SAVE_ATTEMPTS))
+        for attempt in range(attempts):
+            try:
+                self.runs.update_one(
+                    {"_id": self.run_entry["_id"]}, {"$set": self.run_entry}, upsert=True
+                )
+                self.finished = True
+                return
+            except pymongo.errors.AutoReconnect:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(1)
+
+    def save_sources(self, ex_info):
+        base_dir = ex_info["base_dir"]
+        sources = []
+        for source_name, _md5 in ex_info["sources"]:
+            path = os.path.join(base_dir, source_name)
+            with open(path, "rb") as handle:
+                sources.append([source_name, store_file_once(self.fs, path, handle.read())])
+        return sources
+
+
 def mongo_observer(
     url: str,
     failure_dir: str | os.PathLike,
@@ -303,142 +438,16 @@ def mongo_observer(
     with quiet_sacred_import():
         from sacred.observers import MongoObserver
 
-    class RhnMongoObserver(CleanRecords, MongoObserver):
-        def __init__(self) -> None:
-            super().__init__(
-                url=url,
-                db_name=database_name(url),
-                failure_dir=str(failure_dir),
-                **mongo_client_options(timeout_s),
-            )
-            self.url = url
-            self.lost: str | None = None
-            self.finished = False
-            self._lock = threading.RLock()
+    class RhnMongoObserver(GuardedMongoRecords, CleanRecords, MongoObserver):
+        pass
 
-        def __repr__(self) -> str:
-            return f"MongoObserver({redact(url)})"
-
-        @property
-        def run_id(self) -> int | None:
-            return (self.run_entry or {}).get("_id")
-
-        @property
-        def complete(self) -> bool:
-            return self.lost is None and self.finished
-
-        def _guarded(self, what: str, call: Callable[[], Any]) -> Any:
-            with self._lock:
-                if self.lost is not None:
-                    return None
-                try:
-                    return call()
-                except Exception as error:  # noqa: BLE001 -- no error may end the run
-                    self.lost = f"{what}: {describe_error(error, url)}"
-                    if warn is not None:
-                        warn(
-                            f"MongoDB at {redact(url)} stopped recording this run "
-                            f"({self.lost}); training goes on, the file store keeps the "
-                            "whole run, and it is marked for 'rhn runs sync'"
-                        )
-                    return None
-
-        def started_event(self, ex_info, command, host_info, start_time, config, meta_info, _id):
-            run_id = self._guarded(
-                "start",
-                lambda: super(RhnMongoObserver, self).started_event(
-                    ex_info, command, host_info, start_time, config, meta_info, _id
-                ),
-            )
-            if self.lost is not None:  # no run in MongoDB: the file store picks the id
-                self.run_entry = None
-            return run_id
-
-        def heartbeat_event(self, info, captured_out, beat_time, result):
-            self._guarded(
-                "heartbeat",
-                lambda: super(RhnMongoObserver, self).heartbeat_event(
-                    info, captured_out, beat_time, result
-                ),
-            )
-
-        def log_metrics(self, metrics_by_name, info):
-            self._guarded(
-                "metrics",
-                lambda: super(RhnMongoObserver, self).log_metrics(metrics_by_name, info),
-            )
-
-        def completed_event(self, stop_time, result):
-            self._guarded(
-                "final save",
-                lambda: super(RhnMongoObserver, self).completed_event(stop_time, result),
-            )
-
-        def interrupted_event(self, interrupt_time, status):
-            self._guarded(
-                "final save",
-                lambda: super(RhnMongoObserver, self).interrupted_event(interrupt_time, status),
-            )
-
-        def failed_event(self, fail_time, fail_trace):
-            self._guarded(
-                "final save",
-                lambda: super(RhnMongoObserver, self).failed_event(fail_time, fail_trace),
-            )
-
-        def artifact_event(self, name, filename, metadata=None, content_type=None):
-            self._guarded(
-                "artifact",
-                lambda: super(RhnMongoObserver, self).artifact_event(
-                    name, filename, metadata, content_type
-                ),
-            )
-
-        def resource_event(self, filename):
-            self._guarded(
-                "resource", lambda: super(RhnMongoObserver, self).resource_event(filename)
-            )
-
-        def insert(self):
-            # Omniboard shows (and edits) the tags in omniboard.tags. They go in with the
-            # new document only: later saves ($set of run_entry) leave a user's edits be.
-            tags = (self.run_entry.get("meta") or {}).get("tags")
-            if tags:
-                self.run_entry["omniboard"] = {"tags": list(tags)}
-            try:
-                return super().insert()
-            finally:
-                self.run_entry.pop("omniboard", None)
-
-        def save(self):
-            # Sacred ignores a lost connection here ("wait for the next save"), but the
-            # metrics pushed meanwhile would be lost for good: treat it as the failure
-            # it is, so the run is marked for sync.
-            self.runs.update_one({"_id": self.run_entry["_id"]}, {"$set": self.run_entry})
-
-        def final_save(self, attempts):
-            import pymongo.errors
-
-            attempts = max(1, min(attempts, FINAL_SAVE_ATTEMPTS))
-            for attempt in range(attempts):
-                try:
-                    self.runs.update_one(
-                        {"_id": self.run_entry["_id"]}, {"$set": self.run_entry}, upsert=True
-                    )
-                    self.finished = True
-                    return
-                except pymongo.errors.AutoReconnect:
-                    if attempt == attempts - 1:
-                        raise
-                    time.sleep(1)
-
-        def save_sources(self, ex_info):
-            base_dir = ex_info["base_dir"]
-            sources = []
-            for source_name, _md5 in ex_info["sources"]:
-                path = os.path.join(base_dir, source_name)
-                with open(path, "rb") as handle:
-                    sources.append([source_name, store_file_once(self.fs, path, handle.read())])
-            return sources
-
-    return RhnMongoObserver()
+    observer = RhnMongoObserver(
+        url=url,
+        db_name=database_name(url),
+        failure_dir=str(failure_dir),
+        **mongo_client_options(timeout_s),
+    )
+    observer.url, observer.warn = url, warn
+    observer.lost, observer.finished = None, False
+    observer._lock = threading.RLock()
+    return observer

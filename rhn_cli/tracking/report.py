@@ -350,29 +350,7 @@ def show_lines(record: RunRecord, style: Style = plain) -> list[str]:
     """``rhn runs show``: everything about one run, in sections."""
     title = f"run {record.key}  {record.name}  "
     lines = [style(title, "title") + style(record.status, record.status)]
-    where = f"{record.location} (file store)" if record.source == "file" else record.location
-    header = [
-        ("start", format_time(record.start_time)),
-        ("stop", format_time(record.stop_time)),
-        ("duration", format_duration(record.duration)),
-    ]
-    if record.status in ("RUNNING", "PROBABLY_DEAD", "QUEUED"):
-        header.append(("heartbeat", format_time(record.heartbeat)))
-    header += [
-        ("host", _host(record.host)),
-        ("command", record.command or MISSING),
-        ("comment", record.comment or MISSING),
-        ("named configs", ", ".join(map(str, record.named_configs)) or MISSING),
-        ("tags", ", ".join(record.tags) or MISSING),
-    ]
-    if record.resumed_at:
-        header.append(("resumed at", ", ".join(format_time(t) for t in record.resumed_at)))
-    header.append(("recorded in", where))
-    if record.mongo is not None:
-        header.append(("mongodb", json.dumps(json_clean(record.mongo), sort_keys=True)))
-    if record.problem:
-        header.append(("problem", record.problem))
-    lines += _key_values(header)
+    lines += _key_values(_show_header(record))
 
     lines += ["", style("config", "header")]
     config = flatten_config(record.config)
@@ -383,32 +361,7 @@ def show_lines(record: RunRecord, style: Style = plain) -> list[str]:
     result = record.result
     shown = format_metric("ppl", result) if _is_number(result) else format_value(result)
     lines += ["", style("result", "header") + f"  {shown if result is not None else MISSING}"]
-
-    lines += ["", style("metrics", "header")]
-    if record.metrics:
-        rows = []
-        for name in sorted(record.metrics):
-            steps, values = record.metrics[name]
-            best = best_point(record, name)
-            rows.append(
-                [
-                    name,
-                    format_metric(name, last_value(record, name)),
-                    format_metric(name, best[1] if best else None),
-                    str(best[0]) if best else MISSING,
-                    str(len(values)),
-                ]
-            )
-        table = render_table(
-            ["name", "last", "best", "at step", "points"],
-            rows,
-            [False, True, True, True, True],
-            style,
-            header_kind="dim",
-        )
-        lines += ["  " + line for line in table]
-    else:
-        lines.append(f"  {MISSING}")
+    lines += ["", style("metrics", "header"), *_show_metrics(record, style)]
 
     info = _info_pairs(record.info)
     if info:
@@ -434,6 +387,60 @@ def show_lines(record: RunRecord, style: Style = plain) -> list[str]:
         )
         lines += ["", style(what, "header"), *(f"  {line}" for line in shown_lines)]
     return lines
+
+
+def _show_header(record: RunRecord) -> list[tuple[str, str]]:
+    """``rhn runs show``'s first section: when, where and how the run ran."""
+    where = f"{record.location} (file store)" if record.source == "file" else record.location
+    header = [
+        ("start", format_time(record.start_time)),
+        ("stop", format_time(record.stop_time)),
+        ("duration", format_duration(record.duration)),
+    ]
+    if record.status in ("RUNNING", "PROBABLY_DEAD", "QUEUED"):
+        header.append(("heartbeat", format_time(record.heartbeat)))
+    header += [
+        ("host", _host(record.host)),
+        ("command", record.command or MISSING),
+        ("comment", record.comment or MISSING),
+        ("named configs", ", ".join(map(str, record.named_configs)) or MISSING),
+        ("tags", ", ".join(record.tags) or MISSING),
+    ]
+    if record.resumed_at:
+        header.append(("resumed at", ", ".join(format_time(t) for t in record.resumed_at)))
+    header.append(("recorded in", where))
+    if record.mongo is not None:
+        header.append(("mongodb", json.dumps(json_clean(record.mongo), sort_keys=True)))
+    if record.problem:
+        header.append(("problem", record.problem))
+    return header
+
+
+def _show_metrics(record: RunRecord, style: Style) -> list[str]:
+    """``rhn runs show``'s metrics: each series' last and best value, and its length."""
+    if not record.metrics:
+        return [f"  {MISSING}"]
+    rows = []
+    for name in sorted(record.metrics):
+        _, values = record.metrics[name]
+        best = best_point(record, name)
+        rows.append(
+            [
+                name,
+                format_metric(name, last_value(record, name)),
+                format_metric(name, best[1] if best else None),
+                str(best[0]) if best else MISSING,
+                str(len(values)),
+            ]
+        )
+    table = render_table(
+        ["name", "last", "best", "at step", "points"],
+        rows,
+        [False, True, True, True, True],
+        style,
+        header_kind="dim",
+    )
+    return ["  " + line for line in table]
 
 
 # --------------------------------------------------------------------------------------

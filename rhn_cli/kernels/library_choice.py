@@ -36,7 +36,7 @@ from rhn_cli.atomic import write_atomically
 log = logging.getLogger(__name__)
 
 LIBRARIES = ("mkl", "onednn")
-# The same directory as rhn board's Omniboard install (rhn_cli.tracking.board.cache_dir).
+# The same directory as rhn board's Omniboard install (rhn_cli.board.omniboard.cache_dir).
 CACHE_DIR_ENV = "RHN_CACHE_DIR"
 CACHE_FILE = "library-decisions.json"
 
@@ -62,6 +62,13 @@ def pin_library_decisions(decisions: Mapping[str, str]) -> None:
                 f"{', '.join(LIBRARIES)}"
             )
     _pinned.update({str(product): library for product, library in decisions.items()})
+
+
+def forget_decisions() -> None:
+    """Forget this process's decisions and pins, as a new process starts: the next
+    :func:`decide` for each product reads the cache file (or times) again."""
+    _used.clear()
+    _pinned.clear()
 
 
 def decide(product: str, time_libraries: Callable[[], str]) -> str:

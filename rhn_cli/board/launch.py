@@ -1,0 +1,115 @@
+"""What ``rhn board`` opens: Omniboard over MongoDB, or over a local copy of the runs.
+
+With no MongoDB configured, :func:`open_board` starts the local MongoDB-compatible server
+(:mod:`rhn_cli.board.local_mongo`), copies the file-store runs into it
+(:func:`rhn_cli.tracking.sync.sync_runs`) and opens Omniboard on that.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rhn_cli.board.local_mongo import (
+    LOCAL_DB_DIRNAME,
+    LocalMongo,
+    remember_port,
+    remembered_port,
+    secantus_command,
+    start_local_mongo,
+)
+from rhn_cli.board.omniboard import DEFAULT_PORT, Omniboard, prepare_omniboard, start_omniboard
+from rhn_cli.board.process import BoardError
+
+
+@dataclass
+class Board:
+    """Omniboard, and the local database it reads when no MongoDB is configured."""
+
+    omniboard: Omniboard
+    local_db: LocalMongo | None = None
+    sync_report: Any = None
+
+    @property
+    def url(self) -> str:
+        return self.omniboard.url
+
+    def problem(self) -> str | None:
+        """None while both servers run, else which one stopped and its last words."""
+        for service in (self.omniboard.service, self.local_db and self.local_db.service):
+            if service is not None and not service.running():
+                code = service.process.returncode
+                return f"{service.name} stopped (exit code {code}): {service.tail()}"
+        return None
+
+    def stop(self) -> None:
+        """Stop Omniboard, then the local database (if any). Safe to call twice."""
+        try:
+            self.omniboard.stop()
+        finally:
+            if self.local_db is not None:
+                self.local_db.stop()
+
+    def __enter__(self) -> Board:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def open_board(
+    mongo_url: str | None,
+    runs_dir: str | os.PathLike,
+    *,
+    port: int = DEFAULT_PORT,
+    cache: Path | None = None,
+    echo: Callable[[str], Any] = print,
+) -> Board:
+    """Omniboard on ``mongo_url``; with None, on a local SecantusDB server holding a copy
+    of the file-store runs in ``runs_dir`` (synced into it first)."""
+    if mongo_url:
+        return Board(start_omniboard(mongo_url, port, cache=cache, echo=echo))
+
+    runs_dir = Path(runs_dir)
+    secantus_command()  # fail before installing anything if it is missing
+    prepared = prepare_omniboard(port, cache, echo=echo)
+    storage = runs_dir / LOCAL_DB_DIRNAME
+    echo(f"No MongoDB configured: starting a local one with its data in {storage}")
+    remembered = remembered_port(runs_dir)
+    try:
+        local_db = start_local_mongo(storage, port=remembered)
+    except BoardError:
+        if remembered is None:
+            raise
+        local_db = start_local_mongo(storage)  # someone took the port meanwhile
+    try:
+        from rhn_cli.tracking.sync import SyncError, sync_runs
+
+        remember_port(runs_dir, local_db.url)
+        echo(f"Copying the file-store runs in {runs_dir} into it:")
+        try:
+            report = sync_runs(runs_dir, local_db.url, echo=_indented(echo))
+        except SyncError as error:
+            raise BoardError(f"cannot copy the runs into the local database: {error}") from None
+        found = (report.pushed, report.updated, report.unchanged, report.skipped, report.failed)
+        if any(found):
+            echo(f"  {report.summary()}")
+        else:
+            echo(f"  no runs in {runs_dir} yet ('rhn train' records one)")
+        omniboard = start_omniboard(local_db.url, port, echo=echo, prepared=prepared)
+    except BaseException:
+        local_db.stop()
+        raise
+    return Board(omniboard, local_db, report)
+
+
+def _indented(echo: Callable[[str], Any]) -> Callable[[str], None]:
+    def relay(line: str) -> None:
+        # Omniboard does not show checkpoints: not copying them is no news here.
+        if not line.startswith("checkpoints (*.pt)"):
+            echo(f"  {line}")
+
+    return relay
