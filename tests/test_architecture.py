@@ -179,3 +179,35 @@ def test_no_long_parameter_lists():
         f"functions with more than {MAX_PARAMETERS} parameters (pass a small named "
         "structure):\n" + "\n".join(long)
     )
+
+
+# The layers, top to bottom: a package imports only packages of a lower rank (so nothing
+# imports the CLI, the engine never reaches up into Sacred glue, kernels stand alone).
+LAYER_RANKS = {
+    "__main__": 8,
+    "cli": 7,
+    "commands": 6,
+    "experiment": 5,
+    "board": 5,
+    "engine": 4,
+    "models": 3,
+    "data": 3,
+    "tracking": 3,
+    "kernels": 2,
+    "atomic": 1,
+    "": 0,  # rhn_cli itself (its __version__)
+}
+
+
+def test_packages_import_only_the_layers_below_them():
+    def layer(module: str) -> str:
+        return module.split(".")[1] if "." in module else ""
+
+    upward = sorted(
+        f"{source} imports {target}"
+        for source, targets in import_graph().items()
+        for target in targets
+        if layer(source) != layer(target)
+        and LAYER_RANKS[layer(source)] <= LAYER_RANKS[layer(target)]
+    )
+    assert not upward, "imports that go up or sideways between layers:\n" + "\n".join(upward)
