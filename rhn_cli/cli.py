@@ -88,7 +88,7 @@ def cli() -> None:
     metavar="N",
     help="Train data-parallel on N local processes (torchrun --standalone --nproc-per-node "
     "N): each takes batch_size/N of the streams; the run is the same experiment, recorded "
-    "once. OMP_NUM_THREADS defaults to cores/N. Several machines: see the README.",
+    "once. OMP_NUM_THREADS defaults to cores/N. Several machines: see docs/distributed.md.",
 )
 def train(
     updates,
@@ -117,7 +117,7 @@ def train(
     step; press Ctrl-C twice to stop at once). Continue with --resume RUN_ID.
 
     On the CPU the RHN's time loop runs in C++, compiled for the machine on first use
-    (about 30 s, once) into the user cache; RHN_NATIVE=0 runs the Python loop instead.
+    (about a minute, once) into the user cache; RHN_NATIVE=0 runs the Python loop instead.
     """
     from rhn_cli.experiment.sacred_app import RunFailed, RunInterrupted, RunLabels, run_training
 
