@@ -141,7 +141,8 @@ def test_a_stop_then_resume_matches_the_uninterrupted_run(tmp_path, uninterrupte
 
 def test_resume_refuses_a_run_whose_process_is_alive(tmp_path):
     run_dir = tmp_path / "runs" / "1"
-    process = rhn(tmp_path, "train", *KILLABLE_RUN)
+    # Far more epochs than the check takes: the run must still be training when asked.
+    process = rhn(tmp_path, "train", *KILLABLE_RUN, "max_max_epoch=1000")
     try:
         wait_for_checkpoint(run_dir, 1, process)
         out, err = finish(rhn(tmp_path, "train", "--resume", "1"))
