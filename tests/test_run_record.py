@@ -216,6 +216,10 @@ def test_a_run_records_the_code_libraries_and_machine_that_made_it(tmp_path):
     assert facts["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert facts["torch_threads"] == 1  # OMP_NUM_THREADS=1 above
     assert facts["native_loop"] == "enabled" and isinstance(facts["pid"], int)
+    # What computed it: the native loop ran, and each product's library is recorded.
+    kernels = json.loads((tmp_path / "runs" / "1" / "info.json").read_text())["kernels"]
+    assert kernels["native_loop"] is True
+    assert set(kernels["library_decisions"].values()) <= {"mkl", "onednn"}
     # The sources themselves are stored (once for each content).
     for _, stored in run["experiment"]["sources"]:
         assert (tmp_path / "runs" / stored).is_file()

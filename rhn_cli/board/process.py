@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from rhn_cli.tracking.observers import redact
+from rhn_cli.tracking.observers import redact, url_password
 
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 60.0
@@ -49,19 +49,10 @@ def free_port(host: str = LOOPBACK) -> int:
         return sock.getsockname()[1]
 
 
-def _password(url: str) -> str | None:
-    _, separator, rest = url.partition("://")
-    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    userinfo, at, _ = rest[:end].rpartition("@")
-    if not separator or not at or ":" not in userinfo:
-        return None
-    return userinfo.split(":", 1)[1] or None
-
-
 def scrub(text: str, url: str) -> str:
     """``text`` with the URL and its password (also percent-decoded) replaced."""
     text = text.replace(url, redact(url))
-    password = _password(url)
+    password = url_password(url)
     if password:
         from urllib.parse import unquote
 

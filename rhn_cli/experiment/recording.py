@@ -59,9 +59,8 @@ def kernel_facts() -> dict[str, Any]:
     from rhn_cli.kernels import native
     from rhn_cli.kernels.library_choice import library_decisions
 
-    built = native.load.cache_info().currsize > 0  # asked for (and so used) by now
     return {
-        "native_loop": (native.load() is not None) if built else None,
+        "native_loop": native.loaded(),
         "library_decisions": library_decisions(),
     }
 

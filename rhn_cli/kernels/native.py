@@ -71,6 +71,14 @@ def kernels_for(*tensors):
     return load()
 
 
+def loaded() -> bool | None:
+    """Whether the compiled module is in use: None while nothing has asked for it yet
+    (so nothing ran on it), else whether :func:`load` built and loaded it."""
+    if load.cache_info().currsize == 0:
+        return None
+    return load() is not None
+
+
 @functools.cache
 def load():
     """The compiled module (``rhn_forward``, ``rhn_backward``, ``transpose_into``,

@@ -99,7 +99,7 @@ def describe_error(error: BaseException, url: str | None = None) -> str:
     for cut in (" (configured timeouts", ", Timeout:", ", full error:"):
         text = text.split(cut, 1)[0]
     if url:
-        password = _password(url)
+        password = url_password(url)
         if password:
             text = text.replace(password, "***")
     if len(text) > 160:
@@ -107,7 +107,8 @@ def describe_error(error: BaseException, url: str | None = None) -> str:
     return text
 
 
-def _password(url: str) -> str | None:
+def url_password(url: str) -> str | None:
+    """The password in a URL's user info (``scheme://user:PASSWORD@host``), else None."""
     rest = url.partition("://")[2]
     end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
     userinfo, at, _ = rest[:end].rpartition("@")
