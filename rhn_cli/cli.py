@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from rhn_cli import __version__
+from rhn_cli.commands.launch import launcher_options
 from rhn_cli.commands.messages import fail as _fail
 from rhn_cli.commands.messages import stderr as _stderr
 from rhn_cli.commands.options import mongo_option, runs_dir_option
@@ -90,7 +91,10 @@ def cli() -> None:
     "N): each takes batch_size/N of the streams; the run is the same experiment, recorded "
     "once. OMP_NUM_THREADS defaults to cores/N. Several machines: see docs/distributed.md.",
 )
+@launcher_options
+@click.pass_context
 def train(
+    ctx,
     updates,
     name,
     comment,
@@ -102,6 +106,8 @@ def train(
     resume_target,
     deterministic,
     nproc,
+    launcher,
+    **slurm,
 ) -> None:
     """Train a model; per epoch, print and record train/valid perplexity and bits.
 
@@ -118,9 +124,14 @@ def train(
 
     On the CPU the RHN's time loop runs in C++, compiled for the machine on first use
     (about a minute, once) into the user cache; RHN_NATIVE=0 runs the Python loop instead.
+
+    With --launcher slurm the run is submitted as a Slurm job instead, and the command
+    returns at once: see docs/cluster.md.
     """
+    from rhn_cli.commands.launch import check_local_options
     from rhn_cli.experiment.sacred_app import RunFailed, RunInterrupted, RunLabels, run_training
 
+    check_local_options(ctx, launcher)
     labels = RunLabels(name, comment, _check_tags(tags))
     if resume_target is not None:
         if seed is not None or deterministic or unobserved:
@@ -131,6 +142,10 @@ def train(
         resolved, plan = _plan_resume(resume_target, runs_dir, updates)
     else:
         resolved, plan = _resolve(updates, _run_control(seed, deterministic)), None
+    if launcher == "slurm":
+        request = _train_request(updates, labels, seed, deterministic, resume_target)
+        _submit_training(resolved.config, request, runs_dir, mongo_url, slurm)
+        return
     if nproc is not None:
         _launch_processes(nproc, resolved.config, resuming=plan is not None)
         return
@@ -162,6 +177,51 @@ def train(
 
 def _warn(message: str) -> None:
     _stderr(f"Warning: {message}", "yellow")
+
+
+def _train_request(updates, labels, seed, deterministic, resume_target):
+    """The run the Slurm job is to train (or continue)."""
+    from rhn_cli.cluster.job import TrainRequest
+    from rhn_cli.commands.launch import absolute_updates
+
+    return TrainRequest(
+        updates=absolute_updates(tuple(u for u in updates if u != "with")),
+        runs_dir="",  # set once the directory is checked
+        name=labels.name,
+        comment=labels.comment,
+        tags=tuple(labels.tags),
+        seed=seed,
+        deterministic=deterministic,
+        resume_target=resume_target,
+    )
+
+
+def _submit_training(config: dict, request, runs_dir: str, mongo_url, slurm: dict) -> None:
+    """``rhn train --launcher slurm``: one job, then where to follow it."""
+    from dataclasses import replace
+
+    from rhn_cli.commands.launch import (
+        echo_submitted,
+        prepare_submission,
+        slurm_options,
+        submit_jobs,
+    )
+    from rhn_cli.engine.distributed import DistributedError, Shard
+
+    options = slurm_options(slurm)
+    try:
+        Shard(world_size=options.tasks).check_config(config)
+    except DistributedError as error:
+        _fail(f"{options.tasks} tasks: {error}")
+    root = prepare_submission(runs_dir, config)
+    request = replace(request, runs_dir=str(root))
+    what = (
+        f"rhn train --resume {request.resume_target}"
+        if request.resume_target
+        else ("rhn train with " + " ".join(request.updates) if request.updates else "rhn train")
+    )
+    submitted = submit_jobs([(what, request)], options, request.name or "rhn-train", mongo_url)
+    echo_submitted(submitted, options, root)
 
 
 def _run_control(seed: int | None, deterministic: bool) -> dict:

@@ -52,3 +52,34 @@ def pytest_configure(config):
         "omniboard: end-to-end tests that start Omniboard (Node.js) on a local MongoDB server; "
         "deselect with -m 'not omniboard'",
     )
+    config.addinivalue_line("markers", "slurm: tests on a real one-node Slurm cluster")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real one-node Slurm cluster on 127.0.0.1 (tests/slurm_cluster.py), with SLURM_CONF
+    set while it runs. Skips where Slurm cannot be installed (not Linux, not root, no apt-get);
+    fails, with the daemon logs, where it is installed but does not start."""
+    import os
+
+    from tests.slurm_cluster import SlurmCluster, SlurmUnavailable, ensure_installed
+
+    try:
+        ensure_installed()
+    except SlurmUnavailable as error:
+        pytest.skip(f"no Slurm cluster: {error}")
+    cluster = SlurmCluster()
+    try:
+        cluster.start()
+    except RuntimeError as error:
+        pytest.fail(str(error), pytrace=False)
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    try:
+        yield cluster
+    finally:
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous
+        cluster.stop()

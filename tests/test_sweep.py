@@ -213,7 +213,13 @@ def test_sweep_of_three_points_resumes_after_the_first(runner, tmp_path, one_thr
     for run_id in ("1", "2", "3"):
         assert _run_json(runs / run_id)["meta"]["tags"] == ["acc"]
     logs = sorted(p.name for p in (runs / "_sweeps" / "acc").iterdir())
-    assert logs == ["point-2.log", "point-3.log"]
+    assert logs == ["point-2.log", "point-3.log", "sweep.json"]  # sweep.json: its record
+
+    # 'rhn sweep status' reads the sweep's record and its runs.
+    status = _invoke(runner, "sweep", "status", "acc", "--runs-dir", str(runs)).stdout
+    assert "point 1/3 hidden_size=8: completed as run 1, best valid ppl" in status
+    assert "point 3/3 hidden_size=16: completed as run 3, best valid ppl" in status
+    assert status.rstrip().endswith("sweep acc: 3 points: 3 completed")
 
     # Everything is done now: a re-run runs nothing; a dry run prints no command.
     again = _invoke(runner, *sweep_args, "hidden_size=[8,12,16]").stdout

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from rhn_cli.commands.launch import launcher_options
 from rhn_cli.commands.messages import fail as _fail
 from rhn_cli.commands.messages import stderr as _stderr
 from rhn_cli.commands.options import mongo_option, runs_dir_option
@@ -24,6 +25,8 @@ Examples:
   rhn sweep with ptb_sota 'depth=[1,2,3]' 'hidden_size=[1275,1180,1110]' --zip
   rhn sweep with tiny 'depth=[1,2]' 'learning_rate=[0.2,0.5]' --jobs 2 --name lr-depth
   rhn sweep with tiny 'seed=[1,2,3]' --dry-run > jobs.txt   # one command per line
+  rhn sweep --launcher slurm --partition gpu with ptb_sota 'depth=[1,2,3]'
+  rhn sweep status ptb_sota-depth-2025-06-12     # where each point is
 
 \b
 A key is swept when its value is a list (quote it for the shell); other updates
@@ -64,7 +67,23 @@ def _last_line(path: Path | None) -> str:
     return lines[-1].strip() if lines else ""
 
 
-@click.command(epilog=SWEEP_EPILOG)
+class _SweepGroup(click.Group):
+    """``rhn sweep status NAME``; anything else is ``rhn sweep run ...`` (so that
+    ``rhn sweep with ...`` and ``rhn sweep --help`` read as they always have)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or args[0] not in self.commands:
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_SweepGroup)
+def sweep() -> None:
+    """Run a grid of configs ('rhn sweep with ...'), or show where one is
+    ('rhn sweep status NAME')."""
+
+
+@sweep.command("run", epilog=SWEEP_EPILOG)
 @click.argument(
     "updates", nargs=-1, metavar="[with] [NAMED_CONFIG] KEY=[V1,V2,...]... [KEY=VALUE]..."
 )
@@ -108,8 +127,11 @@ def _last_line(path: Path | None) -> str:
 )
 @runs_dir_option
 @mongo_option
+@launcher_options
 @click.pass_context
-def sweep(ctx, updates, mode, jobs, name, dry_run, runs_dir, mongo_url) -> None:
+def run_sweep(
+    ctx, updates, mode, jobs, name, dry_run, runs_dir, mongo_url, launcher, **slurm
+) -> None:
     """Run a grid of configs: one tagged 'rhn train' run per point, then compare them.
 
     Each point runs as its own 'rhn train --tag NAME ... with ...' process, one after
@@ -117,10 +139,18 @@ def sweep(ctx, updates, mode, jobs, name, dry_run, runs_dir, mongo_url) -> None:
     exits 1 if any point did not complete, naming them. Ctrl-C stops the sweep: the
     running points checkpoint and record INTERRUPTED, and the command to continue is
     printed. At the end the 'rhn runs compare' table of the sweep's runs is printed.
+
+    With --launcher slurm each point still to run is submitted as a Slurm job (one job
+    array) and the command returns at once; 'rhn sweep status NAME' follows them.
+    'rhn sweep run' is the same command as 'rhn sweep'.
     """
+    from rhn_cli.commands.launch import check_local_options
     from rhn_cli.experiment.schema import ConfigError
     from rhn_cli.experiment.sweep import SweepError, expand, plan_points, program
 
+    check_local_options(ctx, launcher)
+    if launcher == "slurm" and (jobs > 1 or dry_run):
+        _fail("--launcher slurm submits every point at once: drop --jobs and --dry-run")
     try:
         planned = expand(updates, mode, name)
     except (SweepError, ConfigError) as error:
@@ -129,6 +159,11 @@ def sweep(ctx, updates, mode, jobs, name, dry_run, runs_dir, mongo_url) -> None:
         _stderr(f"sweep name: {planned.name} (--name {planned.name} continues it another day)")
     records = _load_records(runs_dir)
     plans = plan_points(planned, records)
+    if launcher == "slurm":
+        from rhn_cli.commands.launch import submit_sweep
+
+        submit_sweep(planned, plans, runs_dir, mongo_url, slurm)
+        return
 
     child_runs_dir = runs_dir if _given(ctx, "runs_dir") else None
     child_mongo = (mongo_url or "none") if _given(ctx, "mongo_url") else None
@@ -148,6 +183,9 @@ def sweep(ctx, updates, mode, jobs, name, dry_run, runs_dir, mongo_url) -> None:
             click.echo(shell_line([*program(), *arguments]))
         return
 
+    from rhn_cli.experiment.sweep import save_manifest
+
+    save_manifest(runs_dir, planned)  # for 'rhn sweep status NAME'
     _run_sweep(planned, plans, jobs, runs_dir, child_runs_dir, child_mongo)
 
 
@@ -286,3 +324,51 @@ def _print_comparison(planned, runs_dir: str) -> None:
     click.echo(_style(f"sweep {planned.name} (rhn runs compare --tag {planned.name}):", "title"))
     _echo_lines(compare_lines(chosen, False, _style))
     click.echo()
+
+
+@sweep.command("status")
+@click.argument("name")
+@runs_dir_option
+def status(name, runs_dir) -> None:
+    """Where each point of sweep NAME is: pending (its Slurm job and why), running (run
+    id, epoch), requeued N times, completed (result) or failed.
+
+    From squeue, for the jobs Slurm still knows, and from the run records in RUNS_DIR.
+    """
+    from rhn_cli.cluster.status import job_states, sweep_status
+    from rhn_cli.experiment.schema import ConfigError
+    from rhn_cli.experiment.sweep import SweepError, expand, known_sweeps, load_manifest
+
+    manifest = load_manifest(runs_dir, name)
+    if manifest is None:
+        known = known_sweeps(runs_dir)
+        shown = f"known: {', '.join(known)}" if known else "none recorded there yet"
+        _fail(f"no sweep {name!r} in {runs_dir} ({shown})")
+    try:
+        planned = expand(manifest["tokens"], manifest.get("mode", "product"), name)
+    except (SweepError, ConfigError, KeyError) as error:
+        _fail(f"sweep {name}: its record cannot be read again: {error}", code=1)
+    jobs = manifest.get("jobs") or []
+    states = job_states() if jobs else None
+    rows = sweep_status(planned, _load_records(runs_dir), jobs, states)
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row.state] = counts.get(row.state, 0) + 1
+        click.echo(
+            f"{row.title}: {click.style(row.state, **_STATE_STYLE.get(row.state, {}))}"
+            f"{' ' + row.details if row.details else ''}"
+        )
+    summary = ", ".join(f"{n} {state}" for state, n in counts.items())
+    click.echo(f"sweep {name}: {len(rows)} points: {summary}")
+    if jobs and states is None:
+        _stderr("(squeue did not answer: job states are from the run records only)", "yellow")
+
+
+_STATE_STYLE = {
+    "completed": {"fg": "green"},
+    "failed": {"fg": "red"},
+    "cancelled": {"fg": "red"},
+    "running": {"fg": "cyan"},
+    "pending": {"fg": "cyan"},
+    "interrupted": {"fg": "yellow"},
+}

@@ -33,11 +33,15 @@ class ResumeError(ConfigError):
 
 @dataclass
 class ResumePlan:
+    """A recorded run to continue: from its last checkpoint (``state``, loaded from
+    ``checkpoint_path``), or, for a run killed before its first checkpoint, from the
+    beginning (``state`` None: :func:`plan_restart`)."""
+
     runs_dir: Path  # the file store the run lives in
     run_id: str
     config: dict[str, Any]
-    checkpoint_path: Path
-    state: dict[str, Any] = field(repr=False, default_factory=dict)
+    checkpoint_path: Path | None
+    state: dict[str, Any] | None = field(repr=False, default_factory=dict)
 
     @property
     def run_dir(self) -> Path:
@@ -47,14 +51,22 @@ class ResumePlan:
 
     @property
     def completed_epochs(self) -> int:
-        return int(self.state["epoch_index"])
+        return 0 if self.state is None else int(self.state["epoch_index"])
 
     def continuation(self) -> Continuation:
-        """Where the run's record continues: at the checkpoint."""
+        """Where the run's record continues: at the checkpoint (at the start, with none)."""
         state = self.state
         ended = {"RUNNING": "was killed", "FAILED": "failed"}.get(
             self.previous_status, f"stopped ({self.previous_status})"
         )
+        if state is None:
+            return Continuation(
+                epochs=0,
+                metrics=[],
+                output_bytes=0,
+                note=f"(the process before {ended} before its first checkpoint; "
+                "started again from the beginning, with the run's recorded config and seed)",
+            )
         where = f"epoch {state['epoch_index'] + 1}, step {state['step']}"
         return Continuation(
             epochs=self.completed_epochs,
@@ -64,17 +76,24 @@ class ResumePlan:
         )
 
     def recorded_info(self) -> dict[str, Any] | None:
-        """The run's info as last recorded: a resumed run starts from it."""
+        """The run's info as last recorded: a resumed run starts from it (a restarted
+        one from nothing)."""
+        if self.state is None:
+            return None
         try:
             return json.loads((self.run_dir / "info.json").read_text())
         except (OSError, ValueError):
             return None
 
 
-def plan_resume(target: str, runs_dir: Path, now: datetime | None = None) -> ResumePlan:
+def plan_resume(
+    target: str, runs_dir: Path, now: datetime | None = None, assume_stopped: bool = False
+) -> ResumePlan:
     """The run named by ``target`` (a run id in ``runs_dir``, a run directory or a
     checkpoint file), its recorded config and its last checkpoint, loaded and verified.
 
+    ``assume_stopped``: the caller knows the run's last process is gone (a scheduler
+    restarting the job that ran it), so a RUNNING record is not checked for life.
     Raises ResumeError, or CheckpointError for a damaged checkpoint.
     """
     from rhn_cli.engine import checkpoint
@@ -96,7 +115,7 @@ def plan_resume(target: str, runs_dir: Path, now: datetime | None = None) -> Res
     status = run.get("status")
     if status == "COMPLETED":
         raise ResumeError(f"--resume {target}: run {run_dir.name} is already COMPLETED")
-    if status == "RUNNING":
+    if status == "RUNNING" and not assume_stopped:
         _check_not_running(target, run_dir.name, run, now)
     if not checkpoint_path.is_file():
         raise ResumeError(
@@ -109,6 +128,20 @@ def plan_resume(target: str, runs_dir: Path, now: datetime | None = None) -> Res
     return ResumePlan(
         run_dir.parent, run_dir.name, config, checkpoint_path, state, previous_status=status
     )
+
+
+def plan_restart(run_dir: Path) -> ResumePlan:
+    """A run whose process was killed before its first checkpoint, to run again from the
+    beginning under the same id, with its recorded config (seed included): the record
+    is rewound to nothing and every step recorded once. Only for a caller that knows
+    the run's last process is gone (a scheduler restarting the job that ran it)."""
+    try:
+        run = json.loads((run_dir / "run.json").read_text())
+        config = recorded_config(json.loads((run_dir / "config.json").read_text()))
+    except (OSError, ValueError) as error:
+        raise ResumeError(f"{run_dir} holds no readable run record") from error
+    status = run.get("status") or "RUNNING"
+    return ResumePlan(run_dir.parent, run_dir.name, config, None, None, previous_status=status)
 
 
 def _check_not_running(target: str, run_id: str, run: dict[str, Any], now) -> None:

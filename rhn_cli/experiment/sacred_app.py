@@ -23,6 +23,7 @@ from typing import Any, TextIO
 
 import rhn_cli
 from rhn_cli.experiment import provenance
+from rhn_cli.experiment.jobs import JOB_META_KEY, SchedulerJob
 from rhn_cli.experiment.recording import (
     SacredReporter,
     kernel_facts,
@@ -65,6 +66,7 @@ class RunLabels:
     name: str | None = None
     comment: str | None = None
     tags: Sequence[str] = ()
+    job: SchedulerJob | None = None  # the cluster job running it (recorded; its signals)
 
 
 class RunFailed(Exception):
@@ -290,11 +292,14 @@ def finish_mongo_recording(
 
 
 @contextlib.contextmanager
-def graceful_stop(stop, warn: Callable[[str], None], hard_second: bool = True) -> Iterator[None]:
-    """SIGINT/SIGTERM ask training to stop after the current step (checkpointed);
-    a second SIGINT stops at once, unless ``hard_second`` is False (under torchrun, whose
-    agent passes the user's Ctrl-C on as a second SIGINT, and kills workers that take
-    longer than its shutdown grace period)."""
+def graceful_stop(
+    stop, warn: Callable[[str], None], hard_second: bool = True, more: Sequence[int] = ()
+) -> Iterator[None]:
+    """SIGINT/SIGTERM (and the signals ``more``: a scheduler's time-limit warning) ask
+    training to stop after the current step (checkpointed); a second SIGINT stops at
+    once, unless ``hard_second`` is False (under torchrun, whose agent passes the user's
+    Ctrl-C on as a second SIGINT, and kills workers that take longer than its shutdown
+    grace period)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -314,7 +319,8 @@ def graceful_stop(stop, warn: Callable[[str], None], hard_second: bool = True) -
             f"saving a checkpoint{again}"
         )
 
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    handled = dict.fromkeys((signal.SIGINT, signal.SIGTERM, *more))
+    previous = {s: signal.signal(s, handle) for s in handled}
     try:
         yield
     finally:
@@ -439,6 +445,24 @@ def _training_tags(labels: RunLabels, resume: ResumePlan | None) -> list[str]:
     return list(dict.fromkeys(tags))
 
 
+def _training_info(labels: RunLabels, resume: ResumePlan | None) -> dict | None:
+    """The info a run starts with: a resumed run's own, plus the job running it."""
+    info = resume.recorded_info() if resume is not None else None
+    return labels.job.recorded_info(info) if labels.job is not None else info
+
+
+def _training_meta(labels: RunLabels, resume: ResumePlan | None) -> dict | None:
+    """The run's meta: its tags, and the job running it (by which the job finds the run
+    again when the scheduler restarts it)."""
+    meta: dict[str, Any] = {}
+    tags = _training_tags(labels, resume)
+    if tags:
+        meta["tags"] = tags
+    if labels.job is not None:
+        meta[JOB_META_KEY] = labels.job.key
+    return meta or None
+
+
 def run_training(
     resolved: ResolvedConfig,
     *,
@@ -471,16 +495,16 @@ def run_training(
     if unobserved or quiet:  # Sacred would warn that no observers were added; that is the point
         experiment.logger.setLevel(logging.ERROR)
     options = _training_options(labels, resume)
-    tags = _training_tags(labels, resume)
+    more_signals = labels.job.stop_signals if labels.job is not None else ()
     with _recorded_ends(observers):
-        with graceful_stop(stop, warn, hard_second=shard is None), _silenced(quiet):
+        with graceful_stop(stop, warn, shard is None, more_signals), _silenced(quiet):
             try:
                 run = start_run(
                     experiment,
                     config_updates=resolved.updates,
                     named_configs=_named_config_arguments(resolved),
-                    info=resume.recorded_info() if resume is not None else None,
-                    meta_info={"tags": tags} if tags else None,
+                    info=_training_info(labels, resume),
+                    meta_info=_training_meta(labels, resume),
                     options=options,
                 )
             finally:

@@ -552,3 +552,51 @@ class Runner:
             child.log,
             time.monotonic() - child.started,
         )
+
+
+# --------------------------------------------------------------------------------------
+# The sweep's own record: RUNS_DIR/_sweeps/NAME/sweep.json
+# --------------------------------------------------------------------------------------
+
+MANIFEST_FILE = "sweep.json"
+
+
+def manifest_path(runs_dir: str | Path, name: str) -> Path:
+    return Path(runs_dir) / SWEEP_LOG_DIR / name / MANIFEST_FILE
+
+
+def load_manifest(runs_dir: str | Path, name: str) -> dict | None:
+    """The sweep's record (its ``with`` line, mode and submitted jobs); None if none."""
+    import json
+
+    try:
+        manifest = json.loads(manifest_path(runs_dir, name).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def save_manifest(runs_dir: str | Path, sweep: Sweep, jobs: Sequence[dict] = ()) -> Path:
+    """Record the sweep's ``with`` line and mode (``rhn sweep status`` expands it again),
+    adding ``jobs`` ({point, label, job, submitted}) to the jobs submitted before."""
+    import json
+
+    from rhn_cli.atomic import write_atomically
+
+    path = manifest_path(runs_dir, sweep.name)
+    previous = load_manifest(runs_dir, sweep.name) or {}
+    manifest = {
+        "sweep": sweep.name,
+        "mode": sweep.mode,
+        "tokens": list(sweep.tokens),
+        "jobs": [*(previous.get("jobs") or []), *jobs],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, json.dumps(manifest, indent=2).encode("utf-8"))
+    return path
+
+
+def known_sweeps(runs_dir: str | Path) -> list[str]:
+    """The names of the sweeps recorded in ``runs_dir``."""
+    root = Path(runs_dir) / SWEEP_LOG_DIR
+    return sorted(p.parent.name for p in root.glob(f"*/{MANIFEST_FILE}"))
