@@ -238,6 +238,16 @@ def _ls_config_columns(records: Sequence[RunRecord]) -> tuple[list[str], list[st
     return keys + differing[:room], differing[room:]
 
 
+def scheduler_job(record: RunRecord) -> str | None:
+    """The Slurm job that last ran the run (``12345_3``), with its requeues: ``12345_3
+    (requeued 2x)``; None for a run started by hand."""
+    slurm = (record.info or {}).get("slurm")
+    if not isinstance(slurm, dict) or not slurm.get("job"):
+        return None
+    requeues = slurm.get("requeues") or 0
+    return f"{slurm['job']} (requeued {requeues}x)" if requeues else str(slurm["job"])
+
+
 def ls_lines(records: Sequence[RunRecord], style: Style = plain) -> list[str]:
     """The ``rhn runs ls`` table: one line per run, plus a note on hidden differences."""
     config_keys, hidden = _ls_config_columns(records)
@@ -247,19 +257,22 @@ def ls_lines(records: Sequence[RunRecord], style: Style = plain) -> list[str]:
         for name, attribute, unit in SUMMARY_FIELDS
         if name != "full_valid.ppl" and any(getattr(s, attribute) is not None for s in summaries)
     ]
+    jobs = [scheduler_job(r) for r in records]
+    job_column = ["slurm job"] if any(jobs) else []
     headers = [
         "id",
         "name",
         "status",
         "start",
         "duration",
+        *job_column,
         *(truncate(k, LS_CELL_WIDTH) for k in config_keys),
         *(name for name, _, _ in metric_columns),
     ]
-    right = [True, False, False, False, True, *([False] * len(config_keys))]
-    right += [True] * len(metric_columns)
+    right = [True, False, False, False, True, *([False] * len(job_column))]
+    right += [False] * len(config_keys) + [True] * len(metric_columns)
     rows = []
-    for record, summary in zip(records, summaries, strict=True):
+    for record, summary, job in zip(records, summaries, jobs, strict=True):
         config = flatten_config(record.config)
         row: list[Cell] = [
             record.key,
@@ -267,6 +280,7 @@ def ls_lines(records: Sequence[RunRecord], style: Style = plain) -> list[str]:
             (record.status, record.status),
             format_time(record.start_time),
             format_duration(record.duration),
+            *([job or MISSING] if job_column else []),
         ]
         for key in config_keys:
             shown = format_value(config[key]) if key in config else MISSING
