@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from rhn_cli.engine import checkpoint
+from tests.test_mongo_recording import mongo_client, mongo_url  # noqa: F401 -- fixtures
 
 pytestmark = pytest.mark.slurm
 
@@ -47,9 +48,13 @@ def cluster_env(slurm_cluster, monkeypatch, tmp_path):
     return slurm_cluster
 
 
-def rhn(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def rhn(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "rhn_cli", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "rhn_cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -158,22 +163,30 @@ def test_a_sweep_runs_every_point_as_a_job_and_status_follows_it(cluster_env, tm
 
 
 def test_scontrol_requeue_mid_epoch_continues_the_same_run_exactly(
-    cluster_env, tmp_path, uninterrupted
+    cluster_env, tmp_path, uninterrupted, request
 ):
+    """Requeued mid-epoch, the job continues its run: same id, every epoch once, the
+    numbers and weights of an uninterrupted run; MongoDB (Omniboard) follows it."""
+    url = request.getfixturevalue("mongo_url")  # a SecantusDB server on 127.0.0.1
+    client = request.getfixturevalue("mongo_client")
     runs = tmp_path / "runs"
-    (job,) = submitted(
-        rhn("train", "--launcher", "slurm", "--seed", "7", "--runs-dir", str(runs), "with", *LONG)
-    )
+    submit = ["train", "--launcher", "slurm", "--seed", "7", "--runs-dir", str(runs)]
+    (job,) = submitted(rhn(*submit, "with", *LONG, env={"RHN_MONGO_URL": url}))
     wait_for_text(job_log(runs, job), "epoch   1/4", cluster_env)
     subprocess.run(["scontrol", "requeue", job], check=True)
     cluster_env.wait_for(job, "COMPLETED", timeout=180, restarts=1)
-    log = job_log(runs, job).read_text()
-    assert re.search(r"run 1 INTERRUPTED: stopped at epoch 2, step \d+/", log), log
-    assert f"job {job} (restart 1): continuing its run 1" in log
     (run_dir,) = run_dirs(runs)  # no new run
+    log = job_log(runs, job).read_text()
+    run_id = run_dir.name
+    assert re.search(rf"run {run_id} INTERRUPTED: stopped at epoch 2, step \d+/", log), log
+    assert f"job {job} (restart 1): continuing its run {run_id}" in log
     assert recorded(run_dir, "run.json")["status"] == "COMPLETED"
     assert recorded(run_dir, "info.json")["slurm"]["requeues"] == 1
     assert_identical_runs(run_dir, uninterrupted)
+    document = client["rhn"]["runs"].find_one({"_id": int(run_id)})
+    assert document["status"] == "COMPLETED", document["status"]
+    assert document["info"]["slurm"]["job"] == job
+    assert document["info"]["slurm"]["requeues"] == 1
 
 
 def test_the_time_limit_warning_requeues_the_job_until_the_run_completes(cluster_env, tmp_path):

@@ -171,20 +171,38 @@ def run_job(request: TrainRequest, facts: JobFacts) -> dict[str, Any]:
         resolved = resolve(request.updates, extra)
     corpus = preflight_training(resolved.config, resuming=plan is not None, echo=say)
     labels = RunLabels(request.name, request.comment, request.tags, facts.scheduler_job)
+    mongo_url = resolve_mongo_url(None).url
     try:
         outcome = run_training(
             resolved,
             runs_dir=request.runs_dir,
-            mongo_url=resolve_mongo_url(None).url,
+            mongo_url=mongo_url,
             labels=labels,
             resume=plan,
             warn=say,
             corpus=corpus,
         )
     except RunInterrupted as stop:
+        if plan is not None and main:
+            _update_mongo(request.runs_dir, plan.run_id, mongo_url, say)
         return _after_stop(stop, facts, say)
+    if plan is not None and main:
+        _update_mongo(request.runs_dir, plan.run_id, mongo_url, say)
     say(f"run {outcome.run_id} {outcome.status}; result (best valid ppl) {outcome.result:.4f}")
     return {"run_id": str(outcome.run_id), "status": outcome.status, "result": outcome.result}
+
+
+def _update_mongo(runs_dir: str, run_id: str, mongo_url: str | None, say) -> None:
+    """A continued run is recorded in the file store; bring MongoDB's copy (Omniboard's)
+    up to date as 'rhn runs sync' would, so that it follows the run across requeues."""
+    if not mongo_url:
+        return
+    from rhn_cli.tracking.sync import SyncError, sync_runs
+
+    try:
+        sync_runs(runs_dir, mongo_url, echo=say, only=[run_id])
+    except SyncError as error:
+        say(f"MongoDB not updated ({error}); 'rhn runs sync' will do it")
 
 
 def _after_stop(stop, facts: JobFacts, say) -> dict[str, Any]:

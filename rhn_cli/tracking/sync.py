@@ -41,7 +41,7 @@ import hashlib
 import json
 import mimetypes
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -298,10 +298,11 @@ def sync_runs(
     dry_run: bool = False,
     with_checkpoints: bool = False,
     timeout_s: float = MONGO_TIMEOUT_S,
+    only: Sequence[str] | None = None,
 ) -> SyncReport:
-    """Push the runs in the file store ``runs_dir`` that MongoDB at ``mongo_url`` lacks
-    or has an outdated copy of; one ``echo`` line per run pushed, updated, skipped or
-    failed. Raises :class:`SyncError` when it cannot start."""
+    """Push the runs in the file store ``runs_dir`` (``only``: those run ids) that
+    MongoDB at ``mongo_url`` lacks or has an outdated copy of; one ``echo`` line per run
+    pushed, updated, skipped or failed. Raises :class:`SyncError` when it cannot start."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise SyncError(f"no runs directory {runs_dir}")
@@ -318,7 +319,7 @@ def sync_runs(
     try:
         db = client[database_name(mongo_url)]
         target = _Target(db[RUNS_COLLECTION], db["metrics"], gridfs.GridFS(db))
-        run_dirs = _run_dirs(runs_dir)
+        run_dirs = [d for d in _run_dirs(runs_dir) if only is None or d.name in only]
         for index, run_dir in enumerate(run_dirs):
             try:
                 _sync_one(run_dir, runs_dir, key, target, report, echo, dry_run, with_checkpoints)
