@@ -142,9 +142,11 @@ def test_a_sweep_runs_every_point_as_a_job_and_status_follows_it(cluster_env, tm
     assert jobs == [f"{array}_0", f"{array}_1"]  # one job array
     status = rhn("sweep", "status", "grid", "--runs-dir", str(runs))
     assert status.returncode == 0 and "sweep grid: 2 points" in status.stdout, status.stdout
+    assert f"job {jobs[0]}" in status.stdout and f"job {jobs[1]}" in status.stdout  # squeue's
     for job in jobs:
         cluster_env.wait_for(job, "COMPLETED", timeout=120)
     final = rhn("sweep", "status", "grid", "--runs-dir", str(runs)).stdout
+    print(status.stdout, final, sep="\n")  # for the record (pytest -s)
     assert "point 1/2 hidden_size=8: completed as run" in final
     assert final.rstrip().endswith("sweep grid: 2 points: 2 completed"), final
     by_size = {recorded(d, "config.json")["hidden_size"]: d for d in run_dirs(runs)}

@@ -117,8 +117,15 @@ def submit(
 ) -> list[Submitted]:
     """Submit one job per (label, request): a job array when there are several.
     ``mongo``: the MongoDB URL the runs record to (None: none)."""
+    import shutil
+
+    if shutil.which("sbatch") is None or shutil.which("srun") is None:
+        raise SubmissionError(
+            "Slurm did not accept the job: sbatch is not installed here (submit from a "
+            "Slurm login node)"
+        )
     import submitit
-    from submitit.core.utils import FailedJobError
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
 
     from rhn_cli.data.cache import data_dir
 
@@ -127,6 +134,7 @@ def submit(
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=10**6, python=sys.executable)
     executor.update_parameters(**executor_parameters(options, job_name))
     complaints = io.StringIO()  # submitit prints sbatch's errors: said once, below
+    before = _entries(runs_dir / JOBS_DIR)
     try:
         with job_environment(mongo, data_dir()), contextlib.redirect_stderr(complaints):
             if len(requests) == 1:
@@ -134,7 +142,8 @@ def submit(
             else:
                 with executor.batch():
                     jobs = [executor.submit(TrainJob(request)) for _, request in requests]
-    except (OSError, FailedJobError) as error:
+    except (OSError, FailedJobError, FailedSubmissionError) as error:
+        _remove_new(runs_dir / JOBS_DIR, before)  # a refused job leaves nothing behind
         raise SubmissionError(_sbatch_message(error)) from None
     return [
         Submitted(job.job_id, label, str(job.paths.stdout).replace("%t", "0"))
@@ -142,10 +151,24 @@ def submit(
     ]
 
 
+def _entries(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+
+
+def _remove_new(folder: Path, before: set[str]) -> None:
+    """Remove what submitit wrote into ``folder`` (and the folder, if it was new) for a
+    submission Slurm refused."""
+    import shutil
+
+    for name in _entries(folder) - before:
+        path = folder / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    if not before and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
 def _sbatch_message(error: Exception) -> str:
     """sbatch's own complaint, on one line."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     detail = lines[-1] if lines else type(error).__name__
-    if isinstance(error, FileNotFoundError):
-        detail = "sbatch is not installed here (submit from a Slurm login node)"
     return f"Slurm did not accept the job: {detail}"
