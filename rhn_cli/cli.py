@@ -143,8 +143,8 @@ def train(
     else:
         resolved, plan = _resolve(updates, _run_control(seed, deterministic)), None
     if launcher == "slurm":
-        request = _train_request(updates, labels, seed, deterministic, resume_target)
-        _submit_training(resolved.config, request, runs_dir, mongo_url, slurm)
+        fields = {"seed": seed, "deterministic": deterministic, "resume_target": resume_target}
+        _submit_training(resolved.config, (updates, labels, fields), runs_dir, mongo_url, slurm)
         return
     if nproc is not None:
         _launch_processes(nproc, resolved.config, resuming=plan is not None)
@@ -179,28 +179,12 @@ def _warn(message: str) -> None:
     _stderr(f"Warning: {message}", "yellow")
 
 
-def _train_request(updates, labels, seed, deterministic, resume_target):
-    """The run the Slurm job is to train (or continue)."""
+def _submit_training(config: dict, what: tuple, runs_dir: str, mongo_url, slurm: dict) -> None:
+    """``rhn train --launcher slurm``: one job, then where to follow it. ``what``: the
+    ``with`` tokens, the run's labels, and its seed, --deterministic and --resume."""
     from rhn_cli.cluster.job import TrainRequest
-    from rhn_cli.commands.launch import absolute_updates
-
-    return TrainRequest(
-        updates=absolute_updates(tuple(u for u in updates if u != "with")),
-        runs_dir="",  # set once the directory is checked
-        name=labels.name,
-        comment=labels.comment,
-        tags=tuple(labels.tags),
-        seed=seed,
-        deterministic=deterministic,
-        resume_target=resume_target,
-    )
-
-
-def _submit_training(config: dict, request, runs_dir: str, mongo_url, slurm: dict) -> None:
-    """``rhn train --launcher slurm``: one job, then where to follow it."""
-    from dataclasses import replace
-
     from rhn_cli.commands.launch import (
+        absolute_updates,
         echo_submitted,
         prepare_submission,
         slurm_options,
@@ -214,13 +198,16 @@ def _submit_training(config: dict, request, runs_dir: str, mongo_url, slurm: dic
     except DistributedError as error:
         _fail(f"{options.tasks} tasks: {error}")
     root = prepare_submission(runs_dir, config)
-    request = replace(request, runs_dir=str(root))
-    what = (
-        f"rhn train --resume {request.resume_target}"
-        if request.resume_target
-        else ("rhn train with " + " ".join(request.updates) if request.updates else "rhn train")
+    updates, labels, fields = what
+    tokens = absolute_updates(tuple(u for u in updates if u != "with"))
+    request = TrainRequest(
+        tokens, str(root), labels.name, labels.comment, tuple(labels.tags), **fields
     )
-    submitted = submit_jobs([(what, request)], options, request.name or "rhn-train", mongo_url)
+    if request.resume_target:
+        title = f"rhn train --resume {request.resume_target}"
+    else:
+        title = " ".join(["rhn train", *(["with", *tokens] if tokens else [])])
+    submitted = submit_jobs([(title, request)], options, labels.name or "rhn-train", mongo_url)
     echo_submitted(submitted, options, root)
 
 
