@@ -113,6 +113,11 @@ class Shard:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def gpu(self) -> int:
+        """This rank's CUDA device index (the nccl backend: see :func:`init_from_env`)."""
+        return self._reduce_device.index
+
     # -- the streams this rank owns ----------------------------------------------------
 
     def local_batch(self, batch_size: int) -> int:
@@ -182,7 +187,7 @@ class Shard:
             return module
         from torch.nn.parallel import DistributedDataParallel
 
-        device_ids = [self.local_rank] if self.backend == "nccl" else None
+        device_ids = [self.gpu] if self.backend == "nccl" else None
         # Some parameters take part in some steps only (the Zoneout LSTM's learned initial
         # state: in the first window of carried streams); DDP must be told to expect
         # that. A parameter no rank used keeps no gradient, as in one process.
@@ -273,8 +278,11 @@ def init_from_env(device_name: str) -> Shard:
     backend = backend_for(device_name)
     reduce_device = torch.device("cpu")
     if backend == "nccl":
-        torch.cuda.set_device(local_rank)  # 'cuda' now means this rank's own GPU
-        reduce_device = torch.device("cuda", local_rank)
+        # This rank's own GPU: cuda:LOCAL_RANK when every rank of the node sees all of them,
+        # cuda:0 when the launcher gave each rank its own (Slurm's --gpus-per-task).
+        device = local_rank % max(torch.cuda.device_count(), 1)
+        torch.cuda.set_device(device)  # 'cuda' now means this rank's own GPU
+        reduce_device = torch.device("cuda", device)
     if not dist.is_initialized():
         try:
             dist.init_process_group(backend=backend, rank=rank, world_size=world_size)

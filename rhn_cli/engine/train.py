@@ -259,7 +259,7 @@ class Trainer:
         shard.check_config(config)
         self.device = pick_device(config["device"])
         if shard.backend == "nccl":
-            self.device = torch.device("cuda", shard.local_rank)
+            self.device = torch.device("cuda", shard.gpu)
         self.model = build_model(config, corpus.vocab_size).to(self.device)
         # What the training step calls: the model, or on several processes the model in
         # DistributedDataParallel (rank 0's weights everywhere, gradients averaged).
