@@ -29,6 +29,7 @@ SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin",
 INSTALL_TIMEOUT_S = 600
 START_TIMEOUT_S = 30
 PARTITION = "debug"
+URGENT_PARTITION = "urgent"  # its jobs pre-empt those of PARTITION
 MUNGE_PID_FILE = Path("/run/munge/munged.pid")
 
 
@@ -222,7 +223,12 @@ KillWait=30
 # Finished jobs stay visible to squeue and scontrol for 10 minutes.
 MinJobAge=600
 NodeName={hostname} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb()} State=UNKNOWN
-PartitionName={PARTITION} Nodes={hostname} Default=YES MaxTime=INFINITE State=UP
+# A job of the urgent partition pre-empts the default partition's jobs: they get SIGTERM,
+# and 30 s of grace before Slurm requeues them (PreemptMode=REQUEUE).
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+PartitionName={PARTITION} Nodes={hostname} Default=YES State=UP PriorityTier=1 GraceTime=30
+PartitionName={URGENT_PARTITION} Nodes={hostname} State=UP PriorityTier=2
 """
 
 
@@ -235,6 +241,7 @@ class SlurmCluster:
         self.conf = self.directory / "slurm.conf"
         self.env = {"SLURM_CONF": str(self.conf)}
         self.partition = PARTITION
+        self.urgent_partition = URGENT_PARTITION  # pre-empts jobs of the partition above
         # slurmd finds its node by the short host name.
         self.hostname = socket.gethostname().split(".")[0]
         self.cpus = len(os.sched_getaffinity(0))
@@ -274,7 +281,9 @@ class SlurmCluster:
     def _wait_until_idle(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
-            result = self.command("sinfo", "-h", "-N", "-n", self.hostname, "-o", "%t")
+            result = self.command(
+                "sinfo", "-h", "-N", "-n", self.hostname, "-p", PARTITION, "-o", "%t"
+            )
             if result.stdout.strip() == "idle":
                 return
             if time.monotonic() > deadline:

@@ -191,6 +191,26 @@ def test_scontrol_requeue_mid_epoch_continues_the_same_run_exactly(
     assert document["info"]["slurm"]["requeues"] == 1
 
 
+def test_a_preempted_job_checkpoints_requeues_itself_and_continues_exactly(
+    cluster_env, tmp_path, uninterrupted
+):
+    """A job of the urgent partition takes the whole node: the run's job gets SIGTERM and
+    30 s of grace; the run checkpoints, the job requeues itself (ending within the grace
+    time would count as COMPLETED) and continues the same run once the node is free."""
+    runs = tmp_path / "runs"
+    submit = ["train", "--launcher", "slurm", "--seed", "7", "--runs-dir", str(runs)]
+    (job,) = submitted(rhn(*submit, "with", *LONG))
+    wait_for_text(job_log(runs, job), "epoch   1/4", cluster_env)
+    urgent = ["sbatch", "--parsable", "--partition", cluster_env.urgent_partition]
+    subprocess.run([*urgent, "--exclusive", "--wrap", "sleep 2"], check=True)
+    cluster_env.wait_for(job, "COMPLETED", timeout=180, restarts=1)
+    log = job_log(runs, job).read_text()
+    assert f"pre-empted: requeueing job {job}; it continues run 1" in log, log
+    (run_dir,) = run_dirs(runs)
+    assert recorded(run_dir, "run.json")["status"] == "COMPLETED"
+    assert_identical_runs(run_dir, uninterrupted)
+
+
 def test_the_time_limit_warning_requeues_the_job_until_the_run_completes(cluster_env, tmp_path):
     """A real one-minute time limit, warned 40 s before (the settings file): the run
     checkpoints at the warning and the job requeues itself, as often as it takes."""

@@ -33,7 +33,7 @@ def wait_for_lines(path, count: int, cluster, timeout: float = 20.0) -> list[str
 
 
 def test_node_is_idle_and_srun_runs_on_it(slurm_cluster):
-    states = run("sinfo", "-h", "-N", "-o", "%N %P %t")
+    states = run("sinfo", "-h", "-N", "-p", slurm_cluster.partition, "-o", "%N %P %t")
     assert states.split() == [slurm_cluster.hostname, f"{slurm_cluster.partition}*", "idle"]
     assert run("srun", "--time=1", "hostname").strip() == slurm_cluster.hostname
 

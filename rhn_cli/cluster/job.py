@@ -7,12 +7,15 @@ time-limit warning) continues that same run from its last checkpoint, or from th
 beginning when it was killed before its first one. Slurm runs one instance of a job at
 a time, so the previous one is known to be gone.
 
-Signals: SIGTERM (``scancel``, ``scontrol requeue``, pre-emption) stops the run after
-the current step with a checkpoint, recorded INTERRUPTED; Slurm then requeues the job or
-not. The warning signal (USR2, ``warning_seconds`` before the time limit) stops it the
-same way, and rank 0 then requeues the job itself: the time limit never ends a run
-that is not finished. Several tasks train data-parallel with torch.distributed, set up
-from the ``SLURM_*`` variables (submitit's TorchDistributedEnvironment).
+Signals: SIGTERM (``scancel``, ``scontrol requeue``, pre-emption, the time limit) and
+the warning signal (USR2, ``warning_seconds`` before the time limit) stop the run after
+the current step with a checkpoint, recorded INTERRUPTED. Rank 0 then requeues the job
+itself after the warning, a pre-emption or the time limit (``scontrol show job`` says
+which), so that neither ends a run that is not finished; ``scontrol requeue`` has
+requeued it already, and ``scancel`` ends it.
+
+Several tasks train data-parallel with torch.distributed, set up from the ``SLURM_*``
+variables (submitit's TorchDistributedEnvironment).
 """
 
 from __future__ import annotations
@@ -206,20 +209,48 @@ def _update_mongo(runs_dir: str, run_id: str, mongo_url: str | None, say) -> Non
 
 
 def _after_stop(stop, facts: JobFacts, say) -> dict[str, Any]:
-    """The run stopped early with a checkpoint: at the time-limit warning, rank 0
-    requeues the job (which continues the run); at SIGTERM, Slurm decides (a requeue or
-    a pre-emption requeues the job, ``scancel`` ends it)."""
+    """The run stopped early with a checkpoint. Rank 0 requeues the job (which then
+    continues the run) at the time-limit warning, and at the SIGTERM of a pre-emption
+    (a job that ends within its grace time would otherwise count as COMPLETED) or of
+    the time limit itself. At any other SIGTERM Slurm decides: ``scontrol requeue`` has
+    requeued the job already, ``scancel`` ends it."""
     run_id = stop.run_dir.name if stop.run_dir is not None else None
-    warned = stop.status == "INTERRUPTED" and stop.signal_number not in (
-        signal.SIGINT,
-        signal.SIGTERM,
-    )
     say(f"run {run_id} {stop.status}: {stop.where}")
-    if warned and facts.rank == 0:
-        say(f"time limit near: requeueing job {facts.key}; it continues run {run_id}")
-        requeue(facts.key)
-        return {"run_id": run_id, "status": "REQUEUED"}
-    return {"run_id": run_id, "status": stop.status}
+    if stop.status != "INTERRUPTED" or facts.rank != 0 or stop.signal_number == signal.SIGINT:
+        return {"run_id": run_id, "status": stop.status}
+    why = "time limit near" if stop.signal_number != signal.SIGTERM else why_ended(facts.key)
+    if why is None:
+        return {"run_id": run_id, "status": stop.status}
+    say(f"{why}: requeueing job {facts.key}; it continues run {run_id}")
+    requeue(facts.key)
+    return {"run_id": run_id, "status": "REQUEUED"}
+
+
+def job_fields(key: str) -> dict[str, str]:
+    """``scontrol show job KEY`` as {field: value}; {} when it does not answer."""
+    try:
+        result = subprocess.run(
+            ["scontrol", "show", "job", "--oneliner", key],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    pairs = (item.split("=", 1) for item in result.stdout.split() if "=" in item)
+    return dict(pairs) if result.returncode == 0 else {}
+
+
+def why_ended(key: str) -> str | None:
+    """Why Slurm is ending job ``key`` (it sent SIGTERM), when that calls for a requeue:
+    'pre-empted' (its PreemptTime is set) or 'time limit reached' (the warning came too
+    late, or not at all); None for ``scancel`` and ``scontrol requeue``."""
+    fields = job_fields(key)
+    if fields.get("PreemptTime", "None") not in ("None", "Unknown", ""):
+        return "pre-empted"
+    if fields.get("Reason") == "TimeLimit":
+        return "time limit reached"
+    return None
 
 
 def requeue(key: str) -> None:
