@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -209,6 +210,31 @@ def test_a_preempted_job_checkpoints_requeues_itself_and_continues_exactly(
     (run_dir,) = run_dirs(runs)
     assert recorded(run_dir, "run.json")["status"] == "COMPLETED"
     assert_identical_runs(run_dir, uninterrupted)
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_under_its_id(
+    cluster_env, tmp_path, uninterrupted
+):
+    """kill -9 of the training process in epoch 1 (no checkpoint yet): the job fails;
+    requeued, it runs its run again from the beginning, same id and seed, recorded
+    once."""
+    runs = tmp_path / "runs"
+    submit = ["train", "--launcher", "slurm", "--seed", "7", "--runs-dir", str(runs)]
+    (job,) = submitted(rhn(*submit, "with", *LONG))
+    wait_for_text(job_log(runs, job), "  epoch 1 ", cluster_env)  # a progress line
+    (run_dir,) = run_dirs(runs)
+    assert not (run_dir / checkpoint.LAST).exists()
+    os.kill(recorded(run_dir, "run.json")["host"]["rhn"]["pid"], signal.SIGKILL)
+    cluster_env.wait_for(job, "FAILED", timeout=60)
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    cluster_env.wait_for(job, "COMPLETED", timeout=180, restarts=1)
+    log = job_log(runs, job).read_text()
+    assert "stopped before its first checkpoint; running it again from the beginning" in log
+    assert run_dirs(runs) == [run_dir]
+    assert recorded(run_dir, "run.json")["status"] == "COMPLETED"
+    assert_identical_runs(run_dir, uninterrupted)
+    output = (run_dir / "cout.txt").read_text()
+    assert output.count("epoch   1/4") == 1, output  # the first try's lines are gone
 
 
 def test_the_time_limit_warning_requeues_the_job_until_the_run_completes(cluster_env, tmp_path):
