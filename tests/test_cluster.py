@@ -108,24 +108,33 @@ def assert_identical_runs(run: Path, reference: Path) -> None:
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-def train_here(where: Path, config: list[str]) -> Path:
-    """``config`` with seed 7, trained in one go, here, on one thread: the run's dir."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "rhn_cli", "train", "--seed", "7", "--runs-dir", str(where)]
-        + ["with", *config],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert result.returncode == 0, result.stderr
-    return where / "1"
+class Reference:
+    """``config`` with seed 7, trained in one go, here, on one thread, in the background
+    (while the cluster's jobs run): :meth:`run_dir` waits for it."""
+
+    def __init__(self, where: Path, config: list[str]) -> None:
+        self.where = where
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "rhn_cli", "train", "--seed", "7", "--runs-dir", str(where)]
+            + ["with", *config],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+
+    def run_dir(self) -> Path:
+        _, errors = self.process.communicate(timeout=300)
+        assert self.process.returncode == 0, errors
+        return self.where / "1"
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    return train_here(tmp_path_factory.mktemp("reference"), LONG)
+    reference = Reference(tmp_path_factory.mktemp("reference"), LONG)
+    yield reference
+    reference.process.kill()
+    reference.process.wait()
 
 
 def test_a_sweep_runs_every_point_as_a_job_and_status_follows_it(cluster_env, tmp_path):
@@ -185,7 +194,7 @@ def test_scontrol_requeue_mid_epoch_continues_the_same_run_exactly(
     assert f"job {job} (restart 1): continuing its run {run_id}" in log
     assert recorded(run_dir, "run.json")["status"] == "COMPLETED"
     assert recorded(run_dir, "info.json")["slurm"]["requeues"] == 1
-    assert_identical_runs(run_dir, uninterrupted)
+    assert_identical_runs(run_dir, uninterrupted.run_dir())
     document = client["rhn"]["runs"].find_one({"_id": int(run_id)})
     assert document["status"] == "COMPLETED", document["status"]
     assert document["info"]["slurm"]["job"] == job
@@ -209,7 +218,7 @@ def test_a_preempted_job_checkpoints_requeues_itself_and_continues_exactly(
     assert f"pre-empted: requeueing job {job}; it continues run 1" in log, log
     (run_dir,) = run_dirs(runs)
     assert recorded(run_dir, "run.json")["status"] == "COMPLETED"
-    assert_identical_runs(run_dir, uninterrupted)
+    assert_identical_runs(run_dir, uninterrupted.run_dir())
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_again_under_its_id(
@@ -232,7 +241,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_under_its_id(
     assert "stopped before its first checkpoint; running it again from the beginning" in log
     assert run_dirs(runs) == [run_dir]
     assert recorded(run_dir, "run.json")["status"] == "COMPLETED"
-    assert_identical_runs(run_dir, uninterrupted)
+    assert_identical_runs(run_dir, uninterrupted.run_dir())
     output = (run_dir / "cout.txt").read_text()
     assert output.count("epoch   1/4") == 1, output  # the first try's lines are gone
 
@@ -243,7 +252,7 @@ def test_the_time_limit_warning_requeues_the_job_until_the_run_completes(cluster
     runs = tmp_path / "runs"
     submit = ["train", "--launcher", "slurm", "--time", "1", "--seed", "7", "--runs-dir", str(runs)]
     (job,) = submitted(rhn(*submit, "with", *LONGER))
-    uninterrupted = train_here(tmp_path / "reference", LONGER)  # meanwhile, here
+    uninterrupted = Reference(tmp_path / "reference", LONGER)  # meanwhile, here
     assert "--signal=USR2@40" in (runs / "_slurm" / job / f"{job}_submission.sh").read_text()
     wait_for_text(job_log(runs, job), "time limit near: requeueing job", cluster_env, timeout=120)
     final = cluster_env.wait_for(job, "COMPLETED", timeout=300)
@@ -253,7 +262,7 @@ def test_the_time_limit_warning_requeues_the_job_until_the_run_completes(cluster
     assert log.count("time limit near: requeueing job") == final["restarts"]
     (run_dir,) = run_dirs(runs)
     assert recorded(run_dir, "run.json")["status"] == "COMPLETED"
-    assert_identical_runs(run_dir, uninterrupted)
+    assert_identical_runs(run_dir, uninterrupted.run_dir())
 
 
 def test_scancel_leaves_the_run_interrupted_and_not_requeued(cluster_env, tmp_path):
