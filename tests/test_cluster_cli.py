@@ -154,6 +154,9 @@ def test_train_submits_one_requeueable_warned_job(runner, fake_sbatch, tmp_path,
     assert result.exit_code == 0, result.output
     assert "submitted job 4242: rhn train with depth=2" in result.output
     assert "Follow with: squeue -j 4242" in result.output
+    assert "(partition gpu, 1 node(s) x 2 task(s), 2 GPU(s) per node, time limit 1-00:00:00;" in (
+        result.output
+    )
     (call,) = calls(fake_sbatch)
     for line in (
         "--partition=gpu",

@@ -68,8 +68,18 @@ class SlurmOptions:
             parts.append(f"{self.nodes} node(s) x {self.tasks_per_node} task(s)")
         if self.gpus_per_node:
             parts.append(f"{self.gpus_per_node} GPU(s) per node")
-        parts.append(f"time {self.time or f'{DEFAULT_TIME_MIN} min (rhn default)'}")
+        default = "" if self.time is not None else " (rhn's default)"
+        parts.append(f"time limit {format_minutes(self.time_minutes)}{default}")
         return ", ".join(parts)
+
+
+def format_minutes(minutes: int) -> str:
+    """A time limit as Slurm shows it: ``45:00``, ``2:00:00``, ``2-00:00:00``."""
+    days, rest = divmod(minutes, 24 * 60)
+    hours, mins = divmod(rest, 60)
+    if days:
+        return f"{days}-{hours:02d}:{mins:02d}:00"
+    return f"{hours}:{mins:02d}:00" if hours else f"{mins}:00"
 
 
 def parse_time(text: str) -> int:
