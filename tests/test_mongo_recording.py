@@ -389,8 +389,8 @@ def test_train_database_defaults_to_rhn(isolated: Path, mongo_url, mongo_client)
 @pytest.mark.slow
 def test_train_mongo_url_from_environment(isolated: Path, mongo_url, mongo_client):
     runs_dir = isolated / "runs"
-    # An offline run already holds directory 1: the file store must take the next free
-    # directory rather than fail or overwrite it when MongoDB hands it id 1.
+    # An offline run already holds directory 1: the run takes id 2, free in MongoDB and
+    # the file store alike (one id per run), and directory 1 is left as it was.
     offline = runs_dir / "1"
     offline.mkdir(parents=True)
     (offline / "run.json").write_text('{"status": "COMPLETED", "offline": true}')
@@ -400,8 +400,9 @@ def test_train_mongo_url_from_environment(isolated: Path, mongo_url, mongo_clien
     )
     db = mongo_client["rhn_env_db"]
     run_id = _only_run_id(db)
-    assert run_id == 1
+    assert run_id == 2
     _assert_mongo_run(db, run_id)
+    assert result.stdout.strip().splitlines()[-1].startswith("run 2 COMPLETED")
     assert "MongoDB" in result.stdout.strip().splitlines()[-1]
 
     assert json.loads((offline / "run.json").read_text()) == {

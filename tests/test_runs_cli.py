@@ -87,6 +87,7 @@ def store(tmp_path_factory) -> Path:
 def rhn(*args: str, runs_dir: Path | None = None, **kwargs):
     """``rhn runs ARGS --runs-dir RUNS_DIR``."""
     extra = ["--runs-dir", str(runs_dir)] if runs_dir is not None else []
+    kwargs.setdefault("env", {"COLUMNS": None})  # full width, whatever the shell exported
     return _runner().invoke(cli, ["runs", *args, *extra], **kwargs)
 
 
@@ -105,8 +106,10 @@ def error(result, code: int = 2) -> str:
 
 def table(output: str) -> dict[str, dict[str, str]]:
     """An ``ls`` table as {id: {column: cell}} (cells split on runs of 2+ spaces)."""
-    lines = [line for line in output.splitlines() if line and not line.startswith("(")]
-    header = lines[0].split()
+    lines = output.splitlines()
+    notes = [i for i, line in enumerate(lines) if line.startswith("(")]  # a note may wrap
+    lines = [line for line in lines[: notes[0] if notes else None] if line]
+    header = re.split(r"\s{2,}", lines[0].strip())
     rows = {}
     for line in lines[1:]:
         cells = re.split(r"\s{2,}", line.strip())
@@ -287,9 +290,167 @@ def test_ls_status_name_sort_and_limit(store):
     assert ids(ok(rhn("ls", "--sort", "-id", runs_dir=store))) == ["5", "4", "3", "2", "1"]
     assert ids(ok(rhn("ls", "--limit", "2", runs_dir=store))) == ["4", "5"]
     best_two = rhn(
-        "ls", "--sort", "-valid.ppl", "--status", "completed", "--limit", "2", runs_dir=store
+        "ls", "--sort", "valid.ppl", "--status", "completed", "--limit", "2", runs_dir=store
     )
-    assert ids(ok(best_two)) == by_ppl[:2][::-1]
+    assert ids(ok(best_two)) == [i for i in by_ppl if i in "123"][:2]
+
+
+def _edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.fixture
+def ranked(tmp_path) -> Path:
+    """Seven runs whose best valid.ppl, test.ppl (at that epoch), throughput, start and
+    duration each order them differently; run 4 recorded no metric."""
+    runs_dir = tmp_path / "runs"
+    valid = {"1": 95.0, "2": 70.0, "3": 130.0, "5": 80.0, "6": 110.0, "7": 75.0}
+    starts = ["1", "7", "3", "5", "2", "6", "4"]  # run 7 second oldest, run 4 newest
+    for run_id in "1234567":
+        epochs = [valid[run_id] + 20, valid[run_id]] if run_id in valid else None
+        run_dir = write_run(runs_dir, run_id, {"model": "rhn", "depth": 8 - int(run_id)}, epochs)
+        start = datetime(2026, 1, 2) + timedelta(hours=starts.index(run_id))
+        stop = start + timedelta(minutes=10 * ((int(run_id) * 3) % 7 + 1))
+        _edit_json(run_dir / "run.json", start_time=start.isoformat(), stop_time=stop.isoformat())
+        if run_id in valid:  # test.ppl at the best (last) epoch, lower at the first
+            metrics = {
+                "test.ppl": {"steps": [1, 2], "values": [10.0, 200 - valid[run_id]]},
+                "tokens_per_s": {"steps": [1, 2], "values": [1000.0 * int(run_id), 5.0]},
+            }
+            _edit_json(run_dir / "metrics.json", **metrics)
+    return runs_dir
+
+
+def test_ls_sort_shows_the_best_first_and_limit_takes_the_top(ranked):
+    """The README's `--sort valid.ppl --limit 5` gives the five best runs, best first."""
+    assert ids(ok(rhn("ls", "--sort", "valid.ppl", "--limit", "5", runs_dir=ranked))) == [
+        "2",
+        "7",
+        "5",
+        "1",
+        "6",
+    ]
+    # --desc (or a leading '-') reverses: worst first; a run without the value stays last.
+    worst_first = ["3", "6", "1", "5", "7", "2", "4"]
+    assert ids(ok(rhn("ls", "--sort", "valid.ppl", "--desc", runs_dir=ranked))) == worst_first
+    assert ids(ok(rhn("ls", "--sort", "-valid.ppl", runs_dir=ranked))) == worst_first
+    assert ids(ok(rhn("ls", "--sort", "valid.ppl", "--desc", "--limit", "2", runs_dir=ranked))) == [
+        "3",
+        "6",
+    ]
+    # test.ppl orders by the value shown (at the best valid epoch), not its own minimum.
+    by_test = ok(rhn("ls", "--sort", "test.ppl", runs_dir=ranked))
+    assert ids(by_test) == ["3", "6", "1", "5", "7", "2", "4"]
+    assert [row["test.ppl"] for row in table(by_test).values()][:2] == ["70.000", "90.000"]
+    # Higher is better for throughput; start is newest first, duration longest first.
+    assert ids(ok(rhn("ls", "--sort", "tokens_per_s", runs_dir=ranked)))[:3] == ["7", "6", "5"]
+    assert ids(ok(rhn("ls", "--sort", "start", runs_dir=ranked))) == starts_newest_first()
+    assert ids(ok(rhn("ls", "--sort", "start", "--desc", runs_dir=ranked)))[:2] == ["1", "7"]
+    assert ids(ok(rhn("ls", "--sort", "duration", "--limit", "3", runs_dir=ranked))) == [
+        "2",
+        "4",
+        "6",
+    ]
+    # Config keys ascending; with no --sort, --limit keeps the newest and --desc flips.
+    assert ids(ok(rhn("ls", "--sort", "depth", "--limit", "2", runs_dir=ranked))) == ["7", "6"]
+    assert ids(ok(rhn("ls", "--limit", "3", runs_dir=ranked))) == ["5", "6", "7"]
+    assert ids(ok(rhn("ls", "--limit", "3", "--desc", runs_dir=ranked))) == ["7", "6", "5"]
+
+
+def starts_newest_first() -> list[str]:
+    return ["4", "6", "2", "5", "3", "7", "1"]
+
+
+def _wide_store(runs_dir: Path) -> Path:
+    """Five runs with long names, six differing config keys and a Slurm job each."""
+    for index in range(1, 6):
+        config = {
+            "model": "rhn",
+            "dataset": "ptb",
+            "depth": index,
+            "hidden_size": 100 * index,
+            "dropout_input": 0.05 * index,
+            "data_path": f"/data/corpora/penn-treebank/copy-{index}/data",
+            "learning_rate": index,
+            "init_scale": index / 10,
+            "seq_len": 30 + index,
+        }
+        name = f"rhn-depth-{index}-ptb-variational-long-name"
+        run_dir = write_run(runs_dir, str(index), config, [200.0 - index, 150.0 - index], name=name)
+        info = {"slurm": {"job": f"123456_{index}", "requeues": index % 2}}
+        (run_dir / "info.json").write_text(json.dumps(info))
+    return runs_dir
+
+
+def _check_fits(output: str, width: int) -> dict[str, dict[str, str]]:
+    """Every line within ``width``; id, status and every metric still there, right."""
+    lines = output.splitlines()
+    assert max(len(line) for line in lines) <= width, max(lines, key=len)
+    rows = table(output)
+    header = re.split(r"\s{2,}", lines[0].strip())
+    assert header[0] == "id" and "status" in header
+    assert header[-2:] == ["valid.ppl", "valid.bpc"]  # the metrics these runs recorded
+    assert list(rows) == ["1", "2", "3", "4", "5"]
+    assert [row["valid.ppl"] for row in rows.values()] == [f"{150.0 - i:.3f}" for i in range(1, 6)]
+    assert {row["status"] for row in rows.values()} == {"COMPLETED"}
+    return rows
+
+
+def test_ls_fits_the_width_that_columns_gives(tmp_path):
+    runs_dir = _wide_store(tmp_path / "runs")
+    full = ok(rhn("ls", runs_dir=runs_dir))  # a pipe: every column, however wide
+    assert max(len(line) for line in full.splitlines()) > 120
+    assert {"slurm", "depth", "data_path", "duration"} <= set(full.splitlines()[0].split())
+    narrow = ok(rhn("ls", runs_dir=runs_dir, env={"COLUMNS": "80"}))
+    rows = _check_fits(narrow, 80)
+    assert rows["1"]["name"].endswith("…") and rows["1"]["name"].startswith("rhn-depth-1")
+    # What gave way is named under the table (wrapped to the width too).
+    note = " ".join(line for line in narrow.splitlines() if not line.startswith(("id ", " ")))
+    assert "left out to fit 80 columns:" in note
+    for key in ("model", "dataset", "slurm job", "data_path"):
+        assert key in note and key not in narrow.splitlines()[0]
+    assert "also differing: " in note
+    # A width with room keeps the differing config values, shortened.
+    wider = ok(rhn("ls", runs_dir=runs_dir, env={"COLUMNS": "120"}))
+    assert _check_fits(wider, 120)["5"]["depth"] == "5"
+    assert "model" in wider and "model" not in wider.splitlines()[0]  # shared: first to go
+
+
+def test_ls_fits_an_80_column_terminal(tmp_path):
+    """``rhn runs ls`` on a real pseudo-terminal of 80 columns, COLUMNS unset."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    runs_dir = _wide_store(tmp_path / "runs")
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    unset = {*CLEAN_ENV, "COLUMNS", "LINES"}
+    env = {key: value for key, value in os.environ.items() if key not in unset}
+    command = [sys.executable, "-m", "rhn_cli", "runs", "ls", "--runs-dir", str(runs_dir)]
+    process = subprocess.Popen(
+        command, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=tmp_path
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the terminal's other end is closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    assert process.wait(timeout=60) == 0
+    output = ANSI.sub("", b"".join(chunks).decode()).replace("\r\n", "\n")
+    assert ANSI.search(b"".join(chunks).decode())  # a terminal: statuses coloured
+    _check_fits(output, 80)
+    assert "left out to fit 80 columns:" in output
 
 
 def test_ls_json_is_every_field_of_every_run(store):

@@ -737,7 +737,7 @@ def test_broken_run_fails_alone_with_its_reason(runs: Path, server_url, client):
     (runs / "1" / "run.json").write_text("{not json")
     url = f"{server_url}/rhn_broken"
     result = _sync("--mongo", url, "--runs-dir", str(runs), code=1)
-    assert "pushed run 2 -> MongoDB id 1 " in result.stdout
+    assert "pushed run 2 -> MongoDB id 2 " in result.stdout  # its own id: one id per run
     assert _summary(result).startswith("1 pushed, 0 updated, 0 unchanged, 1 failed")
     assert "run 1: run.json is not valid JSON" in result.stderr
     assert client["rhn_broken"].runs.count_documents({}) == 1

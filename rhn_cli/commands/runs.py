@@ -7,6 +7,9 @@ plots and exports are :mod:`rhn_cli.tracking.report`.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
 from collections.abc import Sequence
 
 import click
@@ -35,6 +38,30 @@ def _select(records, tokens: Sequence[str], label: str):
         return select_runs(records, tokens, label)
     except RunSelectionError as error:
         _fail(str(error))
+
+
+def _order(records: list, sort_key: str | None, desc: bool, limit: int | None) -> list:
+    """``ls``'s runs sorted, then the first ``limit``; with no --sort, by id and the newest
+    ``limit`` (a run list's tail is what one looks for)."""
+    from rhn_cli.tracking.records import sort_runs
+    from rhn_cli.tracking.report import ls_column_values
+
+    if sort_key and records:
+        ordered = sort_runs(records, sort_key, reverse=desc, columns=ls_column_values())
+        return ordered[:limit] if limit else ordered
+    newest = records[-limit:] if limit else records
+    return newest[::-1] if desc else newest
+
+
+def _output_width() -> int | None:
+    """The width ``ls`` fits: COLUMNS where set, else the terminal's; None (no limit)
+    for a pipe or file, so scripts get every column."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    if sys.stdout.isatty():
+        return shutil.get_terminal_size().columns
+    return None
 
 
 @click.group()
@@ -87,28 +114,43 @@ def runs() -> None:
 @click.option(
     "--sort",
     "sort_key",
-    metavar="[-]KEY",
-    help="Order by a metric's best value (min for ppl/bpc/loss, max for accuracies), a "
-    "config key, or id, name, status, start, duration; a leading '-' reverses. "
-    "Default: by id.",
+    metavar="KEY",
+    help="Order by KEY, best or newest first: a metric by its best value (lowest first for "
+    "ppl, bpc and loss; highest for tokens_per_s and accuracies; test.ppl and the other "
+    "columns by the value shown), start newest first, duration longest first; id, name, "
+    "status and config keys ascending. Runs without a value go last. Default: by id, "
+    "newest last.",
+)
+@click.option(
+    "--desc",
+    is_flag=True,
+    help="Reverse the order: worst, oldest or shortest first (with no --sort: newest "
+    "first). A leading '-' on KEY does the same.",
 )
 @click.option(
     "--limit",
     type=click.IntRange(min=1),
     metavar="N",
-    help="Show only the last N runs after sorting: the newest N by default; with "
-    "--sort -valid.ppl the N best, best last.",
+    help="Show only the first N runs after sorting (--sort valid.ppl --limit 5: the 5 "
+    "best); with no --sort, the N newest.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the runs as a JSON list (all fields).")
 @runs_dir_option
 @mongo_source_option
-def list_runs(wheres, statuses, name_pattern, tags, sort_key, limit, as_json, runs_dir, mongo_url):
+def list_runs(
+    wheres, statuses, name_pattern, tags, sort_key, desc, limit, as_json, runs_dir, mongo_url
+):
     """List runs: id, name, status, start, duration, key config values, best metrics.
 
     The config columns are model, dataset and the keys whose values differ between the
     listed runs (not the seed). valid.ppl and valid.bpc are the best values; test.ppl
     is at the epoch of the best valid.ppl; full_test.ppl and mc_test.ppl are the
     closing evaluations, where recorded.
+
+    On a terminal (or with COLUMNS set) the table fits the width: config values and
+    the name are shortened, then config columns left out (those all runs share first;
+    the note under the table names them), then the slurm job, duration and start; id,
+    status and metrics always stay. Piped, it has every column.
     """
     from rhn_cli.tracking.records import (
         QueryError,
@@ -117,7 +159,6 @@ def list_runs(wheres, statuses, name_pattern, tags, sort_key, limit, as_json, ru
         parse_statuses,
         parse_where,
         record_to_dict,
-        sort_runs,
     )
     from rhn_cli.tracking.report import ls_lines
 
@@ -130,12 +171,9 @@ def list_runs(wheres, statuses, name_pattern, tags, sort_key, limit, as_json, ru
     try:
         check_keys(conditions, records)
         shown = filter_runs(records, conditions, wanted, name_pattern, tags)
-        if sort_key:
-            shown = sort_runs(shown, sort_key) if shown else shown
+        shown = _order(shown, sort_key, desc, limit)
     except QueryError as error:
         _fail(str(error))
-    if limit:
-        shown = shown[-limit:]
     if as_json:
         click.echo(json.dumps([record_to_dict(r) for r in shown], indent=2))
         return
@@ -145,7 +183,7 @@ def list_runs(wheres, statuses, name_pattern, tags, sort_key, limit, as_json, ru
     if not shown:
         click.echo(f"No run matches ({len(records)} recorded in {store.label}).")
         return
-    _echo_lines(ls_lines(shown, _style))
+    _echo_lines(ls_lines(shown, _style, _output_width()))
     if len(shown) < len(records):
         click.echo(_style(f"({len(shown)} of {len(records)} runs in {store.label})", "dim"))
 

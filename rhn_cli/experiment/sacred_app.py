@@ -251,7 +251,9 @@ def make_observers(
             f"store {runs_dir} only, marked for 'rhn runs sync'"
         )
         return observers, None
-    observers.insert(0, mongo_observer(mongo_url, runs_dir / MONGO_FAILURE_SUBDIR, warn=warn))
+    # The run takes an id free in MongoDB and the file store alike: one id, not two.
+    mongo = mongo_observer(mongo_url, runs_dir / MONGO_FAILURE_SUBDIR, warn, runs_dir=runs_dir)
+    observers.insert(0, mongo)
     return observers, redact(mongo_url)
 
 

@@ -295,6 +295,9 @@ class GuardedMongoRecords:
     warn: Callable[[str], None] | None
     lost: str | None = None
     finished: bool = False
+    # Whether a run id is free in the file store beside MongoDB (None: no file store):
+    # a new run then takes an id free in both, so that it has one id, not two.
+    id_is_free: Callable[[int], bool] | None = None
 
     def __repr__(self) -> str:
         return f"MongoObserver({redact(self.url)})"
@@ -384,9 +387,31 @@ class GuardedMongoRecords:
         if tags:
             self.run_entry["omniboard"] = {"tags": list(tags)}
         try:
+            if self.run_entry.get("_id") is None and self.id_is_free is not None:
+                return self._insert_with_an_id_free_in_both()
             return super().insert()
         finally:
             self.run_entry.pop("omniboard", None)
+
+    def _insert_with_an_id_free_in_both(self) -> None:
+        """Insert the new run under the lowest id above MongoDB's highest that the file
+        store has not used either (runs recorded while MongoDB was away hold some): the
+        run directory then carries MongoDB's id. A run started at the same moment may
+        take the id first; then the next one is tried."""
+        import pymongo
+        import pymongo.errors
+
+        while True:
+            highest = self.runs.find({}, {"_id": 1}).sort("_id", pymongo.DESCENDING).limit(1)
+            candidate = next(iter(highest), {"_id": 0})["_id"] + 1
+            while not self.id_is_free(candidate):
+                candidate += 1
+            self.run_entry["_id"] = candidate
+            try:
+                self.runs.insert_one(self.run_entry)
+                return
+            except pymongo.errors.DuplicateKeyError:
+                self.run_entry["_id"] = None
 
     def save(self):
         # Sacred ignores a lost connection here ("wait for the next save"), but the
@@ -425,6 +450,7 @@ def mongo_observer(
     failure_dir: str | os.PathLike,
     warn: Callable[[str], None] | None = None,
     timeout_s: float = MONGO_TIMEOUT_S,
+    runs_dir: str | os.PathLike | None = None,
 ):
     """rhn's MongoObserver on ``url`` (database from the URL, default ``rhn``).
 
@@ -434,7 +460,8 @@ def mongo_observer(
     ``lost`` holds the reason (None if it never failed), ``complete`` says whether
     MongoDB has the whole run, and ``run_id`` is the id MongoDB gave the run.
     ``failure_dir`` is kept for Sacred's API; rhn never writes pickles there (the file
-    store has the run).
+    store has the run). ``runs_dir``: the file store recording the run beside MongoDB;
+    a new run takes an id free in both, so that its directory has MongoDB's id.
     """
     with quiet_sacred_import():
         from sacred.observers import MongoObserver
@@ -450,5 +477,8 @@ def mongo_observer(
     )
     observer.url, observer.warn = url, warn
     observer.lost, observer.finished = None, False
+    if runs_dir is not None:
+        root = Path(runs_dir)
+        observer.id_is_free = lambda run_id: not (root / str(run_id)).exists()
     observer._lock = threading.RLock()
     return observer

@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -712,44 +712,70 @@ def filter_runs(
 
 
 RECORD_SORT_KEYS = ("id", "name", "status", "start", "duration")
+# Record fields listed with the interesting end first, as `ls -t` and `ls -S` do.
+NEWEST_OR_LONGEST_FIRST = ("start", "duration")
+ValueOf = Callable[[RunRecord], Any]
 
 
-def sort_runs(records: Sequence[RunRecord], key: str) -> list[RunRecord]:
-    """Runs ordered by ``key`` (``-key`` descending): id, name, status, start, duration,
-    a metric (by its best value) or a config key. Runs without a value go last."""
-    descending = key.startswith("-")
-    name = key[1:] if descending else key
+def sort_descending(name: str, is_metric: bool) -> bool:
+    """The natural direction of a sort key: metrics best first (lowest ppl, bpc, loss;
+    highest throughput, accuracy), start newest first, duration longest first; id,
+    name, status and config values ascending."""
+    if is_metric:
+        return best_is_max(name)
+    return name in NEWEST_OR_LONGEST_FIRST
+
+
+def _sort_values(
+    records: Sequence[RunRecord], name: str, columns: Mapping[str, ValueOf]
+) -> tuple[list[Any], bool] | None:
+    """(each run's value for ``name``, whether it is a metric); None for an unknown key."""
+    fields = {"name": "name", "status": "status", "start": "start_time", "duration": "duration"}
+    if name in fields:
+        return [getattr(r, fields[name]) for r in records], False
+    if name in columns:  # a column as `ls` shows it (test.ppl at the best valid epoch)
+        values = [columns[name](r) for r in records]
+        if any(v is not None for v in values):
+            return values, True
+    if name in metric_names(records):
+        points = [best_point(r, name) for r in records]
+        return [p[1] if p else None for p in points], True
+    configs = [flatten_config(r.config) for r in records]
+    if any(name in config for config in configs):
+        return [config.get(name) for config in configs], False
+    return None
+
+
+def _unknown_sort_key(key: str, records: Sequence[RunRecord], columns: Iterable[str]):
+    known = set(RECORD_SORT_KEYS) | set(metric_names(records)) | set(columns)
+    known = known.union(*(flatten_config(r.config) for r in records))
+    close = difflib.get_close_matches(key.removeprefix("-"), sorted(known), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return QueryError(
+        f"--sort {key!r}: not a metric, config key or one of {', '.join(RECORD_SORT_KEYS)}{hint}"
+    )
+
+
+def sort_runs(
+    records: Sequence[RunRecord],
+    key: str,
+    reverse: bool = False,
+    columns: Mapping[str, ValueOf] | None = None,
+) -> list[RunRecord]:
+    """Runs ordered by ``key`` in its natural direction (:func:`sort_descending`), the
+    other way with ``reverse`` or a leading ``-``; runs without a value go last either
+    way, ties stay in id order. ``columns`` gives values to use instead of a metric's
+    best (what a table shows under that name)."""
+    reverse = reverse or key.startswith("-")
+    name = key.removeprefix("-")
     records = sorted(records, key=id_order)
     if name == "id":
-        return records[::-1] if descending else records
-    metrics = set(metric_names(records))
-    configs = [flatten_config(r.config) for r in records]
-    known_config = set().union(*configs) if configs else set()
-    if name not in RECORD_SORT_KEYS and name not in metrics and name not in known_config:
-        choices = sorted(set(RECORD_SORT_KEYS) | metrics | known_config)
-        close = difflib.get_close_matches(name, choices, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise QueryError(
-            f"--sort {key!r}: not a metric, config key or one of {', '.join(RECORD_SORT_KEYS)}"
-            f"{hint}"
-        )
-
-    def value(index: int) -> Any:
-        record = records[index]
-        if name == "name":
-            return record.name
-        if name == "status":
-            return record.status
-        if name == "start":
-            return record.start_time
-        if name == "duration":
-            return record.duration
-        if name in metrics:
-            point = best_point(record, name)
-            return point[1] if point else None
-        return configs[index].get(name)
-
-    values = [value(i) for i in range(len(records))]
+        return records[::-1] if reverse else records
+    found = _sort_values(records, name, columns or {})
+    if found is None:
+        raise _unknown_sort_key(key, records, columns or {})
+    values, is_metric = found
+    descending = sort_descending(name, is_metric) != reverse
     present = [i for i, v in enumerate(values) if v is not None]
     absent = [i for i, v in enumerate(values) if v is None]
     try:

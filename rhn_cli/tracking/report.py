@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,6 +42,10 @@ ELLIPSIS = "…"
 ALWAYS_SHOWN_KEYS = ("model", "dataset")
 LS_CONFIG_COLUMNS = 6
 LS_CELL_WIDTH = 14
+# Config values and run names when the terminal is narrow (and narrower still).
+LS_NARROW_CELL_WIDTH = 10
+LS_NARROW_NAME_WIDTH = 16
+LS_NARROWEST_NAME_WIDTH = 8
 PLOT_FORMATS = ("png", "svg", "pdf")
 EXPORT_FORMATS = ("csv", "json")
 
@@ -248,55 +253,148 @@ def scheduler_job(record: RunRecord) -> str | None:
     return f"{slurm['job']} (requeued {requeues}x)" if requeues else str(slurm["job"])
 
 
-def ls_lines(records: Sequence[RunRecord], style: Style = plain) -> list[str]:
-    """The ``rhn runs ls`` table: one line per run, plus a note on hidden differences."""
-    config_keys, hidden = _ls_config_columns(records)
+def ls_column_values() -> dict[str, Callable[[RunRecord], float | None]]:
+    """Each metric column of ``ls`` as a function of a run, so that ``--sort test.ppl``
+    orders by the value shown (test.ppl at the best valid epoch, not its own best)."""
+    return {
+        name: (lambda record, attribute=attribute: getattr(summarize(record), attribute))
+        for name, attribute, _ in SUMMARY_FIELDS
+    }
+
+
+@dataclass
+class _Column:
+    """One column of the ``ls`` table; ``role`` says how it may give way to the width."""
+
+    label: str  # the full name, for the note on what was left out
+    cells: list[Cell]
+    right: bool = False
+    role: str = "kept"  # or "config", "name", "start", "duration", "job"
+    header: str = ""
+
+    def __post_init__(self) -> None:
+        self.header = self.header or self.label
+
+    def width(self) -> int:
+        return max(len(self.header), *(len(_cell_text(cell)) for cell in self.cells))
+
+    def shorten(self, width: int) -> None:
+        self.header = truncate(self.header, width)
+        self.cells = [_map_cell(cell, lambda text: truncate(text, width)) for cell in self.cells]
+
+
+def _cell_text(cell: Cell) -> str:
+    return cell[0] if isinstance(cell, tuple) else cell
+
+
+def _map_cell(cell: Cell, change: Callable[[str], str]) -> Cell:
+    return (change(cell[0]), cell[1]) if isinstance(cell, tuple) else change(cell)
+
+
+def _ls_columns(records: Sequence[RunRecord], config_keys: Sequence[str]) -> list[_Column]:
     summaries = [summarize(r) for r in records]
-    metric_columns = [
-        (name, attribute, unit)
-        for name, attribute, unit in SUMMARY_FIELDS
-        if name != "full_valid.ppl" and any(getattr(s, attribute) is not None for s in summaries)
-    ]
+    configs = [flatten_config(r.config) for r in records]
     jobs = [scheduler_job(r) for r in records]
-    job_column = ["slurm job"] if any(jobs) else []
-    headers = [
-        "id",
-        "name",
-        "status",
-        "start",
-        "duration",
-        *job_column,
-        *(truncate(k, LS_CELL_WIDTH) for k in config_keys),
-        *(name for name, _, _ in metric_columns),
+    columns = [
+        _Column("id", [r.key for r in records], right=True),
+        _Column("name", [truncate(r.name, 24) for r in records], role="name"),
+        _Column("status", [(r.status, r.status) for r in records]),
+        _Column("start", [format_time(r.start_time) for r in records], role="start"),
+        _Column("duration", [format_duration(r.duration) for r in records], True, "duration"),
     ]
-    right = [True, False, False, False, True, *([False] * len(job_column))]
-    right += [False] * len(config_keys) + [True] * len(metric_columns)
-    rows = []
-    for record, summary, job in zip(records, summaries, jobs, strict=True):
-        config = flatten_config(record.config)
-        row: list[Cell] = [
-            record.key,
-            truncate(record.name, 24),
-            (record.status, record.status),
-            format_time(record.start_time),
-            format_duration(record.duration),
-            *([job or MISSING] if job_column else []),
+    if any(jobs):
+        columns.append(_Column("slurm job", [job or MISSING for job in jobs], role="job"))
+    for key in config_keys:
+        cells = [
+            truncate(format_value(c[key]), LS_CELL_WIDTH) if key in c else MISSING for c in configs
         ]
-        for key in config_keys:
-            shown = format_value(config[key]) if key in config else MISSING
-            row.append(truncate(shown, LS_CELL_WIDTH))
-        for _, attribute, unit in metric_columns:
-            row.append(format_metric(unit, getattr(summary, attribute)))
-        rows.append(row)
-    lines = render_table(headers, rows, right, style)
-    if hidden:
-        lines.append(
-            style(
-                f"(also differing: {', '.join(hidden)}; 'rhn runs compare' shows them all)",
-                "dim",
-            )
+        columns.append(_Column(key, cells, role="config", header=truncate(key, LS_CELL_WIDTH)))
+    for name, attribute, unit in SUMMARY_FIELDS:
+        values = [getattr(s, attribute) for s in summaries]
+        if name != "full_valid.ppl" and any(v is not None for v in values):
+            columns.append(_Column(name, [format_metric(unit, v) for v in values], right=True))
+    return columns
+
+
+def _table_width(columns: Sequence[_Column]) -> int:
+    return sum(c.width() for c in columns) + 2 * (len(columns) - 1)
+
+
+def _without_year(columns: list[_Column]) -> None:
+    """Start times as ``MM-DD HH:MM``, where every run started in the same year."""
+    start = next((c for c in columns if c.role == "start"), None)
+    if start and len({_cell_text(c)[:4] for c in start.cells if c != MISSING}) <= 1:
+        start.cells = [c if c == MISSING else _cell_text(c)[5:] for c in start.cells]
+
+
+def _drop_order(column: _Column) -> bool:
+    """Config columns whose value every run shares go before those that tell runs apart."""
+    return len({_cell_text(cell) for cell in column.cells}) > 1
+
+
+def _fit_width(columns: list[_Column], width: int) -> list[str]:
+    """Narrow the ``ls`` table to ``width`` columns where it can, giving way in this
+    order: config values shortened, the name shortened, the start's year, config columns
+    left out (shared values first, then the last), the slurm job, duration and start
+    left out, the name shortened further. Id, status and metrics always stay. Returns
+    the names of the columns left out, in table order."""
+    position = {column.label: index for index, column in enumerate(columns)}
+    left_out: list[str] = []
+
+    def drop(role: str) -> None:
+        candidates = [c for c in columns if c.role == role]
+        if candidates:  # min() keeps the first of equals, so reverse to drop the last
+            column = min(reversed(candidates), key=_drop_order)
+            columns.remove(column)
+            left_out.append(column.label)
+
+    def shorten(role: str, most: int) -> None:
+        for column in (c for c in columns if c.role == role):
+            column.shorten(most)
+
+    config_count = sum(c.role == "config" for c in columns)
+    for step in (
+        lambda: shorten("config", LS_NARROW_CELL_WIDTH),
+        lambda: shorten("name", LS_NARROW_NAME_WIDTH),
+        lambda: _without_year(columns),
+        *[lambda: drop("config")] * config_count,
+        lambda: drop("job"),
+        lambda: drop("duration"),
+        lambda: drop("start"),
+        lambda: shorten("name", LS_NARROWEST_NAME_WIDTH),
+    ):
+        if _table_width(columns) <= width:
+            break
+        step()
+    return sorted(left_out, key=position.get)
+
+
+def _ls_note(hidden: Sequence[str], left_out: Sequence[str], width: int | None) -> list[str]:
+    """The line under the table naming the differences and columns not shown."""
+    if left_out:
+        also = f"also differing: {', '.join(hidden)}; " if hidden else ""
+        text = (
+            f"({also}left out to fit {width} columns: {', '.join(left_out)}; "
+            "'rhn runs show ID' shows everything)"
         )
-    return lines
+    elif hidden:
+        text = f"(also differing: {', '.join(hidden)}; 'rhn runs compare' shows them all)"
+    else:
+        return []
+    return textwrap.wrap(text, width, break_on_hyphens=False) if width else [text]
+
+
+def ls_lines(
+    records: Sequence[RunRecord], style: Style = plain, width: int | None = None
+) -> list[str]:
+    """The ``rhn runs ls`` table: one line per run, plus a note on hidden differences.
+    With ``width``, the table is narrowed to fit it (:func:`_fit_width`)."""
+    config_keys, hidden = _ls_config_columns(records)
+    columns = _ls_columns(records, config_keys)
+    left_out = _fit_width(columns, width) if width else []
+    rows = [[c.cells[i] for c in columns] for i in range(len(records))]
+    lines = render_table([c.header for c in columns], rows, [c.right for c in columns], style)
+    return lines + [style(line, "dim") for line in _ls_note(hidden, left_out, width)]
 
 
 def brief_lines(records: Sequence[RunRecord], style: Style = plain) -> list[str]:

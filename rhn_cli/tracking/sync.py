@@ -318,8 +318,10 @@ def sync_runs(
     client = pymongo.MongoClient(mongo_url, **mongo_client_options(timeout_s))
     try:
         db = client[database_name(mongo_url)]
-        target = _Target(db[RUNS_COLLECTION], db["metrics"], gridfs.GridFS(db))
-        run_dirs = [d for d in _run_dirs(runs_dir) if only is None or d.name in only]
+        every_run = _run_dirs(runs_dir)
+        local_ids = frozenset(int(d.name) for d in every_run if d.name.isdigit())
+        target = _Target(db[RUNS_COLLECTION], db["metrics"], gridfs.GridFS(db), local_ids)
+        run_dirs = [d for d in every_run if only is None or d.name in only]
         for index, run_dir in enumerate(run_dirs):
             try:
                 _sync_one(run_dir, runs_dir, key, target, report, echo, dry_run, with_checkpoints)
@@ -352,6 +354,7 @@ class _Target:
     runs: Any
     metrics: Any
     fs: Any
+    local_ids: frozenset = frozenset()  # the file store's run ids, kept for their own runs
 
 
 def _sync_one(
@@ -383,6 +386,8 @@ def _sync_one(
             return
     entry = read_sync_state(run_dir).get(key) or {}
     existing, mongo_id = _find_existing(target.runs, local, entry.get("id"))
+    if existing is None and mongo_id is None and name.isdigit():
+        mongo_id = int(name)  # one id for the run where MongoDB has not given it away
     if existing is not None and _unchanged(local, entry):
         report.unchanged.append((name, existing["_id"]))
         return
@@ -475,12 +480,17 @@ def _next_id(runs) -> int:
     return int(last[0]["_id"]) + 1 if last else 1
 
 
-def _insert_run(runs, doc: dict, wanted: int | None) -> int:
-    """Insert ``doc`` under ``wanted`` if free, else the next free integer id."""
+def _insert_run(runs, doc: dict, wanted: int | None, avoid: frozenset = frozenset()) -> int:
+    """Insert ``doc`` under ``wanted`` if free, else the next integer id free in MongoDB
+    and not in ``avoid`` (the ids of the file store's other runs, which want their own)."""
     import pymongo.errors
 
     for _ in range(100):
-        _id = wanted if wanted is not None else _next_id(runs)
+        _id = wanted
+        if _id is None:
+            _id = _next_id(runs)
+            while _id in avoid:
+                _id += 1
         try:
             runs.insert_one({**doc, "_id": _id})
             return _id
@@ -544,7 +554,7 @@ def _push(
         doc["omniboard"] = {"tags": list(meta["tags"])}
     if existing is None:
         # Insert first, as Sacred does: metrics and artifacts need the run's id.
-        _id = _insert_run(target.runs, doc, mongo_id)
+        _id = _insert_run(target.runs, doc, mongo_id, target.local_ids)
 
     links = _push_metrics(_id, metrics, target.metrics)
     artifacts, stamps = _push_artifacts(_id, local, previous, entry, target)
