@@ -19,6 +19,7 @@ from rhn_cli.commands.launch import launcher_options
 from rhn_cli.commands.messages import fail as _fail
 from rhn_cli.commands.messages import stderr as _stderr
 from rhn_cli.commands.options import mongo_option, runs_dir_option
+from rhn_cli.commands.sacred_flags import sacred_run_options
 
 WITH_HELP = """
 Config updates use Sacred's syntax: after the word 'with', give named configs
@@ -28,14 +29,23 @@ dataset="synthetic"; nested keys use dots: synthetic.order=3.
 """
 
 
-def _resolve(updates: tuple[str, ...], extra: dict | None = None):
+def _resolve(updates: tuple[str, ...], extra: dict | None = None, force: bool = False):
     from rhn_cli.experiment.resolve import resolve
     from rhn_cli.experiment.schema import ConfigError
 
     try:
-        return resolve(updates, extra)
+        return resolve(updates, extra, force=force)
     except ConfigError as error:
         _fail(str(error))
+
+
+def _echo_config(resolved) -> None:
+    """What 'rhn print-config' prints: the config, changed values marked."""
+    from rhn_cli.experiment.render import config_lines, header
+
+    click.echo(header(resolved))
+    for line, changed in config_lines(resolved):
+        click.secho(line, fg="blue" if changed else None)
 
 
 @click.group(name="rhn", context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,8 +67,8 @@ def cli() -> None:
 
 @cli.command(epilog=WITH_HELP)
 @click.argument("updates", nargs=-1, metavar="[with] [NAMED_CONFIG|FILE.yaml|KEY=VALUE]...")
-@click.option("--name", help="Name of the run (recorded as the experiment name).")
-@click.option("--comment", help="A note stored with the run (Omniboard shows it as Notes).")
+@click.option("-n", "--name", help="Name of the run (recorded as the experiment name).")
+@click.option("-c", "--comment", help="A note stored with the run (Omniboard shows it as Notes).")
 @click.option(
     "--tag",
     "tags",
@@ -70,7 +80,7 @@ def cli() -> None:
 @click.option("--seed", type=int, help="Random seed (default: drawn at random and recorded).")
 @runs_dir_option
 @mongo_option
-@click.option("--unobserved", is_flag=True, help="Record nothing (a quick try).")
+@click.option("-u", "--unobserved", is_flag=True, help="Record nothing (a quick try).")
 @click.option(
     "--resume",
     "resume_target",
@@ -91,6 +101,7 @@ def cli() -> None:
     "N): each takes batch_size/N of the streams; the run is the same experiment, recorded "
     "once. OMP_NUM_THREADS defaults to cores/N. Several machines: see docs/distributed.md.",
 )
+@sacred_run_options
 @launcher_options
 @click.pass_context
 def train(
@@ -107,6 +118,7 @@ def train(
     deterministic,
     nproc,
     launcher,
+    sacred_flags,
     **slurm,
 ) -> None:
     """Train a model; per epoch, print and record train/valid perplexity and bits.
@@ -127,21 +139,24 @@ def train(
 
     With --launcher slurm the run is submitted as a Slurm job instead, and the command
     returns at once: see docs/cluster.md.
+
+    Sacred's flags mean what they mean in Sacred: -n, -c, -u, -F, -m, -p, -l, -d, -D, -f
+    (see docs/tracking.md#sacreds-flags).
     """
     from rhn_cli.commands.launch import check_local_options
-    from rhn_cli.experiment.sacred_app import RunFailed, RunInterrupted, RunLabels, run_training
+    from rhn_cli.commands.sacred_flags import check_flag_combinations, reject_sacred_command
+    from rhn_cli.engine.distributed import env_rank
+    from rhn_cli.experiment.sacred_app import RunFlags, RunLabels
 
+    reject_sacred_command(updates)
     check_local_options(ctx, launcher)
+    check_flag_combinations(sacred_flags, launcher, nproc, resuming=resume_target is not None)
     labels = RunLabels(name, comment, _check_tags(tags))
-    if resume_target is not None:
-        if seed is not None or deterministic or unobserved:
-            _fail(
-                f"--resume {resume_target} continues the run with its recorded config; "
-                "drop --seed, --deterministic and --unobserved"
-            )
-        resolved, plan = _plan_resume(resume_target, runs_dir, updates)
-    else:
-        resolved, plan = _resolve(updates, _run_control(seed, deterministic)), None
+    control = {"seed": seed, "deterministic": deterministic, "unobserved": unobserved}
+    resolved, plan = _training_config(updates, runs_dir, resume_target, control, sacred_flags)
+    rank = env_rank()  # under torchrun: only rank 0 speaks
+    if rank == 0 and nproc is None:  # with --nproc, the processes' rank 0 speaks
+        _announce_config(resolved, sacred_flags)
     if launcher == "slurm":
         fields = {"seed": seed, "deterministic": deterministic, "resume_target": resume_target}
         _submit_training(resolved.config, (updates, labels, fields), runs_dir, mongo_url, slurm)
@@ -149,16 +164,40 @@ def train(
     if nproc is not None:
         _launch_processes(nproc, resolved.config, resuming=plan is not None)
         return
-    from rhn_cli.engine.distributed import env_rank
-
-    rank = env_rank()  # under torchrun: only rank 0 speaks
     corpus = _preflight(resolved.config, resuming=plan is not None, quiet=rank != 0)
+    flags = RunFlags(unobserved, sacred_flags.sacred_options())
+    where = {"runs_dir": runs_dir, "mongo_url": mongo_url}
+    _train_here(resolved, plan, where, (labels, flags, corpus), sacred_flags)
+
+
+def _training_config(updates, runs_dir: str, resume_target, control: dict, sacred_flags):
+    """(resolved config, resume plan or None) of ``rhn train``: the recorded config of
+    the run --resume continues, else the updates with --seed/--deterministic (and
+    --force's unchecked keys)."""
+    if resume_target is None:
+        extra = _run_control(control["seed"], control["deterministic"])
+        return _resolve(updates, extra, sacred_flags.force), None
+    if control["seed"] is not None or control["deterministic"] or control["unobserved"]:
+        _fail(
+            f"--resume {resume_target} continues the run with its recorded config; "
+            "drop --seed, --deterministic and --unobserved"
+        )
+    return _plan_resume(resume_target, runs_dir, updates)
+
+
+def _train_here(resolved, plan, where: dict, run: tuple, sacred_flags) -> None:
+    """Train in this process (one rank of a job under torchrun): ``where`` the run is
+    recorded (runs_dir, mongo_url), ``run`` its (labels, flags, corpus)."""
+    from rhn_cli.engine.distributed import env_rank
+    from rhn_cli.experiment.sacred_app import RunFailed, RunInterrupted, run_training
+
+    labels, flags, corpus = run
+    rank = env_rank()
     try:
         outcome = run_training(
             resolved,
-            runs_dir=runs_dir,
-            mongo_url=mongo_url,
-            unobserved=unobserved,
+            **where,
+            flags=flags,
             labels=labels,
             resume=plan,
             warn=_warn,
@@ -169,6 +208,9 @@ def train(
             sys.exit(128 + (stop.signal_number or 2) if stop.status != "TIMEOUT" else 0)
         _report_stop(stop)
     except RunFailed as failure:
+        from rhn_cli.commands.sacred_flags import debug_failure
+
+        debug_failure(sacred_flags, failure.cause)
         where = f" (traceback recorded in {failure.run_dir}/run.json)" if failure.run_dir else ""
         _fail(f"{'' if rank == 0 else f'rank {rank}: '}{failure.cause}{where}", code=1)
     if rank == 0:
@@ -177,6 +219,19 @@ def train(
 
 def _warn(message: str) -> None:
     _stderr(f"Warning: {message}", "yellow")
+
+
+def _announce_config(resolved, flags) -> None:
+    """Before training: the keys -f/--force let through unchecked, and with -p the config
+    (then a rule, as Sacred prints it)."""
+    if resolved.unchecked:
+        keys = ", ".join(resolved.unchecked)
+        _warn(
+            f"-f/--force: not rhn config keys, recorded unchecked and ignored by training: {keys}"
+        )
+    if flags.print_config:
+        _echo_config(resolved)
+        click.echo("-" * 79)
 
 
 def _submit_training(config: dict, what: tuple, runs_dir: str, mongo_url, slurm: dict) -> None:
@@ -459,13 +514,10 @@ def sample(target, prime, length, temperature, argmax, seed, runs_dir) -> None:
 @cli.command("print-config", epilog=WITH_HELP)
 @click.argument("updates", nargs=-1, metavar="[with] [NAMED_CONFIG|FILE.yaml|KEY=VALUE]...")
 def print_config(updates) -> None:
-    """Show the config a run would use, marking what named configs and updates changed."""
-    from rhn_cli.experiment.render import config_lines, header
+    """Show the config a run would use, marking what named configs and updates changed.
 
-    resolved = _resolve(updates)
-    click.echo(header(resolved))
-    for line, changed in config_lines(resolved):
-        click.secho(line, fg="blue" if changed else None)
+    'rhn train -p ...' prints the same, then trains."""
+    _echo_config(_resolve(updates))
 
 
 @cli.command()

@@ -179,8 +179,8 @@ CASES = [
         id="mongo-env",
     ),
     pytest.param(
-        ["evaluate", "1", "--mongo", "localhost:27017", "--runs-dir", RUNS],
-        "'localhost:27017'",
+        ["evaluate", "1", "--mongo", "localhost:27017/rhn", "--runs-dir", RUNS],
+        "'localhost:27017/rhn'",
         {},
         id="mongo-evaluate",
     ),

@@ -113,10 +113,12 @@ def sweep() -> None:
     "in RUNS_DIR/_sweeps/NAME/; with one, the output is shown as it comes (and logged).",
 )
 @click.option(
+    "-n",
     "--name",
     help="Name of the sweep: every run is tagged with it, and a re-run with the same name "
     "skips the points already completed. Default: the named configs, the swept keys and "
-    "today's date (ptb_sota-depth-hidden_size-2025-06-12).",
+    "today's date (ptb_sota-depth-hidden_size-2025-06-12). (Sacred's -n names a run; here "
+    "it names the sweep, which labels each of its runs as a tag: 'rhn runs ls --tag NAME'.)",
 )
 @click.option(
     "--dry-run",
@@ -143,6 +145,10 @@ def run_sweep(
     With --launcher slurm each point still to run is submitted as a Slurm job (one job
     array) and the command returns at once; 'rhn sweep status NAME' follows them.
     'rhn sweep run' is the same command as 'rhn sweep'.
+
+    Sacred's -F (--runs-dir) and -m (--mongo) work as in 'rhn train', and -n is --name;
+    'rhn train' flags for one run's own process (-c, -u, -p, -l, -d, -D, -f) are not
+    taken: run that point with 'rhn train' (--dry-run prints its command).
     """
     from rhn_cli.commands.launch import check_local_options
     from rhn_cli.experiment.schema import ConfigError

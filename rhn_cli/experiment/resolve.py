@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from rhn_cli.experiment.schema import ConfigError, defaults, suggest, validate
+from rhn_cli.experiment.schema import SCHEMA, ConfigError, defaults, suggest, validate
 
 CONFIG_PATH_ENV = "RHN_CONFIG_PATH"
 COMMAND_LINE = "the command line"
@@ -151,6 +151,7 @@ class ResolvedConfig:
     origins: dict[str, str] = field(default_factory=dict)  # dotted key -> source
     named: list[NamedConfig] = field(default_factory=list)
     updates: dict[str, Any] = field(default_factory=dict)  # nested, as typed
+    unchecked: list[str] = field(default_factory=list)  # keys rhn does not know (--force)
 
 
 def parse_with(tokens: Iterable[str]) -> tuple[dict[str, Any], list[str]]:
@@ -169,10 +170,33 @@ def parse_with(tokens: Iterable[str]) -> tuple[dict[str, Any], list[str]]:
     return get_config_updates(tokens)
 
 
+def _split_unknown(
+    config: Mapping[str, Any], schema: Mapping[str, Any] = SCHEMA
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the keys the schema knows, the others), both nested as ``config`` is."""
+    known: dict[str, Any] = {}
+    unknown: dict[str, Any] = {}
+    for key, value in config.items():
+        option = schema.get(key)
+        if option is None:
+            unknown[key] = value
+        elif isinstance(option, Mapping) and isinstance(value, Mapping):
+            known[key], inner = _split_unknown(value, option)
+            if inner:
+                unknown[key] = inner
+        else:
+            known[key] = value
+    return known, unknown
+
+
 def resolve(
-    tokens: Iterable[str], extra_updates: Mapping[str, Any] | None = None
+    tokens: Iterable[str], extra_updates: Mapping[str, Any] | None = None, force: bool = False
 ) -> ResolvedConfig:
-    """Defaults, then named configs, then updates; validated. Raises ConfigError."""
+    """Defaults, then named configs, then updates; validated. Raises ConfigError.
+
+    ``force`` (Sacred's --force): keys rhn does not know are let through unchecked, as
+    Sacred lets an added key through, and listed in ``unchecked``; the others are
+    checked all the same."""
     updates, named_tokens = parse_with(tokens)
     _merge(updates, extra_updates or {})
     available = discover()
@@ -186,5 +210,9 @@ def resolve(
         origins.update(dict.fromkeys(_flatten(values), f"named config {named_config.name}"))
     _merge(config, updates)
     origins.update(dict.fromkeys(_flatten(updates), COMMAND_LINE))
+    unknown: dict[str, Any] = {}
+    if force:
+        config, unknown = _split_unknown(config)
     validated = validate(config, origins)
-    return ResolvedConfig(validated, origins, named, updates)
+    _merge(validated, unknown)
+    return ResolvedConfig(validated, origins, named, updates, sorted(_flatten(unknown)))

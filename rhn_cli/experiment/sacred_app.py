@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -67,6 +67,16 @@ class RunLabels:
     comment: str | None = None
     tags: Sequence[str] = ()
     job: SchedulerJob | None = None  # the cluster job running it (recorded; its signals)
+
+
+@dataclass
+class RunFlags:
+    """Sacred's flags for a run: ``unobserved`` (-u: record nothing), and the ones Sacred
+    applies itself (``sacred_options``: --loglevel, --debug, --pdb, --force), which it
+    records in the run's meta.options."""
+
+    unobserved: bool = False
+    sacred_options: dict[str, Any] = field(default_factory=dict)
 
 
 class RunFailed(Exception):
@@ -465,12 +475,27 @@ def _training_meta(labels: RunLabels, resume: ResumePlan | None) -> dict | None:
     return meta or None
 
 
+def _sacred_flags(sacred_options: dict[str, Any] | None, quiet: bool) -> dict[str, Any]:
+    """Sacred's flags for the run; a rank other than 0 keeps its log at ERROR."""
+    options = dict(sacred_options or {})
+    if quiet:
+        options.pop("--loglevel", None)
+    return options
+
+
+def _with_unchecked_keys(info: dict | None, unchecked_keys: Sequence[str]) -> dict | None:
+    """The run's info, plus the config keys --force let through (so the record says so)."""
+    if not unchecked_keys:
+        return info
+    return {**(info or {}), "unchecked_config_keys": list(unchecked_keys)}
+
+
 def run_training(
     resolved: ResolvedConfig,
     *,
     runs_dir: str | Path,
     mongo_url: str | None = None,
-    unobserved: bool = False,
+    flags: RunFlags | None = None,
     labels: RunLabels | None = None,
     resume: ResumePlan | None = None,
     warn: Callable[[str], None] = _warn,
@@ -481,10 +506,12 @@ def run_training(
 
     ``labels``: the run's name, comment and tags (:class:`RunLabels`); a resumed run
     keeps its own tags. ``corpus``: the one :mod:`rhn_cli.experiment.preflight` loaded
-    (None: load it)."""
+    (None: load it). ``flags``: Sacred's flags (:class:`RunFlags`); the config keys
+    --force let through (``resolved.unchecked``) are recorded in the run's info."""
     from rhn_cli.engine.train import StopRequest
 
-    labels = labels or RunLabels()
+    labels, flags = labels or RunLabels(), flags or RunFlags()
+    unobserved = flags.unobserved
     shard, resolved = _join_job(resolved)
     quiet = shard is not None and not shard.is_main  # rank 0 alone records and speaks
     observers, mongo, mongo_url = _training_observers(
@@ -496,7 +523,7 @@ def run_training(
     )
     if unobserved or quiet:  # Sacred would warn that no observers were added; that is the point
         experiment.logger.setLevel(logging.ERROR)
-    options = _training_options(labels, resume)
+    options = {**_training_options(labels, resume), **_sacred_flags(flags.sacred_options, quiet)}
     more_signals = labels.job.stop_signals if labels.job is not None else ()
     with _recorded_ends(observers):
         with graceful_stop(stop, warn, shard is None, more_signals), _silenced(quiet):
@@ -505,7 +532,7 @@ def run_training(
                     experiment,
                     config_updates=resolved.updates,
                     named_configs=_named_config_arguments(resolved),
-                    info=_training_info(labels, resume),
+                    info=_with_unchecked_keys(_training_info(labels, resume), resolved.unchecked),
                     meta_info=_training_meta(labels, resume),
                     options=options,
                 )
