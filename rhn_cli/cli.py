@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from rhn_cli import __version__
+from rhn_cli.commands.completion import complete_run_target, complete_updates
 from rhn_cli.commands.launch import launcher_options
 from rhn_cli.commands.messages import fail as _fail
 from rhn_cli.commands.messages import stderr as _stderr
@@ -66,7 +67,12 @@ def cli() -> None:
 
 
 @cli.command(epilog=WITH_HELP)
-@click.argument("updates", nargs=-1, metavar="[with] [NAMED_CONFIG|FILE.yaml|KEY=VALUE]...")
+@click.argument(
+    "updates",
+    nargs=-1,
+    metavar="[with] [NAMED_CONFIG|FILE.yaml|KEY=VALUE]...",
+    shell_complete=complete_updates,
+)
 @click.option("-n", "--name", help="Name of the run (recorded as the experiment name).")
 @click.option("-c", "--comment", help="A note stored with the run (Omniboard shows it as Notes).")
 @click.option(
@@ -402,7 +408,7 @@ def _report_stop(stop) -> None:
 
 
 @cli.command()
-@click.argument("target", metavar="RUN_ID|CHECKPOINT")
+@click.argument("target", metavar="RUN_ID|CHECKPOINT", shell_complete=complete_run_target)
 @click.option(
     "--split",
     type=click.Choice(["valid", "test", "both"]),
@@ -457,7 +463,7 @@ def evaluate(target, split, mc_steps, runs_dir, mongo_url) -> None:
 
 
 @cli.command()
-@click.argument("target", metavar="RUN_ID|CHECKPOINT")
+@click.argument("target", metavar="RUN_ID|CHECKPOINT", shell_complete=complete_run_target)
 @click.option("--prime", default="", help="Text to start from (fed to the model first).")
 @click.option(
     "--length",
@@ -512,7 +518,12 @@ def sample(target, prime, length, temperature, argmax, seed, runs_dir) -> None:
 
 
 @cli.command("print-config", epilog=WITH_HELP)
-@click.argument("updates", nargs=-1, metavar="[with] [NAMED_CONFIG|FILE.yaml|KEY=VALUE]...")
+@click.argument(
+    "updates",
+    nargs=-1,
+    metavar="[with] [NAMED_CONFIG|FILE.yaml|KEY=VALUE]...",
+    shell_complete=complete_updates,
+)
 def print_config(updates) -> None:
     """Show the config a run would use, marking what named configs and updates changed.
 
@@ -705,6 +716,7 @@ def rm(name, yes) -> None:
 
 def _register_command_modules() -> None:
     from rhn_cli.commands.board import board
+    from rhn_cli.commands.completion import completion
     from rhn_cli.commands.runs import runs
     from rhn_cli.commands.sweep import sweep
     from rhn_cli.commands.sync import sync
@@ -713,6 +725,7 @@ def _register_command_modules() -> None:
     cli.add_command(runs)
     cli.add_command(board)
     cli.add_command(sweep)
+    cli.add_command(completion)
 
 
 _register_command_modules()

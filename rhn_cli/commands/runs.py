@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import click
 
+from rhn_cli.commands.completion import complete_run_ids
 from rhn_cli.commands.messages import echo_lines as _echo_lines
 from rhn_cli.commands.messages import fail as _fail
 from rhn_cli.commands.messages import style as _style
@@ -189,7 +190,9 @@ def list_runs(
 
 
 @runs.command()
-@click.argument("run_ids", nargs=-1, required=True, metavar="RUN_ID...")
+@click.argument(
+    "run_ids", nargs=-1, required=True, metavar="RUN_ID...", shell_complete=complete_run_ids
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the run as JSON (all fields).")
 @runs_dir_option
 @mongo_source_option
@@ -211,7 +214,7 @@ def show(run_ids, as_json, runs_dir, mongo_url) -> None:
 
 
 @runs.command()
-@click.argument("run_ids", nargs=-1, metavar="[RUN_ID]...")
+@click.argument("run_ids", nargs=-1, metavar="[RUN_ID]...", shell_complete=complete_run_ids)
 @click.option(
     "--tag",
     "tags",
@@ -250,7 +253,9 @@ def compare(run_ids, tags, all_keys, as_json, runs_dir, mongo_url) -> None:
 
 
 @runs.command()
-@click.argument("run_ids", nargs=-1, required=True, metavar="RUN_ID...")
+@click.argument(
+    "run_ids", nargs=-1, required=True, metavar="RUN_ID...", shell_complete=complete_run_ids
+)
 @click.option(
     "--metric",
     "metrics",
@@ -294,7 +299,7 @@ def plot(run_ids, metrics, output, log_scale, runs_dir, mongo_url) -> None:
 
 
 @runs.command()
-@click.argument("run_ids", nargs=-1, metavar="[RUN_ID]...")
+@click.argument("run_ids", nargs=-1, metavar="[RUN_ID]...", shell_complete=complete_run_ids)
 @click.option(
     "-o",
     "--output",
@@ -307,16 +312,27 @@ def plot(run_ids, metrics, output, log_scale, runs_dir, mongo_url) -> None:
     type=click.Choice(["csv", "json"], case_sensitive=False),
     help="Format (default: from the file name's extension).",
 )
+@click.option(
+    "--tag",
+    "tags",
+    multiple=True,
+    metavar="TAG",
+    help="The runs tagged TAG (a sweep's name), or those of the given ids that are; repeat to AND.",
+)
 @runs_dir_option
 @mongo_source_option
-def export(run_ids, output, export_as, runs_dir, mongo_url) -> None:
+def export(run_ids, output, export_as, tags, runs_dir, mongo_url) -> None:
     """Export runs (all of them if no ids are given) as CSV or JSON.
 
-    CSV: one row per run with its fields, the flattened config as config.KEY columns,
-    the result and each metric's best and last value. JSON: the full records,
-    metric series included. Run ids: 3, ranges 1-10 and comma lists 1,4,9.
+    CSV: the table load_runs() gives in Python (rhn_cli.tracking.frames): one row per
+    run with its fields, the flattened config as config.KEY columns, the results as
+    'rhn runs ls' shows them (valid.ppl, test.ppl...), published.KEY targets where the
+    run recorded them, and each metric's best and last value (METRIC.best, METRIC.last).
+    JSON: the full records, metric series included (as 'rhn runs show --json').
+    Run ids: 3, ranges 1-10 and comma lists 1,4,9.
     """
     from rhn_cli.atomic import write_atomically
+    from rhn_cli.tracking.records import filter_runs
     from rhn_cli.tracking.report import ReportError, export_format, export_text
 
     try:
@@ -325,6 +341,10 @@ def export(run_ids, output, export_as, runs_dir, mongo_url) -> None:
         _fail(str(error))
     store, records = _load(runs_dir, mongo_url)
     chosen = _select(records, run_ids, store.label) if run_ids else records
+    if tags:
+        chosen = filter_runs(chosen, tags=tags)
+        if not chosen:
+            _fail(f"no run tagged {' and '.join(map(repr, tags))} in {store.label}", code=1)
     text = export_text(chosen, chosen_format)
     if output == "-":
         click.echo(text, nl=False)
@@ -337,7 +357,9 @@ def export(run_ids, output, export_as, runs_dir, mongo_url) -> None:
 
 
 @runs.command()
-@click.argument("run_ids", nargs=-1, required=True, metavar="RUN_ID...")
+@click.argument(
+    "run_ids", nargs=-1, required=True, metavar="RUN_ID...", shell_complete=complete_run_ids
+)
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @runs_dir_option
 @mongo_source_option

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from rhn_cli.commands.completion import complete_sweep_names, complete_sweep_updates
 from rhn_cli.commands.launch import launcher_options
 from rhn_cli.commands.messages import fail as _fail
 from rhn_cli.commands.messages import stderr as _stderr
@@ -85,7 +86,10 @@ def sweep() -> None:
 
 @sweep.command("run", epilog=SWEEP_EPILOG)
 @click.argument(
-    "updates", nargs=-1, metavar="[with] [NAMED_CONFIG] KEY=[V1,V2,...]... [KEY=VALUE]..."
+    "updates",
+    nargs=-1,
+    metavar="[with] [NAMED_CONFIG] KEY=[V1,V2,...]... [KEY=VALUE]...",
+    shell_complete=complete_sweep_updates,
 )
 @click.option(
     "--product",
@@ -333,7 +337,7 @@ def _print_comparison(planned, runs_dir: str) -> None:
 
 
 @sweep.command("status")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_sweep_names)
 @runs_dir_option
 def status(name, runs_dir) -> None:
     """Where each point of sweep NAME is: pending (its Slurm job and why), running (run

@@ -27,7 +27,6 @@ from rhn_cli.tracking.records import (
     best_point,
     differing_keys,
     flatten_config,
-    iso,
     json_clean,
     last_value,
     metric_names,
@@ -781,50 +780,120 @@ def export_format(path: str, given: str | None) -> str:
     return suffix
 
 
+# The runs table's columns every run has (load_runs and the CSV export alike), whatever
+# was recorded; config.KEY, published.KEY and METRIC.best/.last columns follow the runs.
+RUN_COLUMNS = (
+    "id",
+    "name",
+    "status",
+    "start_time",
+    "stop_time",
+    "duration_s",
+    "host",
+    "command",
+    "comment",
+    "named_configs",
+    "tags",
+)
+RESULT_COLUMNS = ("result", "best_epoch", "epochs", *(name for name, _, _ in SUMMARY_FIELDS))
+
+
 def _csv_value(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
         return repr(value) if math.isfinite(value) else ""
+    if isinstance(value, datetime):
+        return value.isoformat()
     if isinstance(value, (list, dict)):
         return json.dumps(json_clean(value), sort_keys=True)
     return str(value)
 
 
-def export_rows(records: Sequence[RunRecord]) -> tuple[list[str], list[list[str]]]:
-    """CSV header and rows: run fields, ``config.KEY`` (flattened), then metrics."""
-    config_keys = sorted(set().union(*(flatten_config(r.config) for r in records)))
+def published_targets(record: RunRecord) -> dict[str, Any]:
+    """The published figures the run's config reproduces (``info.published``, a mapping
+    such as ``{"valid.ppl": 67.9, "test.ppl": 65.4}`` or nested), flattened with dots;
+    empty for a run without them."""
+    published = (record.info or {}).get("published")
+    return flatten_config(published) if isinstance(published, dict) else {}
+
+
+def table_id(record: RunRecord) -> int | str:
+    """The run id as a table holds it: a number where it is one (file store directories
+    too), so that ids sort and select alike from either store."""
+    return int(record.key) if record.key.isdigit() else record.key
+
+
+def _utc(time: datetime | None) -> datetime | None:
+    return None if time is None else time.replace(tzinfo=UTC)
+
+
+def _run_fields(record: RunRecord) -> list[Any]:
+    """The values of RUN_COLUMNS."""
+    return [
+        table_id(record),
+        record.name,
+        record.status,
+        _utc(record.start_time),
+        _utc(record.stop_time),
+        record.duration,
+        record.host.get("hostname"),
+        record.command,
+        record.comment,
+        list(record.named_configs),
+        list(record.tags),
+    ]
+
+
+def _results(record: RunRecord) -> list[Any]:
+    """The values of RESULT_COLUMNS: what ``rhn runs ls`` shows (test.ppl at the epoch of
+    the best valid.ppl)."""
+    summary = summarize(record)
+    summary_values = [getattr(summary, attribute) for _, attribute, _ in SUMMARY_FIELDS]
+    return [record.result, summary.best_epoch, summary.epochs, *summary_values]
+
+
+def _metric_ends(record: RunRecord, metrics: Sequence[str]) -> list[Any]:
+    """Each metric's best and last value (None where the run lacks the metric)."""
+    values: list[Any] = []
+    for metric in metrics:
+        best = best_point(record, metric)
+        values += [best[1] if best else None, last_value(record, metric)]
+    return values
+
+
+def export_table(records: Sequence[RunRecord]) -> tuple[list[str], list[list[Any]]]:
+    """The runs table, one row per run, as Python values (UTC datetimes, lists, None):
+    RUN_COLUMNS, ``config.KEY`` (flattened), RESULT_COLUMNS, ``published.KEY``, then
+    ``METRIC.best`` and ``METRIC.last`` for every metric. Both ``rhn runs export``'s CSV
+    and :func:`rhn_cli.tracking.frames.load_runs` are this table."""
+    configs = [flatten_config(r.config) for r in records]
+    published = [published_targets(r) for r in records]
+    config_keys = sorted(set().union(*configs))
+    published_keys = sorted(set().union(*published))
     metrics = metric_names(records)
-    header = ["id", "name", "status", "start_time", "stop_time", "duration_s", "host"]
-    header += ["command", "comment", *(f"config.{k}" for k in config_keys)]
-    header += ["result", "best_epoch", "epochs", "test.ppl_at_best"]
+    header = [*RUN_COLUMNS, *(f"config.{k}" for k in config_keys), *RESULT_COLUMNS]
+    header += [f"published.{k}" for k in published_keys]
     for metric in metrics:
         header += [f"{metric}.best", f"{metric}.last"]
-    rows = []
-    for record in records:
-        config = flatten_config(record.config)
-        summary = summarize(record)
-        row = [
-            record.key,
-            record.name,
-            record.status,
-            iso(record.start_time),
-            iso(record.stop_time),
-            record.duration,
-            record.host.get("hostname"),
-            record.command,
-            record.comment,
+    rows = [
+        [
+            *_run_fields(record),
             *(config.get(k) for k in config_keys),
-            record.result,
-            summary.best_epoch,
-            summary.epochs,
-            summary.test_ppl,
+            *_results(record),
+            *(targets.get(k) for k in published_keys),
+            *_metric_ends(record, metrics),
         ]
-        for metric in metrics:
-            best = best_point(record, metric)
-            row += [best[1] if best else None, last_value(record, metric)]
-        rows.append([_csv_value(v) for v in row])
+        for record, config, targets in zip(records, configs, published, strict=True)
+    ]
     return header, rows
+
+
+def export_rows(records: Sequence[RunRecord]) -> tuple[list[str], list[list[str]]]:
+    """CSV header and rows: :func:`export_table` as text (ISO times, JSON lists, empty
+    cells for missing values)."""
+    header, rows = export_table(records)
+    return header, [[_csv_value(v) for v in row] for row in rows]
 
 
 def export_text(records: Sequence[RunRecord], export: str) -> str:
