@@ -170,6 +170,12 @@ def train(
     if nproc is not None:
         _launch_processes(nproc, resolved.config, resuming=plan is not None)
         return
+    if rank == 0:  # at once: importing torch and Sacred's run machinery takes seconds
+        config, what = resolved.config, "resuming" if plan is not None else "training"
+        click.echo(
+            f"rhn train: {what} {config['model']} on {config['dataset']}, "
+            f"{config['max_max_epoch']} epochs; loading torch and the data..."
+        )
     corpus = _preflight(resolved.config, resuming=plan is not None, quiet=rank != 0)
     flags = RunFlags(unobserved, sacred_flags.sacred_options())
     where = {"runs_dir": runs_dir, "mongo_url": mongo_url}

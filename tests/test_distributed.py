@@ -152,7 +152,7 @@ def test_a_killed_rank_ends_the_job_naming_it(tmp_path):
         assert len(rank1) == 1
         killed = time.monotonic()
         os.kill(rank1[0], signal.SIGKILL)
-        _, stderr = job.communicate(timeout=60)
+        stderr = job_stderr(job, tmp_path)
         took = time.monotonic() - killed
     finally:
         if job.poll() is None:
@@ -176,7 +176,7 @@ def test_a_stop_is_agreed_and_resumes_exactly(tmp_path):
     try:
         (rank1,) = [pid for pid in children(job.pid) if environment(pid).get("RANK") == "1"]
         os.kill(rank1, signal.SIGTERM)
-        _, stderr = job.communicate(timeout=60)
+        stderr = job_stderr(job, tmp_path)
     finally:
         if job.poll() is None:
             job.kill()
@@ -201,21 +201,22 @@ def test_a_stop_is_agreed_and_resumes_exactly(tmp_path):
 
 def start_training(tmp_path: Path, arguments: list[str]) -> subprocess.Popen:
     """``rhn train ARGUMENTS`` in the background, once both ranks are training (its
-    output in tmp_path/stdout.txt, its stderr a pipe)."""
-    log = tmp_path / "stdout.txt"
-    with open(log, "w") as out:
+    output in tmp_path/stdout.txt, its stderr, where progress goes off a terminal, in
+    tmp_path/stderr.txt: :func:`job_stderr` waits for the end and reads it)."""
+    log = tmp_path / "stderr.txt"
+    with open(tmp_path / "stdout.txt", "w") as out, open(log, "w") as err:
         job = subprocess.Popen(
             [sys.executable, "-m", "rhn_cli", "train", *arguments],
             cwd=tmp_path,
             env=job_env(),
             stdout=out,
-            stderr=subprocess.PIPE,
+            stderr=err,
             text=True,
         )
     deadline = time.monotonic() + 60
     try:
-        while "epoch 1" not in log.read_text():
-            assert job.poll() is None, job.stderr.read()
+        while "  epoch 1 " not in log.read_text():
+            assert job.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "training did not start"
             time.sleep(0.1)
     except BaseException:
@@ -223,6 +224,12 @@ def start_training(tmp_path: Path, arguments: list[str]) -> subprocess.Popen:
         job.wait()
         raise
     return job
+
+
+def job_stderr(job: subprocess.Popen, tmp_path: Path) -> str:
+    """The job's stderr, once it has ended (within 60 s)."""
+    job.wait(timeout=60)
+    return (tmp_path / "stderr.txt").read_text()
 
 
 def children(pid: int) -> list[int]:

@@ -219,17 +219,18 @@ def start_training(tmp_path: Path, *args: str) -> subprocess.Popen:
 
 
 def wait_for_progress(process: subprocess.Popen, timeout: float = 60.0) -> list[str]:
-    """Read stdout until the first plain progress line of the first epoch."""
+    """Read stderr, where progress goes off a terminal (never into the recorded output),
+    until the first plain progress line of the first epoch."""
     lines, deadline = [], time.monotonic() + timeout
     while time.monotonic() < deadline:
-        line = process.stdout.readline()
+        line = process.stderr.readline()
         if not line:
             break
         lines.append(line)
         if line.startswith("  epoch 1 "):
             return lines
     process.kill()
-    pytest.fail("training never printed progress:\n" + "".join(lines) + process.stderr.read())
+    pytest.fail("training never printed progress:\n" + "".join(lines) + process.stdout.read())
 
 
 @pytest.mark.parametrize(("sent", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

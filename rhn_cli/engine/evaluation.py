@@ -32,11 +32,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rhn_cli.data.batching import PAD_TARGET, minibatches
+from rhn_cli.data.batching import PAD_TARGET, minibatches, num_minibatches
 from rhn_cli.engine import checkpoint
 from rhn_cli.engine.device import as_tensor, pick_device
 from rhn_cli.engine.distributed import SINGLE, Shard
 from rhn_cli.engine.objective import perplexity, sequence_loss
+from rhn_cli.engine.progress import SILENT, Progress, ProgressOutput, eta
 from rhn_cli.models import build_model
 from rhn_cli.models.base import LanguageModel
 from rhn_cli.models.dropout import variational_mask
@@ -60,6 +61,7 @@ def evaluate(
     device: torch.device,
     split: str,
     shard: Shard = SINGLE,
+    progress: ProgressOutput = SILENT,
 ) -> float:
     """Batched perplexity of ``tokens`` with no dropout, state carried from the initial one.
 
@@ -69,26 +71,52 @@ def evaluate(
     rows, local_batch = shard.rows(batch_size), shard.local_batch(batch_size)
     state = model.initial_state(local_batch)
     total_nll, count = 0.0, 0
-    for inputs, targets in minibatches(tokens, batch_size, num_steps, split):
-        inputs, targets = inputs[rows], targets[rows]
-        logits, state = model(as_tensor(inputs, device), state)
-        total_nll += sequence_loss(logits, as_tensor(targets, device)).item() * local_batch
-        count += targets.size
+    layouts = _running_perplexity(lambda: (total_nll, count))
+    steps = num_minibatches(len(tokens), batch_size, num_steps)
+    with progress.start(steps, split, "batch", layouts) as bar:
+        for inputs, targets in minibatches(tokens, batch_size, num_steps, split):
+            inputs, targets = inputs[rows], targets[rows]
+            logits, state = model(as_tensor(inputs, device), state)
+            total_nll += sequence_loss(logits, as_tensor(targets, device)).item() * local_batch
+            count += targets.size
+            bar.update()
     total_nll, count = shard.sum([total_nll, count])
     return perplexity(total_nll / count)
 
 
+def _running_perplexity(sums):
+    """Layouts of an evaluation's progress: the perplexity so far (from ``sums()``: total
+    NLL, tokens it is over) and the time left."""
+
+    def layouts(seconds_left: float | None) -> list[str]:
+        total_nll, count = sums()
+        ppl = f"ppl {perplexity(total_nll / count):.2f}  " if count else ""
+        return [ppl + eta(seconds_left)]
+
+    return layouts
+
+
 @torch.no_grad()
-def evaluate_independent(model: LanguageModel, batches, device: torch.device) -> float:
+def evaluate_independent(
+    model: LanguageModel,
+    batches,
+    device: torch.device,
+    progress: ProgressOutput = SILENT,
+    total: tuple[int, str] = (0, "valid"),
+) -> float:
     """Perplexity over minibatches that each start from the initial state (chunks or
-    padded sentences; padded targets do not count)."""
+    padded sentences; padded targets do not count). ``total``: (number of minibatches,
+    split), for the progress."""
     model.eval()
     total_nll, count = 0.0, 0
-    for inputs, targets in batches:
-        state = model.initial_state(inputs.shape[0])
-        logits, _ = model(as_tensor(inputs, device), state)
-        total_nll += sequence_loss(logits, as_tensor(targets, device)).item() * len(inputs)
-        count += int((targets != PAD_TARGET).sum())
+    layouts = _running_perplexity(lambda: (total_nll, count))
+    with progress.start(*total, "batch", layouts) as bar:
+        for inputs, targets in batches:
+            state = model.initial_state(inputs.shape[0])
+            logits, _ = model(as_tensor(inputs, device), state)
+            total_nll += sequence_loss(logits, as_tensor(targets, device)).item() * len(inputs)
+            count += int((targets != PAD_TARGET).sum())
+            bar.update()
     return perplexity(total_nll / count)
 
 
@@ -106,12 +134,13 @@ def token_log_probs(
     masks: dict | None = None,
     chunk: int = FULL_EVALUATION_CHUNK,
     device: torch.device | None = None,
+    bar: Progress | _Scaled | None = None,
 ) -> torch.Tensor:
     """log p(token_{k+1} | tokens_{..k}) for k = 0..n-2, as [rows, n - 1] (float64).
 
     Every row reads the same stream with the state carried from a zero start. With
     ``masks`` (one row each) dropout is applied with those fixed masks; without, the
-    model runs in eval mode (no dropout).
+    model runs in eval mode (no dropout). ``bar`` counts the chunks read.
     """
     device = device or next(model.parameters()).device
     inputs, targets = _stream(tokens, device)
@@ -126,13 +155,31 @@ def token_log_probs(
         # precision, accumulated in float64 afterwards.
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
         pieces.append(-nll.view(rows, -1).double())
+        if bar is not None:
+            bar.update()
     model.eval()
     return torch.cat(pieces, dim=1)
 
 
-def full_perplexity(model: RHNLanguageModel, tokens: np.ndarray, **kwargs) -> float:
+def _chunks(tokens: np.ndarray, chunk: int) -> int:
+    """Chunks :func:`token_log_probs` reads ``tokens`` in."""
+    return -(-max(len(tokens) - 1, 0) // chunk)
+
+
+def full_perplexity(
+    model: RHNLanguageModel,
+    tokens: np.ndarray,
+    *,
+    progress: ProgressOutput = SILENT,
+    desc: str = "full evaluation",
+    **kwargs,
+) -> float:
     """Non-batched perplexity: B = 1, no dropout, state carried through the split."""
-    return perplexity(-token_log_probs(model, tokens, **kwargs).mean().item())
+    chunks = _chunks(tokens, kwargs.get("chunk", FULL_EVALUATION_CHUNK))
+    layouts = lambda seconds_left: [eta(seconds_left)]  # noqa: E731
+    with progress.start(chunks, desc, "chunk", layouts) as bar:
+        log_probs = token_log_probs(model, tokens, bar=bar, **kwargs)
+    return perplexity(-log_probs.mean().item())
 
 
 def mc_masks(model: RHNLanguageModel, samples: int) -> dict:
@@ -158,33 +205,58 @@ def mc_dropout_perplexity(
     *,
     batch: int = MC_BATCH,
     chunk: int = FULL_EVALUATION_CHUNK,
-    progress=None,
+    progress: ProgressOutput = SILENT,
+    desc: str = "MC dropout",
 ) -> MCResult:
-    """MC-dropout perplexity over ``samples`` accepted samples, ``batch`` at a time."""
+    """MC-dropout perplexity over ``samples`` accepted samples, ``batch`` at a time.
+
+    Its progress counts the chunks read by every sample (a rejected sample's are redone)."""
     total_probs = None
     accepted = rejected = 0
-    while accepted < samples:
-        count = min(batch, samples - accepted)
-        log_probs = token_log_probs(
-            model, tokens, rows=count, masks=mc_masks(model, count), chunk=chunk
-        )
-        keep = torch.exp(-log_probs.mean(dim=1)) < MC_REJECT_PERPLEXITY
-        rejected += int((~keep).sum())
-        probs = log_probs[keep].exp().sum(dim=0)
-        total_probs = probs if total_probs is None else total_probs + probs
-        accepted += int(keep.sum())
-        if progress is not None:
-            progress(accepted, rejected)
-        if accepted == 0 and rejected >= 10 * samples:
-            raise RuntimeError(
-                f"MC dropout: {rejected} samples in a row had perplexity >= "
-                f"{MC_REJECT_PERPLEXITY:g}; is the dropout rate too high for this model?"
+    per_sample = _chunks(tokens, chunk)
+
+    def layouts(seconds_left: float | None) -> list[str]:
+        done = f"{accepted}/{samples} samples ({rejected} rejected)"
+        return [f"{done}  {eta(seconds_left)}", eta(seconds_left)]
+
+    with progress.start(per_sample * samples, desc, "chunk", layouts) as bar:
+        while accepted < samples:
+            count = min(batch, samples - accepted)
+            masks = mc_masks(model, count)
+            # The bar counts one sample's chunks; a batch of rows reads them together.
+            pass_bar = _Scaled(bar, count)
+            log_probs = token_log_probs(
+                model, tokens, rows=count, masks=masks, chunk=chunk, bar=pass_bar
             )
+            keep = torch.exp(-log_probs.mean(dim=1)) < MC_REJECT_PERPLEXITY
+            rejected += int((~keep).sum())
+            bar.extend(per_sample * int((~keep).sum()))  # the redrawn samples
+            probs = log_probs[keep].exp().sum(dim=0)
+            total_probs = probs if total_probs is None else total_probs + probs
+            accepted += int(keep.sum())
+            if accepted == 0 and rejected >= 10 * samples:
+                raise RuntimeError(
+                    f"MC dropout: {rejected} samples in a row had perplexity >= "
+                    f"{MC_REJECT_PERPLEXITY:g}; is the dropout rate too high for this model?"
+                )
     mean_probs = (total_probs / samples).clamp(1e-10, 1 - 1e-10)
     return MCResult(perplexity(-mean_probs.log().mean().item()), samples, rejected)
 
 
-def evaluate_saved_model(config, corpus, reporter, splits, *, echo=print) -> dict[str, float]:
+@dataclass
+class _Scaled:
+    """A progress bar advanced ``rows`` units per update: one chunk read by many rows."""
+
+    bar: Progress
+    rows: int
+
+    def update(self) -> None:
+        self.bar.update(self.rows)
+
+
+def evaluate_saved_model(
+    config, corpus, reporter, splits, *, echo=print, progress: ProgressOutput = SILENT
+) -> dict[str, float]:
     """The reference ``evaluate`` / ``evaluate_mc`` commands on ``config['load_model']``:
     batched (training B and T) and full perplexity on each split, and MC-dropout
     perplexity when ``config['mc_steps']`` > 0. Returns {metric name: perplexity}."""
@@ -195,10 +267,14 @@ def evaluate_saved_model(config, corpus, reporter, splits, *, echo=print) -> dic
     for split in splits:
         tokens = corpus.split(split)
         B, T = config["batch_size"], config["num_steps"]
-        results[f"{split}.ppl"] = evaluate(model, tokens, B, T, device, split)
-        results[f"full_{split}.ppl"] = full_perplexity(model, tokens)
+        results[f"{split}.ppl"] = evaluate(model, tokens, B, T, device, split, progress=progress)
+        results[f"full_{split}.ppl"] = full_perplexity(
+            model, tokens, progress=progress, desc=f"full {split}"
+        )
         if config["mc_steps"]:
-            mc = mc_dropout_perplexity(model, tokens, config["mc_steps"])
+            mc = mc_dropout_perplexity(
+                model, tokens, config["mc_steps"], progress=progress, desc=f"MC {split}"
+            )
             results[f"mc_{split}.ppl"] = mc.perplexity
             reporter.set_info(f"mc_{split}_rejected_samples", mc.rejected)
     for name, ppl in results.items():

@@ -32,13 +32,12 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from rhn_cli.data.batching import (
     PAD_TARGET,
@@ -68,13 +67,13 @@ from rhn_cli.engine.objective import (
     sequence_loss,
 )
 from rhn_cli.engine.optim import clip_and_step, make_optimizer, penalised_step
+from rhn_cli.engine.progress import ProgressOutput, clock
 from rhn_cli.engine.regularizers import norm_stabilizer, weight_noise
 from rhn_cli.engine.timing import parse_duration
 from rhn_cli.kernels.library_choice import library_decisions, pin_library_decisions
 from rhn_cli.models import build_model
 from rhn_cli.models.base import State, detach_state, map_state
 
-PLAIN_PROGRESS_LINES_PER_EPOCH = 10
 _SPLITS = ("train", "valid", "test")
 
 
@@ -166,8 +165,9 @@ class TrainingSummary:
 class RunContext:
     """Where a training run speaks, writes and starts from, beyond its config and data.
 
-    Epoch summaries go to ``echo``; a per-epoch progress bar goes to ``progress`` if
-    given, else a plain line every tenth of an epoch. Checkpoints are written into
+    Epoch summaries go to ``echo``. Progress (of each epoch, evaluation) is drawn as
+    bars on ``progress``, a terminal, if given; else written now and then as plain lines
+    on ``progress_log`` if given (:mod:`rhn_cli.engine.progress`). Checkpoints are written into
     ``run_dir`` (none if it is None); ``resume_from`` is a loaded checkpoint to continue;
     ``stop`` is set to stop after the current step. ``shard`` is this process's part of
     a data-parallel job (:mod:`rhn_cli.engine.distributed`); only its rank 0 should get
@@ -175,6 +175,7 @@ class RunContext:
 
     echo: Callable[[str], None] = print
     progress: TextIO | None = None
+    progress_log: TextIO | None = None
     run_dir: Path | None = None
     resume_from: Mapping[str, Any] | None = None
     stop: StopRequest | None = None
@@ -232,10 +233,6 @@ def _bits(ppl: float) -> float:
     return math.log2(ppl)
 
 
-def _clock(seconds: float) -> str:
-    return str(timedelta(seconds=round(max(seconds, 0.0))))
-
-
 class Trainer:
     """Owns the model, the optimiser and the position in training; can save and restore all."""
 
@@ -251,7 +248,7 @@ class Trainer:
         self.corpus = corpus
         self.reporter = MetricLog(reporter)
         self.echo = context.echo
-        self.progress = context.progress
+        self.progress_output = ProgressOutput(context.progress, context.progress_log)
         self.run_dir = Path(context.run_dir) if context.run_dir is not None else None
         self.stop = context.stop or StopRequest()
         # This process's part of a data-parallel job (SINGLE: all of it).
@@ -320,27 +317,34 @@ class Trainer:
         """The per-epoch perplexity of a split: carried streams with the training B and T,
         or whole sentences for a sentence model."""
         if self.batching == "sentences":
+            count, batches = sentence_batches(self.sentences[split], self.batch_size, None)
             return evaluate_independent(
-                self.model,
-                sentence_batches(self.sentences[split], self.batch_size, None)[1],
-                self.device,
+                self.model, batches, self.device, self.progress_output, (count, split)
             )
         tokens = self.corpus.split(split)
         return evaluate(
-            self.model, tokens, self.batch_size, self.num_steps, self.device, split, self.shard
+            self.model,
+            tokens,
+            self.batch_size,
+            self.num_steps,
+            self.device,
+            split,
+            self.shard,
+            self.progress_output,
         )
 
     def evaluate_chunks(self, split: str, epoch_index: int) -> float:
         """The Zoneout scripts' dev metric: independent chunks after a random offset, each
         from the learned initial state (no state carried)."""
-        _, batches = chunk_batches(
+        count, batches = chunk_batches(
             self.corpus.split(split),
             self.batch_size,
             self.num_steps,
             self._rng(epoch_index, purpose=1),
             shuffle=False,
         )
-        return evaluate_independent(self.model, batches, self.device)
+        total = (count, f"{split} chunks")
+        return evaluate_independent(self.model, batches, self.device, self.progress_output, total)
 
     # -- checkpoints -------------------------------------------------------------------
 
@@ -640,10 +644,11 @@ class Trainer:
             else:
                 self.epochs_without_improvement += 1
 
+            # The perplexities first: at 80 columns they fit one line, the rest wraps.
             line = (
-                f"epoch {epoch:>3}/{config['max_max_epoch']}  lr {lr:.4g}  "
+                f"epoch {epoch:>3}/{config['max_max_epoch']}  "
                 f"train ppl {train_ppl:8.3f} bits {_bits(train_ppl):.4f}  "
-                f"valid ppl {valid_ppl:8.3f} bits {_bits(valid_ppl):.4f}"
+                f"valid ppl {valid_ppl:8.3f} bits {_bits(valid_ppl):.4f}  lr {lr:.4g}"
             )
             if entropy is not None:
                 line += f"  (source entropy {entropy:.4f})"
@@ -699,14 +704,13 @@ class Trainer:
             return {}
         results = {}
         for split, tokens in (("valid", self.corpus.valid), ("test", self.corpus.test)):
-            results[f"full_{split}"] = full_perplexity(self.model, tokens)
+            results[f"full_{split}"] = full_perplexity(
+                self.model, tokens, progress=self.progress_output, desc=f"full {split}"
+            )
         mc_steps = self.config["mc_steps"]
         if mc_steps:
             mc = mc_dropout_perplexity(
-                self.model,
-                self.corpus.test,
-                mc_steps,
-                progress=lambda done, bad: None,
+                self.model, self.corpus.test, mc_steps, progress=self.progress_output
             )
             results["mc_test"] = mc.perplexity
             self.reporter.set_info("mc_rejected_samples", mc.rejected)
@@ -752,61 +756,47 @@ class Trainer:
 
 
 class EpochProgress:
-    """The progress of one epoch's training: a tqdm bar on the trainer's ``progress``
-    stream when it has one, else a plain line through its ``echo`` every tenth of the
-    epoch; each with the running perplexity, tokens/s and the time left."""
+    """The progress of one epoch's training (:mod:`rhn_cli.engine.progress`): the running
+    perplexity and the time left in the epoch and the run; on wide terminals also the
+    learning rate and tokens/s."""
 
     def __init__(self, trainer: Trainer, lr: float) -> None:
         self.trainer, self.lr = trainer, lr
         self.first_step = trainer.step
-        epoch, steps = trainer.epoch_index + 1, trainer.steps_per_epoch
-        self.bar = tqdm(
-            total=steps,
+        self.pass_ = trainer.progress_output.start(
+            trainer.steps_per_epoch,
+            f"epoch {trainer.epoch_index + 1}",
+            "batch",
+            self._layouts,
             initial=self.first_step,
-            desc=f"epoch {epoch}",
-            unit="batch",
-            leave=False,
-            disable=trainer.progress is None,
-            file=trainer.progress,
-            mininterval=1.0,
         )
-        self.line_every = max(steps // PLAIN_PROGRESS_LINES_PER_EPOCH, 1)
         self.started = time.monotonic()
 
     def __enter__(self) -> EpochProgress:
-        self.bar.__enter__()
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self.bar.__exit__(*exc_info)
+        self.pass_.close()
 
     def after_step(self) -> None:
-        """Show the step the trainer has just taken (its ``step`` counts it)."""
-        trainer = self.trainer
-        step, steps = trainer.step, trainer.steps_per_epoch
-        elapsed = time.monotonic() - self.started
-        per_step = elapsed / (step - self.first_step)
-        tokens_per_s = trainer.epoch_tokens / max(elapsed, 1e-9)
-        if trainer.progress is not None:
-            self.bar.update()
-            if (step - self.first_step) % 10 == 0 or step == steps:
-                self.bar.set_postfix_str(self._status(per_step, tokens_per_s), refresh=False)
-        elif step % self.line_every == 0 and step < steps:
-            trainer.echo(
-                f"  epoch {trainer.epoch_index + 1} {100 * step / steps:3.0f}%  "
-                + self._status(per_step, tokens_per_s)
-            )
+        """Count the step the trainer has just taken."""
+        self.pass_.update()
 
-    def _status(self, per_step: float, tokens_per_s: float) -> str:
+    def _layouts(self, left_in_epoch: float | None) -> list[str]:
         trainer = self.trainer
-        left_in_epoch = (trainer.steps_per_epoch - trainer.step) * per_step
+        if left_in_epoch is None or not trainer.iters:
+            return ["ppl ?  ETA ?"]
+        ppl = f"ppl {perplexity(trainer.costs / trainer.iters):.2f}"
         epochs_after = trainer.config["max_max_epoch"] - trainer.epoch_index - 1
+        per_step = left_in_epoch / max(trainer.steps_per_epoch - trainer.step, 1)
         left_in_run = left_in_epoch + epochs_after * trainer.steps_per_epoch * per_step
-        ppl = perplexity(trainer.costs / trainer.iters)
-        return (
-            f"ppl {ppl:.2f}  lr {self.lr:.4g}  {tokens_per_s:,.0f} tok/s  "
-            f"ETA epoch {_clock(left_in_epoch)}, run {_clock(left_in_run)}"
-        )
+        tokens_per_s = trainer.epoch_tokens / max(time.monotonic() - self.started, 1e-9)
+        times = f"ETA epoch {clock(left_in_epoch)}, run {clock(left_in_run)}"
+        return [
+            f"{ppl}  lr {self.lr:.4g}  {tokens_per_s:,.0f} tok/s  {times}",
+            f"{ppl}  {times}",
+            f"{ppl}  ETA {clock(left_in_epoch)}",
+        ]
 
 
 def check_splits(config: Mapping[str, Any], corpus: Corpus) -> None:

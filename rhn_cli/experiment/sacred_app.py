@@ -112,6 +112,8 @@ def _main_function(
 ):
     """Sacred's main function: train on the resolved config, return best valid perplexity.
 
+    ``progress``: the terminal for progress bars (None: plain progress lines on the real
+    stderr, from the process that speaks).
     ``shard``: this process's part of a data-parallel job (None: a single process).
     ``corpus``: the corpus the pre-flight checks loaded (None: load it here)."""
 
@@ -121,6 +123,7 @@ def _main_function(
         from rhn_cli.data.registry import load_corpus
         from rhn_cli.engine.distributed import SINGLE
         from rhn_cli.engine.train import RunContext, configure_determinism, train
+        from rhn_cli.experiment.console import fitted_echo, progress_streams
 
         # rhn validated the config before Sacred saw it (Sacred resolves the same one):
         # a plain, type-widened copy of Sacred's read-only config, not a second check.
@@ -138,8 +141,11 @@ def _main_function(
             _run.info["dataset"] = clean(data.description)
         if shard is not None:
             _run.info["world_size"] = shard.world_size
+        speaks = shard is None or shard.is_main
         context = RunContext(
+            echo=fitted_echo,
             progress=progress,
+            progress_log=progress_streams(speaks)[1] if progress is None else None,
             run_dir=run_dir,
             resume_from=resume.state if resume is not None else None,
             stop=stop,
@@ -160,6 +166,8 @@ def _evaluate_function(splits: tuple[str, ...], evaluated_run: str | None, corpu
 
         from rhn_cli.data.registry import load_corpus
         from rhn_cli.engine.evaluation import evaluate_saved_model
+        from rhn_cli.engine.progress import ProgressOutput
+        from rhn_cli.experiment.console import progress_streams
 
         config = plain(_config)  # validated before Sacred saw it, as in main
         torch.manual_seed(_seed)
@@ -168,7 +176,10 @@ def _evaluate_function(splits: tuple[str, ...], evaluated_run: str | None, corpu
         _run.info["checkpoint"] = config["load_model"]
         print(f"evaluating {config['load_model']} on {', '.join(splits)}")
         data = corpus if corpus is not None else load_corpus(config)
-        results = evaluate_saved_model(config, data, SacredReporter(_run), splits)
+        progress = ProgressOutput(*progress_streams(True))
+        results = evaluate_saved_model(
+            config, data, SacredReporter(_run), splits, progress=progress
+        )
         _run.info["kernels"] = kernel_facts()
         return results[f"full_{splits[-1]}.ppl"]
 
@@ -178,8 +189,9 @@ def _evaluate_function(splits: tuple[str, ...], evaluated_run: str | None, corpu
 def _terminal() -> TextIO | None:
     """The real stderr when it is a terminal: progress bars go there, bypassing Sacred's
     capture, so redraws never reach the recorded output."""
-    stream = sys.__stderr__
-    return stream if stream is not None and stream.isatty() else None
+    from rhn_cli.experiment.console import progress_streams
+
+    return progress_streams(True)[0]
 
 
 class _CurrentStderrHandler(logging.StreamHandler):
