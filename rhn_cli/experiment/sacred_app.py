@@ -24,6 +24,7 @@ from typing import Any, TextIO
 import rhn_cli
 from rhn_cli.experiment import provenance
 from rhn_cli.experiment.jobs import JOB_META_KEY, SchedulerJob
+from rhn_cli.experiment.published import with_published
 from rhn_cli.experiment.recording import (
     SacredReporter,
     kernel_facts,
@@ -544,7 +545,11 @@ def run_training(
                     experiment,
                     config_updates=resolved.updates,
                     named_configs=_named_config_arguments(resolved),
-                    info=_with_unchecked_keys(_training_info(labels, resume), resolved.unchecked),
+                    info=with_published(
+                        _with_unchecked_keys(_training_info(labels, resume), resolved.unchecked),
+                        resolved.config,
+                        [named.name for named in resolved.named],
+                    ),
                     meta_info=_training_meta(labels, resume),
                     options=options,
                 )

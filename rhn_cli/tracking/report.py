@@ -197,6 +197,90 @@ SUMMARY_FIELDS = (
 
 
 # --------------------------------------------------------------------------------------
+# Published targets (info.published; rhn_cli.experiment.published says what is compared)
+# --------------------------------------------------------------------------------------
+
+TARGET_UNITS = ("ppl", "bpc")
+
+
+@dataclass
+class Target:
+    """A published figure and the run's value it compares to."""
+
+    metric: str  # valid.ppl, test.ppl, test.bpc...
+    published: float
+    value: float | None
+    compared_to: str  # which of the run's values, in words
+
+    @property
+    def gap(self) -> float | None:
+        """The run's value above (+) or below (-) the published one, in percent."""
+        if self.value is None or not self.published:
+            return None
+        return (self.value / self.published - 1) * 100
+
+
+def _run_value(summary: Summary, split: str) -> tuple[float | None, str]:
+    """(the run's perplexity compared to a published ``split`` figure, what it is):
+    valid: the best per-epoch value (the reference's result); test: the final
+    non-batched one, else the batched one at the best valid epoch."""
+    if split == "valid":
+        return summary.best_valid_ppl, "best valid (batched)"
+    if split == "test" and summary.full_test_ppl is not None:
+        return summary.full_test_ppl, "full test (non-batched)"
+    if split == "test":
+        return summary.test_ppl, "test at the best valid epoch (batched)"
+    return None, MISSING
+
+
+def paper_targets(record: RunRecord) -> list[Target]:
+    """The run's published figures (numbers named SPLIT.ppl or SPLIT.bpc in
+    ``info.published``), each with the run's value; the source and config are not."""
+    summary = summarize(record)
+    targets = []
+    for metric, published in published_targets(record).items():
+        split, _, unit = metric.rpartition(".")
+        if unit not in TARGET_UNITS or not _is_number(published):
+            continue
+        ppl, compared_to = _run_value(summary, split)
+        value = ppl if ppl is None or unit == "ppl" else math.log2(ppl)
+        targets.append(Target(metric, float(published), value, compared_to))
+    return targets
+
+
+def partial_note(record: RunRecord) -> str | None:
+    """``partial: 12 of 500 epochs`` for a run of a paper's config that trained fewer
+    epochs than the paper's; None otherwise."""
+    published = (record.info or {}).get("published")
+    epochs = published.get("epochs") if isinstance(published, dict) else None
+    trained = summarize(record).epochs
+    if _is_number(epochs) and _is_number(trained) and trained < epochs:
+        return f"partial: {trained} of {epochs} epochs"
+    return None
+
+
+def format_gap(gap: float | None) -> str:
+    return MISSING if gap is None else f"{gap:+.1f}%"
+
+
+def format_target(target: Target) -> str:
+    """``65.912 (+0.8% vs 65.4)``."""
+    value = format_metric(target.metric, target.value)
+    return f"{value} ({format_gap(target.gap)} vs {target.published:g})"
+
+
+def headline_gap(record: RunRecord) -> str:
+    """``ls``'s cell: the gap to the published test figure (``+0.8%``), else to the valid
+    one, so marked (``+0.9% valid``: a run without a test value yet)."""
+    targets = sorted(paper_targets(record), key=lambda t: not t.metric.startswith("test"))
+    for target in targets:
+        if target.gap is not None:
+            split = target.metric.rpartition(".")[0]
+            return format_gap(target.gap) + ("" if split == "test" else f" {split}")
+    return MISSING
+
+
+# --------------------------------------------------------------------------------------
 # Tables
 # --------------------------------------------------------------------------------------
 
@@ -268,7 +352,7 @@ class _Column:
     label: str  # the full name, for the note on what was left out
     cells: list[Cell]
     right: bool = False
-    role: str = "kept"  # or "config", "name", "start", "duration", "job"
+    role: str = "kept"  # or "config", "name", "start", "duration", "job", "published"
     header: str = ""
 
     def __post_init__(self) -> None:
@@ -312,6 +396,9 @@ def _ls_columns(records: Sequence[RunRecord], config_keys: Sequence[str]) -> lis
         values = [getattr(s, attribute) for s in summaries]
         if name != "full_valid.ppl" and any(v is not None for v in values):
             columns.append(_Column(name, [format_metric(unit, v) for v in values], right=True))
+    if any(paper_targets(r) for r in records):
+        gaps = [headline_gap(r) for r in records]
+        columns.append(_Column("vs paper", gaps, right=True, role="published"))
     return columns
 
 
@@ -335,8 +422,9 @@ def _fit_width(columns: list[_Column], width: int) -> list[str]:
     """Narrow the ``ls`` table to ``width`` columns where it can, giving way in this
     order: config values shortened, the name shortened, the start's year, config columns
     left out (shared values first, then the last), the slurm job, duration and start
-    left out, the name shortened further. Id, status and metrics always stay. Returns
-    the names of the columns left out, in table order."""
+    left out, the name shortened further, the gap to the published figures left out.
+    Id, status and metrics always stay. Returns the names of the columns left out, in
+    table order."""
     position = {column.label: index for index, column in enumerate(columns)}
     left_out: list[str] = []
 
@@ -361,6 +449,7 @@ def _fit_width(columns: list[_Column], width: int) -> list[str]:
         lambda: drop("duration"),
         lambda: drop("start"),
         lambda: shorten("name", LS_NARROWEST_NAME_WIDTH),
+        lambda: drop("published"),
     ):
         if _table_width(columns) <= width:
             break
@@ -472,6 +561,7 @@ def show_lines(record: RunRecord, style: Style = plain) -> list[str]:
     result = record.result
     shown = format_metric("ppl", result) if _is_number(result) else format_value(result)
     lines += ["", style("result", "header") + f"  {shown if result is not None else MISSING}"]
+    lines += _show_published(record, style)
     lines += ["", style("metrics", "header"), *_show_metrics(record, style)]
 
     info = _info_pairs(record.info)
@@ -498,6 +588,22 @@ def show_lines(record: RunRecord, style: Style = plain) -> list[str]:
         )
         lines += ["", style(what, "header"), *(f"  {line}" for line in shown_lines)]
     return lines
+
+
+def _show_published(record: RunRecord, style: Style) -> list[str]:
+    """``rhn runs show``'s comparison with the published figures (none: no lines)."""
+    targets = paper_targets(record)
+    if not targets:
+        return []
+    published = record.info.get("published") or {}
+    where = [str(published[k]) for k in ("config", "source") if published.get(k)]
+    lines = ["", style("published", "header") + (f"  {': '.join(where)}" if where else "")]
+    rows = [[t.metric, format_target(t), t.compared_to] for t in targets]
+    headers = ["metric", "run (gap vs published)", "compared"]
+    table = render_table(headers, rows, [False] * 3, style, header_kind="dim")
+    lines += ["  " + line for line in table]
+    note = partial_note(record)
+    return lines + ([f"  ({note})"] if note else [])
 
 
 def _show_header(record: RunRecord) -> list[tuple[str, str]]:
@@ -611,11 +717,33 @@ def compare_table(
         values = [getattr(s, attribute) for s in summaries]
         if any(v is not None for v in values):
             metric_rows.append((label, unit, values))
+    metric_rows += _compare_paper_rows(records)
     metric_rows.append(("duration", "duration", [r.duration for r in records]))
     return config_rows, metric_rows
 
 
+def _compare_paper_rows(records: Sequence[RunRecord]) -> list[tuple[str, str, list[Any]]]:
+    """compare's ``vs paper METRIC`` rows: per run, the published figure, the run's value
+    and the gap in percent (None where the run has no such figure)."""
+    per_run = [{t.metric: t for t in paper_targets(r)} for r in records]
+    metrics = sorted(set().union(*per_run), key=lambda m: (not m.startswith("valid"), m))
+    rows = []
+    for metric in metrics:
+        values = [
+            {"published": t.published, "value": t.value, "gap_percent": t.gap} if t else None
+            for t in (targets.get(metric) for targets in per_run)
+        ]
+        rows.append((f"vs paper {metric}", "paper", values))
+    return rows
+
+
 def _format_as(unit: str, value: Any) -> str:
+    if unit == "paper":
+        return (
+            MISSING
+            if value is None
+            else f"{format_gap(value['gap_percent'])} vs {value['published']:g}"
+        )
     if unit == "duration":
         return format_duration(value)
     if unit == "count":
@@ -700,6 +828,38 @@ def _legend(record: RunRecord, keys: Sequence[str]) -> str:
     return f"{label} ({', '.join(shown)})" if shown else label
 
 
+def _in_unit(value: float, unit: str, wanted: str) -> float:
+    """A perplexity as bits per symbol or back (log2(ppl) = bpc)."""
+    if unit == wanted:
+        return value
+    return math.log2(value) if wanted == "bpc" else 2.0**value
+
+
+def reference_lines(records: Sequence[RunRecord], metric: str) -> list[tuple[float, str]]:
+    """(y, label) of the horizontal lines on a plot of ``metric`` (SPLIT.ppl or
+    SPLIT.bpc): each run's published figure for that split (``full_test`` and ``mc_test``
+    compare to the test figure), in the plot's unit, and on synthetic data the source's
+    entropy rate (``info.source_entropy_bits``): no model can go below it on any split."""
+    split, _, unit = metric.rpartition(".")
+    if unit not in TARGET_UNITS:
+        return []
+    split = split.removeprefix("full_").removeprefix("mc_")
+    lines: dict[str, float] = {}
+    for record in records:
+        figures = published_targets(record)
+        named = f" ({figures['config']})" if figures.get("config") else ""
+        for name, value in figures.items():
+            target_split, _, target_unit = name.rpartition(".")
+            if target_split == split and target_unit in TARGET_UNITS and _is_number(value):
+                label = f"published {name} {value:g}{named}"
+                lines[label] = _in_unit(float(value), target_unit, unit)
+        entropy = _info_number(record, "source_entropy_bits")
+        if entropy is not None:
+            shown = f" = ppl {2.0**entropy:.3f}" if unit == "ppl" else ""
+            lines[f"source entropy rate {entropy:.4f} bpc{shown}"] = _in_unit(entropy, "bpc", unit)
+    return [(y, label) for label, y in lines.items()]
+
+
 def plot_format(path: str | Path) -> str:
     suffix = Path(path).suffix.lower().lstrip(".")
     if suffix not in PLOT_FORMATS:
@@ -716,7 +876,9 @@ def plot_curves(
     path: str | Path,
     log_scale: bool = False,
 ) -> Path:
-    """One subplot per metric, one line per run (x: epoch); written atomically."""
+    """One subplot per metric, one line per run (x: epoch), with labelled horizontal
+    lines for the published figures and a synthetic source's entropy rate
+    (:func:`reference_lines`); written atomically."""
     image_format = plot_format(path)
     for record in records:
         for metric in metrics:
@@ -746,6 +908,9 @@ def plot_curves(
             xs, ys = [p[0] for p in points], [p[1] for p in points]
             marker = "o" if len(points) <= 30 else None
             ax.plot(xs, ys, marker=marker, markersize=3, label=_legend(record, keys))
+        for y, label in reference_lines(records, metric):
+            style = ":" if label.startswith("source") else "--"
+            ax.axhline(y, linestyle=style, color="0.3", linewidth=1, label=label)
         ax.set_title(metric)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
