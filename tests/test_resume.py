@@ -377,3 +377,48 @@ def test_the_state_is_reset_between_epochs_unless_asked_to_carry_it(tmp_path, re
     run({**config, "reset_state_each_epoch": reset}, tmp_path)
     h, c = checkpoint.load(tmp_path / "checkpoint.pt")["hidden_state"]
     assert bool((h == 0).all() and (c == 0).all()) == reset
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_beginning(tmp_path, runner):
+    """kill -9 in epoch 1, before any checkpoint: --resume runs it again from the start
+    under the same id and recorded seed; the record holds every epoch once, with the
+    numbers of a run that was never killed."""
+    process = start_training(tmp_path, *LONG_TINY_RUN)
+    wait_for_progress(process)
+    run_dir = tmp_path / "runs" / "1"
+    assert not (run_dir / "checkpoint.pt").exists()
+    process.kill()
+    process.communicate(timeout=60)
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "RUNNING"
+
+    env = {"OMP_NUM_THREADS": "1"}
+    resumed = subprocess.run(
+        [sys.executable, "-m", "rhn_cli", "train", "--resume", "1"],
+        cwd=tmp_path,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "run 1 COMPLETED" in resumed.stdout
+    assert not (tmp_path / "runs" / "2").exists()
+    record = (run_dir / "cout.txt").read_text()
+    assert "before its first checkpoint; started again from the beginning" in record
+    assert record.count("epoch   1/2") == 1
+
+    whole = subprocess.run(
+        [sys.executable, "-m", "rhn_cli", "train", "--runs-dir", "whole", *LONG_TINY_RUN],
+        cwd=tmp_path,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert whole.returncode == 0, whole.stderr
+    ours = json.loads((run_dir / "metrics.json").read_text())
+    theirs = json.loads((tmp_path / "whole" / "1" / "metrics.json").read_text())
+    for name in theirs:
+        if name != "tokens_per_s":
+            assert ours[name]["steps"] == theirs[name]["steps"], name
+            assert ours[name]["values"] == theirs[name]["values"], name

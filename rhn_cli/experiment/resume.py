@@ -118,6 +118,10 @@ def plan_resume(
     if status == "RUNNING" and not assume_stopped:
         _check_not_running(target, run_dir.name, run, now)
     if not checkpoint_path.is_file():
+        if checkpoint_path.name == checkpoint.LAST and (run_dir / "config.json").is_file():
+            # Killed before its first checkpoint: nothing to continue from, so the run
+            # starts again from the beginning, under its id, with its recorded seed.
+            return plan_restart(run_dir)
         raise ResumeError(
             f"--resume {target}: run {run_dir.name} has no checkpoint ({checkpoint_path.name}); "
             "it stopped before its first one"
@@ -134,7 +138,8 @@ def plan_restart(run_dir: Path) -> ResumePlan:
     """A run whose process was killed before its first checkpoint, to run again from the
     beginning under the same id, with its recorded config (seed included): the record
     is rewound to nothing and every step recorded once. Only for a caller that knows
-    the run's last process is gone (a scheduler restarting the job that ran it)."""
+    the run's last process is gone: a scheduler restarting the job that ran it, or
+    :func:`plan_resume` once its liveness check has passed."""
     try:
         run = json.loads((run_dir / "run.json").read_text())
         config = recorded_config(json.loads((run_dir / "config.json").read_text()))
