@@ -257,3 +257,21 @@ def test_point_states_read_as_a_user_would():
     assert done.state == "completed" and done.details.startswith("as run 12, best valid ppl 3.5")
     failed = point_status(point, None, "9_0", JobState("FAILED", "None", 0))
     assert (failed.state, failed.details) == ("failed", "job 9_0 FAILED; no run recorded yet")
+
+
+def test_status_of_a_job_slurm_forgot_reads_its_output(runner, fake_sbatch, tmp_path, monkeypatch):
+    """Minutes after a job ends Slurm forgets it; one that recorded no run (it failed at
+    the start) is then known by its output file's last line."""
+    queued: dict = {}
+    monkeypatch.setattr("rhn_cli.cluster.status.job_states", lambda: queued)
+    sweep = ["sweep", "--launcher", "slurm", "--name", "gone", *RUN, "learning_rate=[0.1,0.2]"]
+    assert runner.invoke(cli, sweep).exit_code == 0
+    output = tmp_path / "runs" / "_slurm" / "4242_0" / "4242_0_0_log.out"
+    output.parent.mkdir(parents=True, exist_ok=True)  # submitit made it
+    output.write_text("starting\nrhn_cli.experiment.schema.ConfigError: data_path='x.txt': bad\n")
+    status = runner.invoke(cli, ["sweep", "status", "gone"]).output
+    assert (
+        "point 1/2 learning_rate=0.1: ended job 4242_0 ended without recording a run; "
+        "its output ends: rhn_cli.experiment.schema.ConfigError: data_path='x.txt': bad"
+    ) in status, status
+    assert "point 2/2 learning_rate=0.2: submitted job 4242_1" in status  # no output yet

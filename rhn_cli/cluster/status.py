@@ -107,9 +107,25 @@ def _job_text(job_id: str | None, job: JobState | None, requeues: int) -> str:
     return text
 
 
-def point_status(point, record, job_id: str | None, job: JobState | None) -> PointStatus:
+def last_line(path: str | None) -> str | None:
+    """The last non-empty line of a job's output file (None: no such file)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, 2)
+            handle.seek(max(handle.tell() - 4096, 0))
+            lines = handle.read().decode("utf-8", errors="replace").splitlines()
+    except (OSError, TypeError):
+        return None
+    found = [line.strip() for line in lines if line.strip()]
+    return found[-1] if found else None
+
+
+def point_status(
+    point, record, job_id: str | None, job: JobState | None, output: str | None = None
+) -> PointStatus:
     """What is known of ``point``: its run ``record`` (None: none yet) and its latest
-    job (``job_id``, and ``job`` as squeue shows it; None: unknown to squeue)."""
+    job (``job_id``, and ``job`` as squeue shows it; None: unknown to squeue, which
+    forgets a job minutes after it ends; ``output``: the job's output file)."""
     from rhn_cli.tracking.report import format_metric
 
     requeues = _requeues(job, record)
@@ -127,6 +143,10 @@ def point_status(point, record, job_id: str | None, job: JobState | None) -> Poi
         where = f"as {run}, {_epoch(record)}" if record is not None else run
         return PointStatus(point.title, "running", _join(where, about_job))
     if record is None:
+        ended = last_line(output) if job is None and job_id else None
+        if ended is not None:  # Slurm has forgotten the job, which recorded no run
+            details = f"job {job_id} ended without recording a run; its output ends: {ended}"
+            return PointStatus(point.title, "ended", f"{details} ({output})")
         if job is None:
             state = "submitted" if job_id else "not started"
             return PointStatus(point.title, state, about_job or "no job, no run")
@@ -147,8 +167,10 @@ def sweep_status(sweep, records: Sequence, jobs: Sequence[dict], states) -> list
     from rhn_cli.experiment.sweep import runs_of
 
     latest_job: dict[int, str] = {}
+    outputs: dict[int, str | None] = {}
     for entry in jobs:
         latest_job[int(entry["point"])] = str(entry["job"])
+        outputs[int(entry["point"])] = entry.get("output")
     rows = []
     for point in sweep.points:
         found = runs_of(point, records, sweep.name)
@@ -156,5 +178,5 @@ def sweep_status(sweep, records: Sequence, jobs: Sequence[dict], states) -> list
         record: Any = (completed or found)[-1] if found else None
         job_id = latest_job.get(point.index)
         job = (states or {}).get(job_id) if job_id is not None else None
-        rows.append(point_status(point, record, job_id, job))
+        rows.append(point_status(point, record, job_id, job, outputs.get(point.index)))
     return rows

@@ -219,7 +219,13 @@ def submit_sweep(planned, plans, runs_dir: str, mongo_url: str | None, slurm: di
     )
     now = datetime.now().isoformat(timespec="seconds")
     entries = [
-        {"point": point.index, "label": point.label, "job": job.job_id, "submitted": now}
+        {
+            "point": point.index,
+            "label": point.label,
+            "job": job.job_id,
+            "submitted": now,
+            "output": job.output,
+        }
         for (point, _, _), job in zip(requests, submitted, strict=True)
     ]
     save_manifest(root, planned, entries)

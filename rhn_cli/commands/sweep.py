@@ -377,6 +377,7 @@ def status(name, runs_dir) -> None:
 _STATE_STYLE = {
     "completed": {"fg": "green"},
     "failed": {"fg": "red"},
+    "ended": {"fg": "red"},
     "cancelled": {"fg": "red"},
     "running": {"fg": "cyan"},
     "pending": {"fg": "cyan"},
