@@ -391,31 +391,18 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_beginning(tmp
     process.communicate(timeout=60)
     assert json.loads((run_dir / "run.json").read_text())["status"] == "RUNNING"
 
-    env = {"OMP_NUM_THREADS": "1"}
-    resumed = subprocess.run(
-        [sys.executable, "-m", "rhn_cli", "train", "--resume", "1"],
-        cwd=tmp_path,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert resumed.returncode == 0, resumed.stderr
-    assert "run 1 COMPLETED" in resumed.stdout
+    resumed = start_training(tmp_path, "--resume", "1")
+    out, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err
+    assert "run 1 COMPLETED" in out
     assert not (tmp_path / "runs" / "2").exists()
     record = (run_dir / "cout.txt").read_text()
     assert "before its first checkpoint; started again from the beginning" in record
     assert record.count("epoch   1/2") == 1
 
-    whole = subprocess.run(
-        [sys.executable, "-m", "rhn_cli", "train", "--runs-dir", "whole", *LONG_TINY_RUN],
-        cwd=tmp_path,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert whole.returncode == 0, whole.stderr
+    whole = start_training(tmp_path, "--runs-dir", "whole", *LONG_TINY_RUN)
+    _, err = whole.communicate(timeout=120)
+    assert whole.returncode == 0, err
     ours = json.loads((run_dir / "metrics.json").read_text())
     theirs = json.loads((tmp_path / "whole" / "1" / "metrics.json").read_text())
     for name in theirs:

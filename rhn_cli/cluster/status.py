@@ -180,3 +180,14 @@ def sweep_status(sweep, records: Sequence, jobs: Sequence[dict], states) -> list
         job = (states or {}).get(job_id) if job_id is not None else None
         rows.append(point_status(point, record, job_id, job, outputs.get(point.index)))
     return rows
+
+
+def queued_points(manifest: dict | None, job_states) -> dict[int, str]:
+    """{point index: job id} of the sweep's points whose job Slurm still has queued or
+    running (submitting them again would train them twice)."""
+    jobs = (manifest or {}).get("jobs") or []
+    if not jobs:
+        return {}
+    states = job_states() or {}
+    latest = {int(entry["point"]): str(entry["job"]) for entry in jobs}
+    return {index: job for index, job in latest.items() if job in states and states[job].active}

@@ -180,7 +180,7 @@ def submit_sweep(planned, plans, runs_dir: str, mongo_url: str | None, slurm: di
     from datetime import datetime
 
     from rhn_cli.cluster.job import TrainRequest
-    from rhn_cli.cluster.status import job_states
+    from rhn_cli.cluster.status import job_states, queued_points
     from rhn_cli.engine.distributed import DistributedError, Shard
     from rhn_cli.experiment.sweep import load_manifest, save_manifest
 
@@ -192,7 +192,7 @@ def submit_sweep(planned, plans, runs_dir: str, mongo_url: str | None, slurm: di
         _fail(f"{options.tasks} tasks: {error}")
     on_disk = next((p.config for p in planned.points if p.config["dataset"] != "synthetic"), None)
     root = prepare_submission(runs_dir, on_disk or planned.points[0].config)
-    queued = _queued_points(load_manifest(root, planned.name), job_states)
+    queued = queued_points(load_manifest(root, planned.name), job_states)
     requests = []
     for plan in plans:
         title = plan.point.title
@@ -231,14 +231,3 @@ def submit_sweep(planned, plans, runs_dir: str, mongo_url: str | None, slurm: di
     save_manifest(root, planned, entries)
     echo_submitted(submitted, options, root)
     click.echo(f"Where each point is: rhn sweep status {planned.name} --runs-dir {root}")
-
-
-def _queued_points(manifest: dict | None, job_states) -> dict[int, str]:
-    """{point index: job id} of the sweep's points whose job Slurm still has queued or
-    running (submitting them again would train them twice)."""
-    jobs = (manifest or {}).get("jobs") or []
-    if not jobs:
-        return {}
-    states = job_states() or {}
-    latest = {int(entry["point"]): str(entry["job"]) for entry in jobs}
-    return {index: job for index, job in latest.items() if job in states and states[job].active}

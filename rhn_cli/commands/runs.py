@@ -41,6 +41,30 @@ def _select(records, tokens: Sequence[str], label: str):
         _fail(str(error))
 
 
+# For commands that take run ids or a sweep's tag (compare, export).
+tag_option = click.option(
+    "--tag",
+    "tags",
+    multiple=True,
+    metavar="TAG",
+    help="The runs tagged TAG (a sweep's name), or those of the given ids that are; repeat to AND.",
+)
+
+
+def _select_tagged(runs_dir: str, mongo_url: str | None, run_ids, tags) -> list:
+    """The runs named by ``run_ids`` (all, if none), those tagged every one of ``tags``;
+    none tagged so is an error (exit 1)."""
+    from rhn_cli.tracking.records import filter_runs
+
+    store, records = _load(runs_dir, mongo_url)
+    chosen = _select(records, run_ids, store.label) if run_ids else records
+    if tags:
+        chosen = filter_runs(chosen, tags=tags)
+        if not chosen:
+            _fail(f"no run tagged {' and '.join(map(repr, tags))} in {store.label}", code=1)
+    return chosen
+
+
 def _order(records: list, sort_key: str | None, desc: bool, limit: int | None) -> list:
     """``ls``'s runs sorted, then the first ``limit``; with no --sort, by id and the newest
     ``limit`` (a run list's tail is what one looks for)."""
@@ -215,13 +239,7 @@ def show(run_ids, as_json, runs_dir, mongo_url) -> None:
 
 @runs.command()
 @click.argument("run_ids", nargs=-1, metavar="[RUN_ID]...", shell_complete=complete_run_ids)
-@click.option(
-    "--tag",
-    "tags",
-    multiple=True,
-    metavar="TAG",
-    help="The runs tagged TAG (a sweep's name), or those of the given ids that are; repeat to AND.",
-)
+@tag_option
 @click.option(
     "--all", "all_keys", is_flag=True, help="Every config key, not only those that differ."
 )
@@ -233,17 +251,11 @@ def compare(run_ids, tags, all_keys, as_json, runs_dir, mongo_url) -> None:
 
     Run ids: 3, ranges 1-10 and comma lists 1,4,9; or --tag TAG for a sweep's runs.
     """
-    from rhn_cli.tracking.records import filter_runs
     from rhn_cli.tracking.report import compare_dict, compare_lines
 
     if not run_ids and not tags:
         _fail("compare needs run ids (3, 1-10, 1,4,9) or --tag TAG")
-    store, records = _load(runs_dir, mongo_url)
-    chosen = _select(records, run_ids, store.label) if run_ids else records
-    if tags:
-        chosen = filter_runs(chosen, tags=tags)
-        if not chosen:
-            _fail(f"no run tagged {' and '.join(map(repr, tags))} in {store.label}", code=1)
+    chosen = _select_tagged(runs_dir, mongo_url, run_ids, tags)
     if len(chosen) < 2:
         _fail(f"compare needs at least two runs; got {', '.join(r.key for r in chosen)}")
     if as_json:
@@ -314,13 +326,7 @@ def plot(run_ids, metrics, output, log_scale, runs_dir, mongo_url) -> None:
     type=click.Choice(["csv", "json"], case_sensitive=False),
     help="Format (default: from the file name's extension).",
 )
-@click.option(
-    "--tag",
-    "tags",
-    multiple=True,
-    metavar="TAG",
-    help="The runs tagged TAG (a sweep's name), or those of the given ids that are; repeat to AND.",
-)
+@tag_option
 @runs_dir_option
 @mongo_source_option
 def export(run_ids, output, export_as, tags, runs_dir, mongo_url) -> None:
@@ -334,19 +340,13 @@ def export(run_ids, output, export_as, tags, runs_dir, mongo_url) -> None:
     Run ids: 3, ranges 1-10 and comma lists 1,4,9.
     """
     from rhn_cli.atomic import write_atomically
-    from rhn_cli.tracking.records import filter_runs
     from rhn_cli.tracking.report import ReportError, export_format, export_text
 
     try:
         chosen_format = export_format(output, export_as)
     except ReportError as error:
         _fail(str(error))
-    store, records = _load(runs_dir, mongo_url)
-    chosen = _select(records, run_ids, store.label) if run_ids else records
-    if tags:
-        chosen = filter_runs(chosen, tags=tags)
-        if not chosen:
-            _fail(f"no run tagged {' and '.join(map(repr, tags))} in {store.label}", code=1)
+    chosen = _select_tagged(runs_dir, mongo_url, run_ids, tags)
     text = export_text(chosen, chosen_format)
     if output == "-":
         click.echo(text, nl=False)
