@@ -1,8 +1,8 @@
 """What ``rhn board`` opens: Omniboard over MongoDB, or over a local copy of the runs.
 
 With no MongoDB configured, :func:`open_board` starts the local MongoDB-compatible server
-(:mod:`rhn_cli.board.local_mongo`), copies the file-store runs into it
-(:func:`rhn_cli.tracking.sync.sync_runs`) and opens Omniboard on that.
+(:mod:`rhn_cli.board.local_mongo`), copies the file-store runs into it, opens Omniboard
+on that, and keeps it in step with the file store while open (:mod:`rhn_cli.board.follow`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rhn_cli.board.follow import Follower, ask_quick_refresh
 from rhn_cli.board.local_mongo import (
     LOCAL_DB_DIRNAME,
     LocalMongo,
@@ -31,7 +32,7 @@ class Board:
 
     omniboard: Omniboard
     local_db: LocalMongo | None = None
-    sync_report: Any = None
+    follower: Follower | None = None  # keeps the local database in step with the runs
 
     @property
     def url(self) -> str:
@@ -46,12 +47,21 @@ class Board:
         return None
 
     def stop(self) -> None:
-        """Stop Omniboard, then the local database (if any). Safe to call twice."""
+        """Bring the local database up to date with the runs one last time, stop Omniboard,
+        then the local database (if any). Safe to call twice."""
         try:
-            self.omniboard.stop()
+            if self.follower is not None:
+                follower, self.follower = self.follower, None
+                try:
+                    follower.stop()
+                finally:
+                    follower.session.close()
         finally:
-            if self.local_db is not None:
-                self.local_db.stop()
+            try:
+                self.omniboard.stop()
+            finally:
+                if self.local_db is not None:
+                    self.local_db.stop()
 
     def __enter__(self) -> Board:
         return self
@@ -69,7 +79,7 @@ def open_board(
     echo: Callable[[str], Any] = print,
 ) -> Board:
     """Omniboard on ``mongo_url``; with None, on a local SecantusDB server holding a copy
-    of the file-store runs in ``runs_dir`` (synced into it first)."""
+    of the file-store runs in ``runs_dir``, kept in step with them until :meth:`Board.stop`."""
     if mongo_url:
         return Board(start_omniboard(mongo_url, port, cache=cache, echo=echo))
 
@@ -86,24 +96,40 @@ def open_board(
             raise
         local_db = start_local_mongo(storage)  # someone took the port meanwhile
     try:
-        from rhn_cli.tracking.sync import SyncError, sync_runs
-
         remember_port(runs_dir, local_db.url)
-        echo(f"Copying the file-store runs in {runs_dir} into it:")
+        follower = _follow(runs_dir, local_db.url, echo)
         try:
-            report = sync_runs(runs_dir, local_db.url, echo=_indented(echo))
-        except SyncError as error:
-            raise BoardError(f"cannot copy the runs into the local database: {error}") from None
-        found = (report.pushed, report.updated, report.unchanged, report.skipped, report.failed)
-        if any(found):
-            echo(f"  {report.summary()}")
-        else:
-            echo(f"  no runs in {runs_dir} yet ('rhn train' records one)")
-        omniboard = start_omniboard(local_db.url, port, echo=echo, prepared=prepared)
+            omniboard = start_omniboard(local_db.url, port, echo=echo, prepared=prepared)
+        except BaseException:
+            follower.session.close()
+            raise
     except BaseException:
         local_db.stop()
         raise
-    return Board(omniboard, local_db, report)
+    return Board(omniboard, local_db, follower.start())
+
+
+def _follow(runs_dir: Path, url: str, echo: Callable[[str], Any]) -> Follower:
+    """Copy the file-store runs into the local database, and what follows them from now."""
+    from rhn_cli.tracking.sync import SyncError, SyncSession
+
+    try:
+        session = SyncSession(runs_dir, url, live=True)
+    except SyncError as error:
+        raise BoardError(f"cannot copy the runs into the local database: {error}") from None
+    try:
+        follower = Follower(session, echo=echo)
+        echo(f"Copying the file-store runs in {runs_dir} into it:")
+        report = follower.first_pass(_indented(echo))
+        if any((report.pushed, report.updated, report.unchanged, report.skipped, report.failed)):
+            echo(f"  {report.summary()}")
+        else:
+            echo(f"  no runs in {runs_dir} yet ('rhn train' records one)")
+        ask_quick_refresh(session.db)
+    except BaseException:
+        session.close()
+        raise
+    return follower
 
 
 def _indented(echo: Callable[[str], Any]) -> Callable[[str], None]:

@@ -49,7 +49,9 @@ def board(mongo_url, port, runs_dir, no_browser) -> None:
 
     With no MongoDB configured it starts a local MongoDB-compatible server (SecantusDB,
     pip install 'rhn[board]') with its data in RUNS_DIR/.board-db, copies the runs of
-    the file store into it, and opens Omniboard on that: no set-up needed.
+    the file store into it, and opens Omniboard on that: no set-up needed. While it is
+    open, new runs and running runs' metrics, heartbeat and status reach it within a few
+    seconds of the file store (Omniboard refreshes its table every 10 s).
 
     \b
     Examples:

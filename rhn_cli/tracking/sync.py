@@ -85,6 +85,7 @@ class SyncReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (run, why)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (run, why)
     checkpoints_left: list[tuple[str, str]] = field(default_factory=list)  # (run, file)
+    statuses: dict[str, str] = field(default_factory=dict)  # run -> status read
     dry_run: bool = False
 
     def summary(self) -> str:
@@ -129,12 +130,18 @@ def read_sync_state(run_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
 
 
 def write_sync_entry(run_dir: str | os.PathLike, key: str, entry: dict[str, Any]) -> None:
-    """Set the sync state of ``run_dir`` for database ``key`` (others are kept)."""
+    """Set the sync state of ``run_dir`` for database ``key`` (others are kept).
+
+    Under a lock: the run itself, ``rhn runs sync`` and a live board may each write
+    their database's entry at the same moment, and none may drop another's."""
+    from filelock import FileLock
+
     run_dir = Path(run_dir)
-    databases = read_sync_state(run_dir)
-    databases[key] = entry
-    text = json.dumps({"databases": databases}, indent=2, sort_keys=True) + "\n"
-    write_atomically(run_dir / STATE_FILE, text.encode("utf-8"))
+    with FileLock(run_dir / f".{STATE_FILE}.lock", timeout=30):
+        databases = read_sync_state(run_dir)
+        databases[key] = entry
+        text = json.dumps({"databases": databases}, indent=2, sort_keys=True) + "\n"
+        write_atomically(run_dir / STATE_FILE, text.encode("utf-8"))
 
 
 def records_signature(run_dir: str | os.PathLike) -> str:
@@ -303,39 +310,10 @@ def sync_runs(
     """Push the runs in the file store ``runs_dir`` (``only``: those run ids) that
     MongoDB at ``mongo_url`` lacks or has an outdated copy of; one ``echo`` line per run
     pushed, updated, skipped or failed. Raises :class:`SyncError` when it cannot start."""
-    runs_dir = Path(runs_dir)
-    if not runs_dir.is_dir():
-        raise SyncError(f"no runs directory {runs_dir}")
-    problem = mongo_problem(mongo_url, timeout_s)
-    if problem is not None:
-        raise SyncError(f"MongoDB at {redact(mongo_url)}: {problem}; nothing was pushed")
-
-    import gridfs
-    import pymongo
-
-    key = database_key(mongo_url)
-    report = SyncReport(database=redact(key), dry_run=dry_run)
-    client = pymongo.MongoClient(mongo_url, **mongo_client_options(timeout_s))
-    try:
-        db = client[database_name(mongo_url)]
-        every_run = _run_dirs(runs_dir)
-        local_ids = frozenset(int(d.name) for d in every_run if d.name.isdigit())
-        target = _Target(db[RUNS_COLLECTION], db["metrics"], gridfs.GridFS(db), local_ids)
-        run_dirs = [d for d in every_run if only is None or d.name in only]
-        for index, run_dir in enumerate(run_dirs):
-            try:
-                _sync_one(run_dir, runs_dir, key, target, report, echo, dry_run, with_checkpoints)
-            except pymongo.errors.ConnectionFailure as error:
-                reason = f"MongoDB stopped answering ({describe_error(error, mongo_url)})"
-                for left in run_dirs[index:]:
-                    report.failed.append((left.name, reason))
-                echo(
-                    f"failed: {reason}; runs {', '.join(d.name for d in run_dirs[index:])} "
-                    "were not pushed"
-                )
-                break
-    finally:
-        client.close()
+    with SyncSession(runs_dir, mongo_url, timeout_s=timeout_s) as session:
+        report = session.sync(
+            echo=echo, dry_run=dry_run, with_checkpoints=with_checkpoints, only=only
+        )
     if report.checkpoints_left:
         runs = sorted({run for run, _ in report.checkpoints_left}, key=_id_order)
         echo(
@@ -343,6 +321,79 @@ def sync_runs(
             "use --with-checkpoints to push them too"
         )
     return report
+
+
+class SyncSession:
+    """One connection from a file store to a MongoDB database, for one sync or many.
+
+    ``live``: the database is a copy that nothing else records into (the local board's),
+    so RUNNING runs are pushed whatever their heartbeat says, and a run directory still
+    being created is left for the next sync rather than reported failed. Metric series
+    already pushed unchanged in this session are not written again.
+    """
+
+    def __init__(
+        self,
+        runs_dir: str | os.PathLike,
+        mongo_url: str,
+        *,
+        timeout_s: float = MONGO_TIMEOUT_S,
+        live: bool = False,
+    ) -> None:
+        self.runs_dir = Path(runs_dir)
+        if not self.runs_dir.is_dir():
+            raise SyncError(f"no runs directory {self.runs_dir}")
+        problem = mongo_problem(mongo_url, timeout_s)
+        if problem is not None:
+            raise SyncError(f"MongoDB at {redact(mongo_url)}: {problem}; nothing was pushed")
+        import gridfs
+        import pymongo
+
+        self.url, self.key, self.live = mongo_url, database_key(mongo_url), live
+        self.client = pymongo.MongoClient(mongo_url, **mongo_client_options(timeout_s))
+        self.db = self.client[database_name(mongo_url)]
+        self.target = _Target(self.db[RUNS_COLLECTION], self.db["metrics"], gridfs.GridFS(self.db))
+        if live:
+            self.target.series_pushed = {}
+
+    def sync(
+        self,
+        *,
+        echo: Callable[[str], None] = print,
+        dry_run: bool = False,
+        with_checkpoints: bool = False,
+        only: Sequence[str] | None = None,
+    ) -> SyncReport:
+        """One pass over the file store (``only``: those run ids); see :func:`sync_runs`."""
+        import pymongo.errors
+
+        report = SyncReport(database=redact(self.key), dry_run=dry_run)
+        every_run = _run_dirs(self.runs_dir)
+        self.target.local_ids = frozenset(int(d.name) for d in every_run if d.name.isdigit())
+        run_dirs = [d for d in every_run if only is None or d.name in only]
+        pass_ = _Pass(self.runs_dir, self.key, report, echo, dry_run, with_checkpoints, self.live)
+        for index, run_dir in enumerate(run_dirs):
+            try:
+                _sync_one(run_dir, self.target, pass_)
+            except pymongo.errors.ConnectionFailure as error:
+                reason = f"MongoDB stopped answering ({describe_error(error, self.url)})"
+                for left in run_dirs[index:]:
+                    report.failed.append((left.name, reason))
+                echo(
+                    f"failed: {reason}; runs {', '.join(d.name for d in run_dirs[index:])} "
+                    "were not pushed"
+                )
+                break
+        return report
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> SyncSession:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 def _id_order(run_id: str):
@@ -355,28 +406,36 @@ class _Target:
     metrics: Any
     fs: Any
     local_ids: frozenset = frozenset()  # the file store's run ids, kept for their own runs
+    # Live sessions: (run id, metric name) -> digest of the series last written.
+    series_pushed: dict | None = None
 
 
-def _sync_one(
-    run_dir: Path,
-    runs_dir: Path,
-    key: str,
-    target: _Target,
-    report: SyncReport,
-    echo: Callable[[str], None],
-    dry_run: bool,
-    with_checkpoints: bool,
-) -> None:
+@dataclass
+class _Pass:
+    """What one sync pass is asked to do, and where it reports."""
+
+    runs_dir: Path
+    key: str  # the database's key in the runs' sync state
+    report: SyncReport
+    echo: Callable[[str], None]
+    dry_run: bool
+    with_checkpoints: bool
+    live: bool
+
+
+def _sync_one(run_dir: Path, target: _Target, pass_: _Pass) -> None:
     import pymongo.errors
 
+    report, echo, key = pass_.report, pass_.echo, pass_.key
     name = run_dir.name
     try:
-        local = _read_local(run_dir, with_checkpoints)
+        local = _read_local(run_dir, pass_.with_checkpoints)
     except (_RunProblem, OSError) as error:
         report.failed.append((name, str(error)))
         echo(f"failed run {name}: {error}")
         return
-    if local.status == "RUNNING":
+    report.statuses[name] = local.status
+    if local.status == "RUNNING" and not pass_.live:
         last = _datetime(local.run.get("heartbeat")) or local.start_time
         age = (_utc_now() - last).total_seconds()
         if age < RUNNING_GRACE_S:
@@ -392,7 +451,7 @@ def _sync_one(
         report.unchanged.append((name, existing["_id"]))
         return
     report.checkpoints_left.extend((name, c) for c in local.checkpoints)
-    if dry_run:
+    if pass_.dry_run:
         if existing is not None:
             report.updated.append((name, existing["_id"]))
             echo(f"would update run {name} (MongoDB id {existing['_id']}, {local.status})")
@@ -401,7 +460,7 @@ def _sync_one(
             echo(f"would push run {name} ({local.status})")
         return
     try:
-        pushed = _push(local, runs_dir, target, existing, mongo_id, entry)
+        pushed = _push(local, pass_.runs_dir, target, existing, mongo_id, entry)
     except (_RunProblem, OSError, pymongo.errors.OperationFailure) as error:
         reason = describe_error(error) if not isinstance(error, _RunProblem) else str(error)
         report.failed.append((name, reason))
@@ -556,7 +615,7 @@ def _push(
         # Insert first, as Sacred does: metrics and artifacts need the run's id.
         _id = _insert_run(target.runs, doc, mongo_id, target.local_ids)
 
-    links = _push_metrics(_id, metrics, target.metrics)
+    links = _push_metrics(_id, metrics, target.metrics, target.series_pushed)
     artifacts, stamps = _push_artifacts(_id, local, previous, entry, target)
     doc["info"]["metrics"] = links
     doc["artifacts"] = artifacts
@@ -613,8 +672,10 @@ def _resources(run: dict, runs_dir: Path) -> list[list]:
     return resources
 
 
-def _push_metrics(run_id: int, metrics: dict, collection) -> list[dict]:
-    """Write one metrics document per series (reusing existing ones); the links."""
+def _push_metrics(run_id: int, metrics: dict, collection, pushed: dict | None = None) -> list[dict]:
+    """Write one metrics document per series (reusing existing ones); the links.
+    ``pushed`` (live sessions): digests of the series written before, not written again
+    while unchanged."""
     existing: dict[str, list] = {}
     for doc in collection.find({"run_id": run_id}, {"_id": 1, "name": 1}):
         existing.setdefault(doc.get("name"), []).append(doc["_id"])
@@ -630,6 +691,12 @@ def _push_metrics(run_id: int, metrics: dict, collection) -> list[dict]:
             "timestamps": [_datetime(t) for t in series.get("timestamps") or []],
         }
         ids = existing.pop(str(name), [])
+        if pushed is not None:
+            digest = _series_digest(doc)
+            if len(ids) == 1 and pushed.get((run_id, str(name))) == digest:
+                links.append({"name": str(name), "id": str(ids[0])})
+                continue
+            pushed[(run_id, str(name))] = digest
         if ids:
             collection.replace_one({"_id": ids[0]}, doc)
             if len(ids) > 1:
@@ -642,6 +709,11 @@ def _push_metrics(run_id: int, metrics: dict, collection) -> list[dict]:
     if stale:
         collection.delete_many({"_id": {"$in": stale}})
     return links
+
+
+def _series_digest(doc: dict) -> str:
+    text = json.dumps([doc["steps"], doc["values"], [str(t) for t in doc["timestamps"]]])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _store_path_once(fs, filename: str, path: Path, content_type: str | None):
