@@ -104,6 +104,9 @@ class Shard:
     local_rank: int = 0
     backend: str | None = None  # None: no process group
     _reduce_device: Any = field(default=None, repr=False)
+    # Parameters DistributedDataParallel leaves alone (used in some steps only): their
+    # gradients are averaged by backward().
+    _partly_used: list = field(default_factory=list, repr=False)
 
     @property
     def distributed(self) -> bool:
@@ -185,26 +188,45 @@ class Shard:
         mean over the ranks; ``module`` itself in one process."""
         if not self.distributed:
             return module
+        import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel
 
+        # A parameter used in some steps only (the Zoneout LSTM's learned initial state:
+        # the first window of carried streams) is left out of DDP, which then needs no
+        # search for unused parameters at every step, and averaged by backward() when it
+        # has a gradient: when no rank used it, it keeps none, as in one process. (DDP's
+        # own find_unused_parameters aborted a gloo rank now and then in CI.)
+        named = dict(module.named_parameters())
+        partly_used = list(module.partly_used_parameters())
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, partly_used)
+        self._partly_used = [named[name] for name in partly_used]
+        for parameter in self._partly_used:
+            self._collective(
+                "the parameter broadcast", lambda p=parameter: dist.broadcast(p.data, 0)
+            )
         device_ids = [self.gpu] if self.backend == "nccl" else None
-        # Some parameters take part in some steps only (the Zoneout LSTM's learned initial
-        # state: in the first window of carried streams); DDP must be told to expect
-        # that. A parameter no rank used keeps no gradient, as in one process.
         return self._collective(
             "the parameter broadcast",
-            lambda: DistributedDataParallel(
-                module, device_ids=device_ids, find_unused_parameters=True
-            ),
+            lambda: DistributedDataParallel(module, device_ids=device_ids),
         )
 
     def backward(self, loss: Any) -> None:
         """``loss.backward()``; on several processes DistributedDataParallel's gradient
-        all-reduce runs inside it, so a lost peer surfaces here."""
+        all-reduce runs inside it, so a lost peer surfaces here, and then the partly used
+        parameters' gradients are averaged as DDP averages (divided, then summed)."""
         if not self.distributed:
             loss.backward()
             return
+        import torch.distributed as dist
+
         self._collective("the gradient all-reduce", loss.backward)
+        for parameter in self._partly_used:
+            # Every rank runs the same windows: a gradient here is one on every rank.
+            if parameter.grad is not None:
+                parameter.grad.div_(self.world_size)
+                self._collective(
+                    "the gradient all-reduce", lambda g=parameter.grad: dist.all_reduce(g)
+                )
 
     def broadcast_int(self, value: int | None) -> int:
         """Rank 0's ``value`` on every rank."""

@@ -59,3 +59,8 @@ class LanguageModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def partly_used_parameters(self) -> list[str]:
+        """The names of parameters that take part in some training steps only (none by
+        default); data-parallel training averages their gradients apart."""
+        return []

@@ -211,6 +211,12 @@ class ZoneoutLSTMLanguageModel(LanguageModel):
             line += f", input-gate dropout {c.drop_igates:g}"
         return line + ")"
 
+    def partly_used_parameters(self) -> list[str]:
+        """The learned initial state: used in the first window of carried streams only."""
+        return [
+            name for name, _ in self.named_parameters() if name.endswith(("initial_h", "initial_c"))
+        ]
+
     def initial_state(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The learned (h_0, c_0), each [L, B, H]; gradients flow back to the vectors."""
         H = self.config.hidden_size
