@@ -288,7 +288,7 @@ def _run_control(seed: int | None, deterministic: bool) -> dict:
 
 def _report_training(outcome) -> None:
     """The last line of a completed training run: where it is recorded, and its result."""
-    result = f"result (best valid ppl) {outcome.result:.4f}"
+    result = f"result (best valid ppl) {outcome.result:g}"
     if outcome.run_id is None:
         click.echo(f"{outcome.status} (unobserved: not recorded); {result}")
         return

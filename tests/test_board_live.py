@@ -241,6 +241,13 @@ def test_the_board_follows_a_run_while_it_trains(runs, tmp_path, omniboard_insta
     training = None
     try:
         assert "2 pushed" in board.read()
+        # Omniboard's first view: nested config keys as columns, a 10 s table refresh.
+        columns = {
+            c["name"]: c["config_path"] for c in _query(board.api, "Omniboard.Custom.Columns")
+        }
+        assert columns["synthetic.train_tokens"] == "config.synthetic.train_tokens"
+        settings = {s["name"]: s["value"] for s in _query(board.api, "Omniboard.Settings")}
+        assert settings["auto_refresh_interval"] == 10
         training = subprocess.Popen(
             [sys.executable, "-m", "rhn_cli", "train", "--name", "followed", "with", *SLOW_RUN],
             cwd=workdir,

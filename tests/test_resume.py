@@ -112,6 +112,28 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, checks):
     done_before = state["epoch_index"]
     assert [s for s, _ in resumed_log.scalars["valid.ppl"]] == list(range(done_before + 1, 4))
     assert resumed_log.info["logs"] == straight_log.info["logs"]
+    # Throughput is run info, not a metric: the whole series, each epoch once.
+    assert "tokens_per_s" not in resumed_log.scalars
+    throughput = resumed_log.info["throughput"]["tokens_per_s"]
+    assert throughput["steps"] == [1, 2, 3]
+    assert throughput["values"][:done_before] == state["throughput"]["values"]
+
+
+def test_a_checkpoint_with_throughput_among_its_metrics_continues_the_series(tmp_path):
+    """A checkpoint written when throughput was a metric: the resumed run's info holds
+    the epochs before it (from the checkpoint's metric entries) and those after it."""
+    config = toy_config()
+    with pytest.raises(TrainingStopped) as stopped:
+        run(config, tmp_path, stop=StopAfterChecks(20))  # in epoch 2
+    state = checkpoint.load(stopped.value.checkpoint_path)
+    earlier = state.pop("throughput")
+    assert earlier["steps"] == [1]
+    state["metrics"].append(["tokens_per_s", 1, earlier["values"][0], "2026-01-02T03:04:05"])
+
+    _, resumed_log = run(config, tmp_path, resume_from=state)
+    throughput = resumed_log.info["throughput"]["tokens_per_s"]
+    assert throughput["steps"] == [1, 2, 3]
+    assert throughput["values"][0] == earlier["values"][0]
 
 
 PEER_VARIANTS = {
@@ -405,7 +427,9 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_beginning(tmp
     assert whole.returncode == 0, err
     ours = json.loads((run_dir / "metrics.json").read_text())
     theirs = json.loads((tmp_path / "whole" / "1" / "metrics.json").read_text())
+    assert ours.keys() == theirs.keys()
     for name in theirs:
-        if name != "tokens_per_s":
-            assert ours[name]["steps"] == theirs[name]["steps"], name
-            assert ours[name]["values"] == theirs[name]["values"], name
+        assert ours[name]["steps"] == theirs[name]["steps"], name
+        assert ours[name]["values"] == theirs[name]["values"], name
+    info = json.loads((run_dir / "info.json").read_text())
+    assert info["throughput"]["tokens_per_s"]["steps"] == [1, 2]  # each epoch once

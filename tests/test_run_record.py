@@ -30,8 +30,6 @@ KILLABLE_RUN = [
     "synthetic.train_tokens=60000",
     f"max_max_epoch={EPOCHS}",
 ]
-# Timings: the one metric that is not a function of config, seed and data.
-TIMED = {"tokens_per_s"}
 
 
 def rhn(cwd: Path, *args: str, **popen) -> subprocess.Popen:
@@ -70,17 +68,13 @@ def wait_for_checkpoint(run_dir: Path, epochs: int, process, timeout: float = 12
 
 
 def record(run_dir: Path) -> dict:
-    """What a run recorded that its numbers decide: metric steps and values (timings
-    left out), its status and the final weights."""
+    """What a run recorded that its numbers decide: metric steps and values (every
+    metric: timings are run info), its status and the final weights."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
     run = json.loads((run_dir / "run.json").read_text())
     weights = checkpoint.load(run_dir / checkpoint.LAST)["model"]
     return {
-        "metrics": {
-            name: (series["steps"], series["values"])
-            for name, series in metrics.items()
-            if name not in TIMED
-        },
+        "metrics": {name: (series["steps"], series["values"]) for name, series in metrics.items()},
         "status": run["status"],
         "result": run["result"],
         "weights": {name: tensor.tolist() for name, tensor in weights.items()},
@@ -121,6 +115,8 @@ def test_sigkill_then_resume_records_every_epoch_once_and_matches_the_uninterrup
     assert epoch_lines(run_dir) == [str(e) for e in range(1, EPOCHS + 1)]
     cout = (run_dir / "cout.txt").read_text()
     assert "(the process before was killed; resumed at epoch" in cout
+    throughput = json.loads((run_dir / "info.json").read_text())["throughput"]["tokens_per_s"]
+    assert throughput["steps"] == list(range(1, EPOCHS + 1))  # each epoch once
 
 
 @pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM])

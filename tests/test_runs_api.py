@@ -70,7 +70,9 @@ def test_load_runs_has_a_row_per_run_with_config_and_results(store):
         test = metrics["test.ppl"]
         assert row["test.ppl"] == test["values"][test["steps"].index(epoch)]
         assert row["valid.bpc"] == min(metrics["valid.bpc"]["values"])
-        assert row["tokens_per_s.last"] == metrics["tokens_per_s"]["values"][-1]
+        throughput = _saved(store, run_id, "info.json")["throughput"]["tokens_per_s"]
+        assert "tokens_per_s" not in metrics  # kept out of what Omniboard plots
+        assert row["tokens_per_s.last"] == throughput["values"][-1]
         assert row["start_time"] == pandas.Timestamp(run["start_time"], tz="UTC")
     assert str(runs["start_time"].dt.tz) == "UTC"
     assert runs["duration_s"].gt(0).all()
@@ -127,6 +129,11 @@ def test_load_metrics_gives_every_point_with_dotted_names_usable(store):
             mine = points[(points["id"] == run_id) & (points["metric"] == name)]
             assert mine["step"].tolist() == series["steps"]
             assert mine["value"].tolist() == pytest.approx(series["values"])
+        # Throughput, recorded in the info, is a metric here as it always was.
+        series = _saved(store, run_id, "info.json")["throughput"]["tokens_per_s"]
+        mine = points[(points["id"] == run_id) & (points["metric"] == "tokens_per_s")]
+        assert mine["step"].tolist() == series["steps"] == [1, 2]
+        assert mine["value"].tolist() == series["values"]
 
     wide = load_metrics(store, tag="sweep-a", metrics=["valid.ppl", "lr"], wide=True)
     assert list(wide.columns) == ["lr", "valid.ppl"]
@@ -176,6 +183,7 @@ def test_load_runs_from_mongodb_matches_the_file_store(tmp_path, mongo_url):  # 
     timeless = [c for c in from_files.columns if c not in ("start_time", "stop_time", "duration_s")]
     pandas.testing.assert_frame_equal(from_mongo[timeless], from_files[timeless])
     pandas.testing.assert_frame_equal(load_metrics(mongo_url=url), load_metrics(runs_dir))
+    assert "tokens_per_s" in set(load_metrics(mongo_url=url)["metric"])  # from info.throughput
     assert list(load_runs(mongo_url=url, where="depth=2", tag="both").index) == [1]
     assert runs_frame(load_records(mongo_url=url, ids=1)).loc[1, "valid.ppl"] > 0
 

@@ -302,7 +302,8 @@ def _edit_json(path: Path, **changes) -> None:
 @pytest.fixture
 def ranked(tmp_path) -> Path:
     """Seven runs whose best valid.ppl, test.ppl (at that epoch), throughput, start and
-    duration each order them differently; run 4 recorded no metric."""
+    duration each order them differently; run 4 recorded no metric. Runs 6 and 2 record
+    throughput as rhn does now, in info.json; the others as a metric, as it used to."""
     runs_dir = tmp_path / "runs"
     valid = {"1": 95.0, "2": 70.0, "3": 130.0, "5": 80.0, "6": 110.0, "7": 75.0}
     starts = ["1", "7", "3", "5", "2", "6", "4"]  # run 7 second oldest, run 4 newest
@@ -313,11 +314,15 @@ def ranked(tmp_path) -> Path:
         stop = start + timedelta(minutes=10 * ((int(run_id) * 3) % 7 + 1))
         _edit_json(run_dir / "run.json", start_time=start.isoformat(), stop_time=stop.isoformat())
         if run_id in valid:  # test.ppl at the best (last) epoch, lower at the first
-            metrics = {
-                "test.ppl": {"steps": [1, 2], "values": [10.0, 200 - valid[run_id]]},
-                "tokens_per_s": {"steps": [1, 2], "values": [1000.0 * int(run_id), 5.0]},
-            }
-            _edit_json(run_dir / "metrics.json", **metrics)
+            test = {"steps": [1, 2], "values": [10.0, 200 - valid[run_id]]}
+            throughput = {"steps": [1, 2], "values": [1000.0 * int(run_id), 5.0]}
+            if run_id in "26":
+                info = {"throughput": {"tokens_per_s": throughput}}
+                (run_dir / "info.json").write_text(json.dumps(info))
+                _edit_json(run_dir / "metrics.json", **{"test.ppl": test})
+            else:
+                metrics = {"test.ppl": test, "tokens_per_s": throughput}
+                _edit_json(run_dir / "metrics.json", **metrics)
     return runs_dir
 
 
@@ -765,6 +770,8 @@ def test_export_json_round_trips_the_records(store, tmp_path):
     for record in records:
         saved = json.loads((store / record["id"] / "metrics.json").read_text())
         config = json.loads((store / record["id"] / "config.json").read_text())
+        info = json.loads((store / record["id"] / "info.json").read_text())
+        saved.update(info["throughput"])  # rhn's metric tokens_per_s, kept in the info
         assert record["config"] == config
         assert {n: s["values"] for n, s in record["metrics"].items()} == {
             n: s["values"] for n, s in saved.items()

@@ -24,6 +24,7 @@ from rhn_cli.board.local_mongo import (
 )
 from rhn_cli.board.omniboard import DEFAULT_PORT, Omniboard, prepare_omniboard, start_omniboard
 from rhn_cli.board.process import BoardError
+from rhn_cli.tracking.omniboard_view import prepare_omniboard_view
 
 
 @dataclass
@@ -81,6 +82,7 @@ def open_board(
     """Omniboard on ``mongo_url``; with None, on a local SecantusDB server holding a copy
     of the file-store runs in ``runs_dir``, kept in step with them until :meth:`Board.stop`."""
     if mongo_url:
+        _prepare_view(mongo_url)
         return Board(start_omniboard(mongo_url, port, cache=cache, echo=echo))
 
     runs_dir = Path(runs_dir)
@@ -118,7 +120,9 @@ def _follow(runs_dir: Path, url: str, echo: Callable[[str], Any]) -> Follower:
     except SyncError as error:
         raise BoardError(f"cannot copy the runs into the local database: {error}") from None
     try:
-        follower = Follower(session, echo=echo)
+        follower = Follower(
+            session, echo=echo, after_push=lambda: prepare_omniboard_view(session.db)
+        )
         echo(f"Copying the file-store runs in {runs_dir} into it:")
         report = follower.first_pass(_indented(echo))
         if any((report.pushed, report.updated, report.unchanged, report.skipped, report.failed)):
@@ -130,6 +134,23 @@ def _follow(runs_dir: Path, url: str, echo: Callable[[str], Any]) -> Follower:
         session.close()
         raise
     return follower
+
+
+def _prepare_view(mongo_url: str) -> None:
+    """Omniboard's config columns for the runs in ``mongo_url`` (best effort: an
+    unreachable MongoDB is Omniboard's to report)."""
+    import pymongo
+    import pymongo.errors
+
+    from rhn_cli.tracking.observers import database_name, mongo_client_options
+
+    client = pymongo.MongoClient(mongo_url, **mongo_client_options())
+    try:
+        prepare_omniboard_view(client[database_name(mongo_url)])
+    except pymongo.errors.PyMongoError:
+        pass
+    finally:
+        client.close()
 
 
 def _indented(echo: Callable[[str], Any]) -> Callable[[str], None]:

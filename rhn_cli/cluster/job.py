@@ -191,7 +191,7 @@ def run_job(request: TrainRequest, facts: JobFacts) -> dict[str, Any]:
         return _after_stop(stop, facts, say)
     if plan is not None and main:
         _update_mongo(request.runs_dir, plan.run_id, mongo_url, say)
-    say(f"run {outcome.run_id} {outcome.status}; result (best valid ppl) {outcome.result:.4f}")
+    say(f"run {outcome.run_id} {outcome.status}; result (best valid ppl) {outcome.result:g}")
     return {"run_id": str(outcome.run_id), "status": outcome.status, "result": outcome.result}
 
 

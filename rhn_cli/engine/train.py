@@ -75,6 +75,11 @@ from rhn_cli.models import build_model
 from rhn_cli.models.base import State, detach_state, map_state
 
 _SPLITS = ("train", "valid", "test")
+# The run-info key of the per-epoch throughput. Not a metric: Omniboard plots all of a
+# run's metrics on one linear axis, where ~1e5 tokens/s flattens perplexities of ~3. The
+# value has metrics.json's shape, {"tokens_per_s": {"steps": [epochs], "values": [...]}},
+# and rhn's readers show it as the metric tokens_per_s.
+THROUGHPUT_INFO = "throughput"
 
 
 class Reporter(Protocol):
@@ -229,6 +234,15 @@ def apply_split(config: Mapping[str, Any], corpus: Corpus) -> Corpus:
     return replace(corpus, **parts)
 
 
+def _recorded_throughput(state: Mapping[str, Any]) -> dict[str, list]:
+    """A checkpoint's tokens_per_s series; one written before rhn kept it apart has it
+    among its metric entries ([name, step, value, time])."""
+    if "throughput" in state:
+        return {k: list(v) for k, v in state["throughput"].items()}
+    entries = [e for e in state.get("metrics", []) if e[0] == "tokens_per_s"]
+    return {"steps": [e[1] for e in entries], "values": [e[2] for e in entries]}
+
+
 def _bits(ppl: float) -> float:
     return math.log2(ppl)
 
@@ -288,6 +302,8 @@ class Trainer:
             # dropout masks from its own stream, fixed by the seed and the rank.
             torch.manual_seed(rank_seed(self.seed, shard.rank))
         self.history: dict[str, list[float]] = {"train": [], "valid": [], "test": [], "lr": []}
+        # Kept apart from the history: timings differ between runs that compute alike.
+        self.throughput: dict[str, list] = {"steps": [], "values": []}  # tokens_per_s
         self.best_valid = math.inf
         self.best_epoch = 0
         self.epochs_without_improvement = 0
@@ -368,6 +384,7 @@ class Trainer:
             "epochs_without_improvement": self.epochs_without_improvement,
             "config": dict(self.config),
             "metrics": [list(entry) for entry in self.reporter.entries],
+            "throughput": {k: list(v) for k, v in self.throughput.items()},
             # MKL or oneDNN for each product (they round differently): kept on resume.
             "library_decisions": library_decisions(),
         }
@@ -387,6 +404,7 @@ class Trainer:
         self.best_valid, self.best_epoch = state["best_valid"], state["best_epoch"]
         self.epochs_without_improvement = state["epochs_without_improvement"]
         self.reporter.entries = [list(entry) for entry in state.get("metrics", [])]
+        self.throughput = _recorded_throughput(state)
         pin_library_decisions(state.get("library_decisions", {}))
         rank_rngs = state.get("rank_rng")
         if not self.shard.distributed:
@@ -592,6 +610,8 @@ class Trainer:
             self.echo(f"resumed at {self.where()} from the last checkpoint")
             if self.history["valid"]:
                 self.record_info(len(self.history["valid"]))
+            else:  # the recorded info may hold an epoch this checkpoint is before
+                self._record_throughput()
 
     def fit(self) -> TrainingSummary:
         config, corpus, reporter = self.config, self.corpus, self.reporter
@@ -633,7 +653,8 @@ class Trainer:
                 chunk_line = f"  (per-chunk valid bits {_bits(chunk_ppl):.4f})"
             self.history["lr"].append(lr)
             reporter.log_scalar("lr", lr, epoch)
-            reporter.log_scalar("tokens_per_s", tokens_per_s, epoch)
+            self.throughput["steps"].append(epoch)
+            self.throughput["values"].append(tokens_per_s)
             self.record_info(epoch)
 
             improved = valid_ppl < self.best_valid
@@ -682,6 +703,13 @@ class Trainer:
                 "test_perplexity": list(self.history["test"]),
             },
         )
+        self._record_throughput()
+
+    def _record_throughput(self) -> None:
+        """The whole series each time, from the training state: a resumed run's info
+        holds each epoch once, whatever its record held when the last process died."""
+        series = {k: list(v) for k, v in self.throughput.items()}
+        self.reporter.set_info(THROUGHPUT_INFO, {"tokens_per_s": series})
 
     def final_evaluation(self) -> dict[str, float]:
         """The reference's closing numbers, from the best-valid model: non-batched

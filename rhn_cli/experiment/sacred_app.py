@@ -43,6 +43,7 @@ from rhn_cli.tracking.observers import (
     mongo_problem,
     redact,
 )
+from rhn_cli.tracking.omniboard_view import rounded_result
 from rhn_cli.tracking.sanitize import clean
 
 EXPERIMENT_NAME = "rhn"
@@ -111,7 +112,8 @@ class RunInterrupted(Exception):
 def _main_function(
     progress: TextIO | None, stop, resume: ResumePlan | None, shard=None, corpus=None
 ):
-    """Sacred's main function: train on the resolved config, return best valid perplexity.
+    """Sacred's main function: train on the resolved config, return best valid perplexity
+    (rounded for Omniboard's Result column: :func:`rounded_result`; the metrics keep it whole).
 
     ``progress``: the terminal for progress bars (None: plain progress lines on the real
     stderr, from the process that speaks).
@@ -153,7 +155,7 @@ def _main_function(
             shard=shard or SINGLE,
         )
         summary = train(config, data, SacredReporter(_run), context)
-        return summary.best_valid_ppl
+        return rounded_result(summary.best_valid_ppl)
 
     return main
 
@@ -182,7 +184,7 @@ def _evaluate_function(splits: tuple[str, ...], evaluated_run: str | None, corpu
             config, data, SacredReporter(_run), splits, progress=progress
         )
         _run.info["kernels"] = kernel_facts()
-        return results[f"full_{splits[-1]}.ppl"]
+        return rounded_result(results[f"full_{splits[-1]}.ppl"])
 
     return evaluate
 

@@ -38,6 +38,10 @@ RECORD_FILES = ("run.json", "config.json", "metrics.json", "info.json", "cout.tx
 MONGO_SYNC_FILE = "mongo.json"
 # Config keys that differ between any two runs and say nothing about the model.
 NOISE_KEYS = ("seed",)
+# The info key of per-epoch series the engine keeps out of the metrics, so that Omniboard
+# does not plot them beside the perplexities (tokens_per_s). The value has metrics.json's
+# shape; rhn reads each series as a metric, as it was recorded before.
+INFO_SERIES_KEY = "throughput"
 
 
 class RunStoreError(Exception):
@@ -243,8 +247,21 @@ def load_run_dir(run_dir: Path, now: datetime | None = None) -> RunRecord:
         problems.append(problem)
     if problems and record.problem is None:
         record.problem = "; ".join(problems)
+    add_info_series(record)
     record.artifacts = _directory_files(run_dir, run.get("artifacts") or [])
     return record
+
+
+def add_info_series(record: RunRecord) -> None:
+    """The series of ``info.throughput`` as metrics. A run recorded before they moved
+    there and continued since also has the older epochs as a metric; the info's series
+    holds them all (the engine carries them over), so it replaces that metric."""
+    kept_apart = record.info.get(INFO_SERIES_KEY) if isinstance(record.info, dict) else None
+    if not isinstance(kept_apart, dict):
+        return
+    for name, points in kept_apart.items():
+        if isinstance(points, dict) and points.get("steps"):
+            record.metrics[str(name)] = _series(points.get("steps"), points.get("values"))
 
 
 def _directory_files(run_dir: Path, recorded: list) -> list[Artifact]:
@@ -335,6 +352,8 @@ def load_mongo(url: str, now: datetime | None = None) -> list[RunRecord]:
             record = records.get(doc.get("run_id"))
             if record is not None and doc.get("name"):
                 record.metrics[str(doc["name"])] = _series(doc.get("steps"), doc.get("values"))
+        for record in records.values():
+            add_info_series(record)
         file_ids = {}
         for doc in docs:
             for artifact in doc.get("artifacts") or []:

@@ -22,6 +22,7 @@ from typing import Any
 
 from rhn_cli.atomic import write_atomically
 from rhn_cli.tracking.records import (
+    INFO_SERIES_KEY,
     NOISE_KEYS,
     RunRecord,
     best_point,
@@ -533,10 +534,11 @@ def _info_value(key: str, value: Any) -> str:
 
 def _info_pairs(info: dict) -> list[tuple[str, str]]:
     """Info entries, one level of nesting flattened; the per-epoch ``logs`` (a copy of
-    the metrics) and MongoDB's ``metrics`` links are left out."""
+    the metrics), the ``throughput`` series (shown with the metrics) and MongoDB's
+    ``metrics`` links are left out."""
     pairs = []
     for key in sorted(info):
-        if key in ("logs", "metrics"):
+        if key in ("logs", INFO_SERIES_KEY, "metrics"):
             continue
         value = info[key]
         if isinstance(value, dict):
