@@ -67,15 +67,19 @@ def test_every_figure_is_the_one_its_named_config_states():
         (["ptb_depth3", "tied=True"], {"valid.ppl": 72.7, "test.ppl": 70.6}),
         (["enwik8_sota"], {"test.bpc": 1.27}),
         (["zoneout_text8"], {"test.bpc": 1.36}),
+        (["ptb_lstm_small"], {"valid.ppl": 120.7, "test.ppl": 114.5}),
+        (["ptb_lstm_medium", "max_max_epoch=10"], {"valid.ppl": 86.2, "test.ppl": 82.7}),
+        (["ptb_lstm_large"], {"valid.ppl": 82.2, "test.ppl": 78.4}),
         # Derived configs are not the paper's.
         (["ptb_sota", "depth=5"], None),
         (["ptb_sota", "hidden_size=800"], None),
         (["ptb_sota", "learning_rate=0.1"], None),
         (["ptb_sota", "max_max_epoch=600"], None),
         (["ptb_depth3", "drop_x=0.1"], None),
+        (["ptb_lstm_large", "lstm_bias_init='uniform'"], None),
         # Configs without figures (unverified or none published).
         (["tiny"], None),
-        (["ptb_lstm_small"], None),
+        (["ptb_variational_lstm"], None),
         (["wiki_grid3"], None),
     ],
 )
@@ -87,6 +91,38 @@ def test_a_run_gets_targets_only_with_the_papers_config(tokens, figures):
     assert targets is not None and figures.items() <= targets.items()
     assert targets["config"].split()[0] == tokens[0] and targets["source"]
     assert targets["epochs"] == resolve(["with", tokens[0]]).config["max_max_epoch"]
+
+
+@pytest.mark.parametrize(
+    ("name", "hidden", "epochs", "dropout", "init_scale", "steps", "clip"),
+    [
+        ("ptb_lstm_small", 200, 13, 0.0, 0.1, 20, 5.0),
+        ("ptb_lstm_medium", 650, 39, 0.5, 0.05, 35, 5.0),
+        ("ptb_lstm_large", 1500, 55, 0.65, 0.04, 35, 10.0),
+    ],
+)
+def test_zaremba_figures_belong_to_the_papers_setups(
+    name, hidden, epochs, dropout, init_scale, steps, clip
+):
+    """Table 1's three LSTMs: 2 layers on word-level PTB, batch 20, SGD from lr 1."""
+    config = resolve(["with", name]).config
+    assert (config["model"], config["dataset"], config["vocab_size"]) == ("lstm", "ptb", 10000)
+    assert (config["num_layers"], config["hidden_size"], config["max_max_epoch"]) == (
+        2,
+        hidden,
+        epochs,
+    )
+    assert (config["dropout"], config["init_scale"], config["num_steps"]) == (
+        dropout,
+        init_scale,
+        steps,
+    )
+    assert (config["max_grad_norm"], config["batch_size"], config["learning_rate"]) == (
+        clip,
+        20,
+        1.0,
+    )
+    assert PUBLISHED[name][0].source.startswith("Zaremba et al. 2014, Table 1")
 
 
 def test_the_last_named_config_with_figures_decides():

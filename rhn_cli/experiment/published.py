@@ -1,10 +1,12 @@
 """The published figures of the papers the shipped named configs reproduce, and the rule
 deciding whether a run's config is the paper's (:func:`targets_for_config`).
 
-Only figures ``../shared/spec`` states from a primary source are here (the RHN README's
-tables, spec section 6; the Zoneout README's headline BPC). Named configs whose figures
-the spec marks unverified (Zaremba et al.'s three LSTMs, the variational LSTM, the
-Zoneout paper's baselines) and those with no absolute figures (the Grid LSTM README's
+Only figures from a primary source are here: the RHN README's tables (``../shared/spec``
+section 6), the Zoneout README's headline BPC, and Zaremba et al. 2014's Table 1 for the
+three LSTMs that ``ptb_lstm_small``/``medium``/``large`` reproduce (2 layers; 200 units,
+13 epochs, no dropout; 650 units, 39 epochs, dropout 0.5; 1500 units, 55 epochs, dropout
+0.65). Named configs whose figures are unverified (the variational LSTM, the Zoneout
+paper's baselines) and those with no absolute figures (the Grid LSTM README's
 comparison, the tutorials) have none. Each named config's first comment line states the
 same figures; a test keeps the two in step.
 
@@ -23,6 +25,7 @@ from typing import Any
 
 RHN_README = "Zilly et al. 2017, RHN README (jzilly/RecurrentHighwayNetworks)"
 ZONEOUT_README = "Krueger et al. 2016, Zoneout README (teganmaharaj/zoneout)"
+ZAREMBA_TABLE = "Zaremba et al. 2014, Table 1"
 
 # Keys that cannot change the figures compared: where and how fast a run computes, when
 # it checkpoints, what it checks, and the MC-dropout test added on top. Stopping early
@@ -85,6 +88,17 @@ PUBLISHED: dict[str, list[Published]] = {
     "text8_sota": [Published({"test.bpc": 1.27}, f"{RHN_README}: Large RHN, depth 10, 45 M")],
     "zoneout_char_ptb": [Published({"test.bpc": 1.27}, f"{ZONEOUT_README}: char-level PTB")],
     "zoneout_text8": [Published({"test.bpc": 1.36}, f"{ZONEOUT_README}: text8")],
+    "ptb_lstm_small": [
+        Published({"valid.ppl": 120.7, "test.ppl": 114.5}, f"{ZAREMBA_TABLE}: non-regularized LSTM")
+    ],
+    "ptb_lstm_medium": [
+        Published(
+            {"valid.ppl": 86.2, "test.ppl": 82.7}, f"{ZAREMBA_TABLE}: medium regularized LSTM"
+        )
+    ],
+    "ptb_lstm_large": [
+        Published({"valid.ppl": 82.2, "test.ppl": 78.4}, f"{ZAREMBA_TABLE}: large regularized LSTM")
+    ],
 }
 
 

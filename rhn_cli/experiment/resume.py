@@ -12,11 +12,17 @@ from rhn_cli.experiment.provenance import process_alive
 from rhn_cli.experiment.schema import ConfigError, defaults, validate
 from rhn_cli.tracking.observers import Continuation
 
+# Keys whose default is not what rhn did before they existed, by model: the value that
+# reproduces it, for a config recorded before (the lstm drew its cell biases uniformly).
+RECORDED_BEFORE = {"lstm": {"lstm_bias_init": "uniform"}}
+
 
 def recorded_config(config: dict[str, Any]) -> dict[str, Any]:
     """A recorded config, validated, with keys added to rhn since it was recorded taking
-    their defaults (which reproduce what rhn did before they existed)."""
-    return validate({**defaults(), **config})
+    the value that reproduces what rhn did before they existed: their default, or the
+    model's RECORDED_BEFORE value."""
+    before = RECORDED_BEFORE.get(config.get("model", "rhn"), {})
+    return validate({**defaults(), **before, **config})
 
 
 # Keys that steer how long and how safely a run goes on, not what it computes: a resumed

