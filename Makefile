@@ -39,6 +39,18 @@ bench-quick: install
 bench-data: install
 	$(BIN)/python benchmarks/prepare_enwik8.py
 
+# Zaremba et al.'s small LSTM on the real PTB (docs/reproductions.md): fetches PTB
+# (PTB_FROM: a local copy, else the published URL), trains ptb_lstm_small's 13 epochs
+# (hours on 2 CPU cores) into RUNS_DIR, prints valid/test perplexity beside the
+# published figures, ends PASS (test perplexity <= 116, exit 0) or MISS (exit 1). Not
+# part of `make test`. ARGS go to rhn train: ARGS="max_max_epoch=1 max_time=30s" smokes.
+.PHONY: reproduce-small
+PTB_FROM ?=
+RUNS_DIR ?= runs
+reproduce-small: install
+	$(BIN)/python benchmarks/reproduce_small.py --runs-dir "$(RUNS_DIR)" \
+		$(if $(PTB_FROM),--ptb-from "$(PTB_FROM)") $(ARGS)
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
