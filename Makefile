@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 
 .PHONY: quickstart test lint format clean install bench bench-quick bench-data
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(VENV)/.kernels
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH)" "setuptools<82"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
+
+# The native kernels, built at set-up (about a minute) so that no run waits for them.
+# Where they cannot be built (no compiler) it says so, runs use the Python loop, and the
+# set-up goes on; the next make tries again.
+$(VENV)/.kernels: $(VENV)/.installed $(wildcard rhn_cli/kernels/csrc/*)
+	@if $(BIN)/rhn kernels build; then touch $@; fi
 
 quickstart: install
 	$(BIN)/rhn train --name quickstart

@@ -723,6 +723,7 @@ def rm(name, yes) -> None:
 def _register_command_modules() -> None:
     from rhn_cli.commands.board import board
     from rhn_cli.commands.completion import completion
+    from rhn_cli.commands.kernels import kernels
     from rhn_cli.commands.runs import runs
     from rhn_cli.commands.sweep import sweep
     from rhn_cli.commands.sync import sync
@@ -732,6 +733,7 @@ def _register_command_modules() -> None:
     cli.add_command(board)
     cli.add_command(sweep)
     cli.add_command(completion)
+    cli.add_command(kernels)
 
 
 _register_command_modules()

@@ -7,7 +7,8 @@ that is empty or not UTF-8, a cache changed since it was prepared), whether
 ``vocab_size`` is the dataset's, and whether every split fills one minibatch. Each
 failure is a :class:`ConfigError` naming the value, so the command stops with one line
 and exit 2 and no run is recorded. The corpus loaded for the checks is returned, for the
-run to train on (it is not loaded twice).
+run to train on (it is not loaded twice). A training run on the CPU then has its native
+kernels loaded here, built first where this machine has none (:func:`load_kernels`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def preflight_training(
         check_load_model(config["load_model"])
     corpus = load_data(config, echo, progress)
     check_corpus(config, corpus)
+    load_kernels(config["device"])
     return corpus
 
 
@@ -52,6 +54,26 @@ def preflight_evaluation(
     returns the corpus to evaluate on."""
     check_device(config["device"])
     return load_data(config, echo, progress)
+
+
+def load_kernels(device: str) -> None:
+    """On the CPU, the native kernels loaded before the run exists, and built first where
+    this machine has no build of them (announced; about a minute): so a build is never
+    timed as part of an epoch, and the run computes as it would with a build made
+    earlier. Where they cannot be built, the run takes the Python loop (one warning)."""
+    from rhn_cli.kernels import native
+
+    if native.USE_NATIVE and native.enabled() and _computes_on_cpu(device):
+        native.prepare("before the run's clock starts")
+
+
+def _computes_on_cpu(device: str) -> bool:
+    """Whether config ``device`` (already checked) is this machine's CPU."""
+    if device != "auto":
+        return device == "cpu"
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 def check_device(device: str) -> None:

@@ -8,7 +8,9 @@ rhn_cli but rhn_cli.atomic. Importing the package imports nothing (torch stays l
   the tied embedding's gradient hand-over.
 * :mod:`~rhn_cli.kernels.native`: builds and loads ``csrc/`` (one C++ extension: the
   recurrence's forward and backward, the fused softmax cross-entropy, the fused
-  penalised SGD step, transposes), and says where it applies (:func:`kernels_for`).
+  penalised SGD step, transposes), each build announced with its reason (``rhn kernels
+  build``, or a run before its clock starts), and says where it applies
+  (:func:`kernels_for`).
 * :mod:`~rhn_cli.kernels.onednn`: oneDNN's products on prepacked weights.
 * :mod:`~rhn_cli.kernels.weight_gradient`: the weight-gradient products, through MKL or
   oneDNN as decided by :mod:`~rhn_cli.kernels.library_choice` (once per machine, on disk).
