@@ -267,7 +267,10 @@ def test_the_board_follows_a_run_while_it_trains(runs, tmp_path, omniboard_insta
             time.sleep(0.5)
         ended = time.monotonic()
         assert training.returncode == 0
-        assert len(seen_steps - {0}) >= 2, f"epochs seen while running: {sorted(seen_steps)}"
+        # Epochs reached the board while the run trained, not only at its end (on a busy
+        # machine a pass may bring several epochs at once).
+        during = {count for count in seen_steps if 0 < count < 6}
+        assert during, f"epochs seen while running: {sorted(seen_steps)}"
         assert len(heartbeats) >= 2, "the heartbeat did not advance on the board"
 
         board.wait_for(lambda: _run(board.api, 3)["status"] == "COMPLETED", 30)
