@@ -54,26 +54,36 @@ class SacredReporter:
 
 
 def kernel_facts() -> dict[str, Any]:
-    """What computed the run so far: the native RHN loop or the Python one, and MKL or
-    oneDNN for each weight-gradient product (they round differently)."""
+    """What computed the run so far: the native RHN loop or the Python one, MKL or
+    oneDNN for each weight-gradient product, and torch's fused LSTM kernel or the Python
+    loop for the ``lstm`` model's layers without drop_h (they round differently)."""
     from rhn_cli.kernels import native
     from rhn_cli.kernels.library_choice import library_decisions
+    from rhn_cli.models import lstm
 
     return {
         "native_loop": native.loaded(),
         "library_decisions": library_decisions(),
+        "lstm_fused": lstm.USE_FUSED,
     }
 
 
 def pin_recorded_decisions(run_dir: Path) -> None:
-    """Compute with the libraries the run in ``run_dir`` recorded, where it did."""
+    """Compute with the libraries and the LSTM path the run in ``run_dir`` recorded,
+    where it did."""
     from rhn_cli.kernels.library_choice import pin_library_decisions
+    from rhn_cli.models import lstm
 
     try:
         info = json.loads((run_dir / "info.json").read_text())
-        pin_library_decisions(info["kernels"]["library_decisions"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # not a run directory, or one recorded before rhn kept its decisions
+    except (OSError, ValueError):
+        return  # not a run directory: nothing recorded to keep
+    kernels = info.get("kernels") if isinstance(info, dict) else None
+    kernels = kernels if isinstance(kernels, dict) else {}
+    # A run recorded before the fused LSTM kernel (no such fact) was computed by the loop.
+    lstm.USE_FUSED = kernels.get("lstm_fused") is True
+    with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+        pin_library_decisions(kernels["library_decisions"])  # absent in older runs
 
 
 def serialize_heartbeats(run) -> None:

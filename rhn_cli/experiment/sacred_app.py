@@ -532,6 +532,8 @@ def run_training(
     observers, mongo, mongo_url = _training_observers(
         Path(runs_dir), mongo_url, quiet=quiet, unobserved=unobserved, resume=resume, warn=warn
     )
+    if resume is not None:  # it computes on, every rank, with the kernels its run recorded
+        pin_recorded_decisions(resume.run_dir)
     stop = StopRequest()
     experiment = build_experiment(
         resolved, observers, stop=stop, resume=resume, shard=shard, corpus=corpus

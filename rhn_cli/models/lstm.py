@@ -47,6 +47,14 @@ only in training mode, and combinable (the masks multiply, so their order is moo
 
 Where both kinds meet, the variational mask is applied first and the per-step one
 second.
+
+A layer without a recurrent mask (no ``drop_h``) is a standard LSTM and runs torch's
+fused LSTM kernel (what ``nn.LSTM`` calls), its weights mapped in the forward pass from
+the layer's own W and b (:func:`fused_lstm_weights`): parameters, checkpoints and, in
+float64, results are the loop's. A layer with one runs the Python loop, which stays the
+reference: ``USE_FUSED = False`` forces it everywhere. In float32 the two round
+differently, so a run records which one computed it, and a run evaluated from its run
+directory computes with the same one (:mod:`rhn_cli.experiment.recording`).
 """
 
 from __future__ import annotations
@@ -61,6 +69,10 @@ from torch import nn
 from rhn_cli.models.base import LanguageModel
 from rhn_cli.models.dropout import step_dropout, variational_mask, word_type_mask
 from rhn_cli.models.lstm_keys import LSTM_BIAS_INITS
+
+# Off: every layer runs the Python loop (the reference), as runs recorded before the
+# fused kernel did; recording.pin_recorded_decisions sets it as a run recorded.
+USE_FUSED = True
 
 
 @dataclass(frozen=True)
@@ -106,6 +118,38 @@ class TFLSTMLayer(nn.Module):
 
         ``state_mask`` [B, H] drops the copy of h_{t-1} that feeds the product.
         """
+        if USE_FUSED and state_mask is None:
+            return self._fused_forward(inputs, h, c)
+        return self._loop_forward(inputs, h, c, state_mask)
+
+    def _fused_forward(
+        self, inputs: torch.Tensor, h: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        weights = fused_lstm_weights(self.weight, self.bias, self.input_size, self.forget_bias)
+        # torch.lstm is looked up at each call (not bound at import): tests watch the calls.
+        # ``train`` as nn.LSTM passes it: cuDNN keeps what its backward needs only then.
+        outputs, h_n, c_n = torch.lstm(
+            inputs,
+            (h.unsqueeze(0), c.unsqueeze(0)),
+            weights,
+            True,  # has biases
+            1,  # one layer
+            0.0,  # no dropout inside (rhn's own stays between the layers)
+            self.training,
+            False,  # not bidirectional
+            True,  # batch first
+        )
+        # The kernel hands back a time-major layout; dropout draws its mask in memory
+        # order, so only a batch-major copy, as the loop's, gets the loop's masks.
+        return outputs.contiguous(), h_n[0], c_n[0]
+
+    def _loop_forward(
+        self,
+        inputs: torch.Tensor,
+        h: torch.Tensor,
+        c: torch.Tensor,
+        state_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # The input part of the product does not depend on the state: one for all steps.
         projected = inputs @ self.weight[: self.input_size] + self.bias
         recurrent_weight = self.weight[self.input_size :]
@@ -118,6 +162,49 @@ class TFLSTMLayer(nn.Module):
             h = torch.tanh(c) * torch.sigmoid(o)
             outputs.append(h)
         return torch.stack(outputs, dim=1), h, c
+
+
+def fused_lstm_weights(
+    weight: torch.Tensor, bias: torch.Tensor, input_size: int, forget_bias: float
+) -> list[torch.Tensor]:
+    """torch's fused-LSTM weights [w_ih, w_hh, b_ih, b_hh] from TF's W [in + H, 4H] and
+    b [4H], differentiably (the gradients reach W and b): torch orders the gates i, f,
+    g(=TF's j), o and multiplies by the transposed weight; TF adds ``forget_bias`` to f
+    outside b, here folded into b_ih; TF has one bias, so b_hh is a constant zero."""
+    w_ih, w_hh = _TFToFusedWeights.apply(weight, input_size)
+    bias_i, bias_j, bias_f, bias_o = bias.chunk(4)
+    b_ih = torch.cat((bias_i, bias_f + forget_bias, bias_j, bias_o))
+    return [w_ih, w_hh, b_ih, torch.zeros_like(b_ih)]
+
+
+# TF's gate blocks i, j, f, o taken in torch's order i, f, g(=j), o (its own inverse).
+_FUSED_GATE_ORDER = (0, 2, 1, 3)
+
+
+def _gate_major(weight_rows: torch.Tensor) -> torch.Tensor:
+    """[rows, 4H] in TF's gate order -> [4H, rows] in torch's, one contiguous copy."""
+    order = torch.tensor(_FUSED_GATE_ORDER, device=weight_rows.device)
+    return weight_rows.t().unflatten(0, (4, -1)).index_select(0, order).flatten(0, 1)
+
+
+class _TFToFusedWeights(torch.autograd.Function):
+    """W [in + H, 4H] -> (w_ih [4H, in], w_hh [4H, H]): one copy each way, where autograd's
+    own slicing and index_select add a zero-filled gradient and an extra copy (7.2 against
+    5.2 ms per 650-unit layer's forward and backward, on the 2-core dev CPU)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, input_size: int):
+        ctx.input_size = input_size
+        return _gate_major(weight[:input_size]), _gate_major(weight[input_size:])
+
+    @staticmethod
+    def backward(ctx, grad_ih: torch.Tensor, grad_hh: torch.Tensor):
+        n = ctx.input_size
+        order = torch.tensor(_FUSED_GATE_ORDER, device=grad_ih.device)
+        grad = grad_ih.new_empty(n + grad_hh.shape[1], grad_ih.shape[0])
+        for rows, part in ((grad[:n], grad_ih), (grad[n:], grad_hh)):
+            rows.t().unflatten(0, (4, -1)).index_copy_(0, order, part.unflatten(0, (4, -1)))
+        return grad, None
 
 
 class LSTMLanguageModel(LanguageModel):
