@@ -29,6 +29,7 @@ mc         MC-dropout samples/s, 32 samples as rows of one batch (as rhn evaluat
            one after another (B = 1 each), at the ptb_sota shape; the log-probabilities
            must agree.
 startup    wall time of ``rhn --help`` and ``rhn print-config with ptb_sota``, best of 3.
+peers      each peer family's training step beside nn.LSTM of its size (benchmarks/peers.py).
 
 Training is measured in rounds: each round takes one step of every model, then times
 the roofline's products once, and every ratio (x baseline, fraction of the roofline) is
@@ -70,6 +71,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mask_rows import select_rows  # noqa: E402
+from peers import peer_checks, peer_rows  # noqa: E402
 from rhn_baseline import BaselineRHNLanguageModel  # noqa: E402
 
 from rhn_cli.engine.evaluation import (  # noqa: E402
@@ -664,6 +666,8 @@ def main() -> None:
     print(f"  rhn --help                         {up['help_s']:6.2f} s")
     print(f"  rhn print-config with ptb_sota     {up['print_config_s']:6.2f} s")
 
+    results["peers"] = peers = peer_rows(rounds=1 if quick else 2, quick=quick)
+
     ptb_row, enwik8_row = results["ptb_sota"], results["enwik8_sota"]
     checks = [
         (
@@ -702,7 +706,7 @@ def main() -> None:
             f"{up['print_config_s']:.2f} s",
             up["print_config_s"] <= TARGETS["print_config_s"],
         ),
-    ]
+    ] + peer_checks(peers)
     print("\nTargets")
     for what, figure, ok in checks:
         print(f"  {verdict(ok)}  {what:<46} {figure}")

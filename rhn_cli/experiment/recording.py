@@ -56,23 +56,25 @@ class SacredReporter:
 def kernel_facts() -> dict[str, Any]:
     """What computed the run so far: the native RHN loop or the Python one, MKL or
     oneDNN for each weight-gradient product, and torch's fused LSTM kernel or the Python
-    loop for the ``lstm`` model's layers without drop_h (they round differently)."""
+    loop for the ``lstm`` model's layers without drop_h and for the ``charrnn_lstm``
+    model's layers (they round differently)."""
     from rhn_cli.kernels import native
     from rhn_cli.kernels.library_choice import library_decisions
-    from rhn_cli.models import lstm
+    from rhn_cli.models import charrnn_lstm, lstm
 
     return {
         "native_loop": native.loaded(),
         "library_decisions": library_decisions(),
         "lstm_fused": lstm.USE_FUSED,
+        "charrnn_lstm_fused": charrnn_lstm.USE_FUSED,
     }
 
 
 def pin_recorded_decisions(run_dir: Path) -> None:
-    """Compute with the libraries and the LSTM path the run in ``run_dir`` recorded,
+    """Compute with the libraries and the LSTM paths the run in ``run_dir`` recorded,
     where it did."""
     from rhn_cli.kernels.library_choice import pin_library_decisions
-    from rhn_cli.models import lstm
+    from rhn_cli.models import charrnn_lstm, lstm
 
     try:
         info = json.loads((run_dir / "info.json").read_text())
@@ -82,6 +84,7 @@ def pin_recorded_decisions(run_dir: Path) -> None:
     kernels = kernels if isinstance(kernels, dict) else {}
     # A run recorded before the fused LSTM kernel (no such fact) was computed by the loop.
     lstm.USE_FUSED = kernels.get("lstm_fused") is True
+    charrnn_lstm.USE_FUSED = kernels.get("charrnn_lstm_fused") is True
     with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
         pin_library_decisions(kernels["library_decisions"])  # absent in older runs
 

@@ -25,6 +25,14 @@ for V=205, H=1000, L=3 (the Grid LSTM README's 3-layer stacked LSTM on enwik8).
 
 The state is (h, c), each [num_layers, B, H], zeros at the start; char-rnn carries it
 from one minibatch to the next.
+
+Every layer is a standard LSTM (the dropout acts between layers only), so each runs
+torch's fused LSTM kernel (what ``nn.LSTM`` calls), its weights and both biases taken
+from the layer's own ``i2h`` and ``h2h`` at every forward pass, gate blocks reordered
+(:func:`fused_lstm_weights`): parameters, checkpoints and, in float64, results are the
+loop's. The Python loop stays the reference: ``USE_FUSED = False`` forces it. In float32
+the two round differently, so a run records which one computed it, and a resumed or
+evaluated run computes with the same one (:mod:`rhn_cli.experiment.recording`).
 """
 
 from __future__ import annotations
@@ -38,6 +46,10 @@ from torch import nn
 
 from rhn_cli.models.base import LanguageModel
 from rhn_cli.models.dropout import step_dropout
+
+# Off: every layer runs the Python loop (the reference), as runs recorded before the
+# fused kernel did; recording.pin_recorded_decisions sets it as a run recorded.
+USE_FUSED = True
 
 
 def lstm_update(gate_sums: torch.Tensor, c_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,6 +92,34 @@ class CharRNNLSTMLayer(nn.Module):
         self, inputs: torch.Tensor, h: torch.Tensor, c: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """inputs [B, T, in], h, c [B, H] -> (outputs [B, T, H], final h, final c)."""
+        if USE_FUSED:
+            return self._fused_forward(inputs, h, c)
+        return self._loop_forward(inputs, h, c)
+
+    def _fused_forward(
+        self, inputs: torch.Tensor, h: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        weights = fused_lstm_weights(self.i2h, self.h2h)
+        # torch.lstm is looked up at each call (not bound at import): tests watch the calls.
+        # ``train`` as nn.LSTM passes it: cuDNN keeps what its backward needs only then.
+        outputs, h_n, c_n = torch.lstm(
+            inputs,
+            (h.unsqueeze(0), c.unsqueeze(0)),
+            weights,
+            True,  # has biases
+            1,  # one layer
+            0.0,  # no dropout inside (char-rnn's own stays between the layers)
+            self.training,
+            False,  # not bidirectional
+            True,  # batch first
+        )
+        # The kernel hands back a time-major layout; dropout draws its mask in memory
+        # order, so only a batch-major copy, as the loop's, gets the loop's masks.
+        return outputs.contiguous(), h_n[0], c_n[0]
+
+    def _loop_forward(
+        self, inputs: torch.Tensor, h: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # The input half of the sums does not depend on the state: one product for all steps.
         from_input = self.i2h(inputs)
         outputs = []
@@ -87,6 +127,20 @@ class CharRNNLSTMLayer(nn.Module):
             h, c = lstm_update(from_input[:, t] + self.h2h(h), c)
             outputs.append(h)
         return torch.stack(outputs, dim=1), h, c
+
+
+def fused_lstm_weights(i2h: nn.Linear, h2h: nn.Linear) -> list[torch.Tensor]:
+    """torch's fused-LSTM weights [w_ih, w_hh, b_ih, b_hh] from a layer's i2h and h2h,
+    differentiably (the gradients reach them): nn.Linear already stores [4H, in] as torch
+    does; only the gate blocks move, char-rnn's [i, f, o, g] to torch's [i, f, g, o]."""
+    return [_torch_gate_order(p) for p in (i2h.weight, h2h.weight, i2h.bias, h2h.bias)]
+
+
+def _torch_gate_order(rows: torch.Tensor) -> torch.Tensor:
+    """[4H, ...] in char-rnn's gate order [i, f, o, g] -> torch's [i, f, g, o] (one copy;
+    autograd splits the gradient back, one copy too)."""
+    i, f, o, g = rows.chunk(4)
+    return torch.cat((i, f, g, o))
 
 
 class CharRNNLSTMLanguageModel(LanguageModel):

@@ -1,0 +1,58 @@
+"""``make bench``'s peer rows (benchmarks/peers.py, issue 21 item 3): one row per peer
+family at its named config's shape beside nn.LSTM, with its target and PASS/MISS."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location(
+    "peers", Path(__file__).resolve().parents[1] / "benchmarks" / "peers.py"
+)
+peers = importlib.util.module_from_spec(_spec)
+sys.modules["peers"] = peers  # dataclasses look their module up there
+_spec.loader.exec_module(peers)
+
+TARGETS = {
+    "ptb_lstm_medium": 0.95,
+    "wiki_stacked3": 0.95,
+    "zoneout_char_ptb": 0.7,
+    "ptb_variational_lstm": 0.7,
+    "wiki_grid3": 0.7,
+    "gru_tutorial": 0.7,
+}
+
+
+def test_each_peer_is_measured_at_its_named_config_shape():
+    shapes = {name: peers.peer_shape(name, None, {}) for name in TARGETS}
+    described = {name: shape.describe for name, shape in shapes.items()}
+    assert described == {
+        "ptb_lstm_medium": "2 x 650, B 20, T 35",
+        "wiki_stacked3": "3 x 1000, B 50, T 50",
+        "zoneout_char_ptb": "1 x 1000, B 32, T 99",
+        "ptb_variational_lstm": "2 x 1500, B 20, T 35",
+        "wiki_grid3": "3 x 1000, B 50, T 50",
+        "gru_tutorial": "2 x 128, B 1, T 22",  # one sentence per update, PTB's mean length
+    }
+    assert peers.peer_shape("wiki_stacked3", 10, {}).T == 10  # --quick
+
+
+def test_the_peer_table_prints_a_row_and_a_verdict_per_family(capsys):
+    rows = peers.peer_rows(rounds=2, quick=True, overrides={"hidden_size": 8})
+    printed = capsys.readouterr().out
+    assert [row["config"] for row in rows] == list(TARGETS)
+    lines = {line.split()[0]: line for line in printed.splitlines()[3:] if line.strip()}
+    for row in rows:
+        assert row["target"] == TARGETS[row["config"]]
+        assert len(row["step_seconds"]["peer"]) == len(row["step_seconds"]["lstm"]) == 2
+        assert math.isfinite(row["ratio"]) and row["ratio"] > 0
+        assert row["pass"] == (row["ratio"] >= row["target"])
+        line = lines[row["config"]]
+        assert f"{row['ratio']:.2f}x" in line and line.endswith("PASS" if row["pass"] else "MISS")
+    assert "2 x 8, B 1, T 10" in lines["gru_tutorial"]
+    checks = peers.peer_checks(rows)
+    assert [(what, ok) for what, _, ok in checks] == [
+        (f"peer {row['config']} >= {row['target']:g}x nn.LSTM", row["pass"]) for row in rows
+    ]
