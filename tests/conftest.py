@@ -53,6 +53,11 @@ def pytest_configure(config):
         "deselect with -m 'not omniboard'",
     )
     config.addinivalue_line("markers", "slurm: tests on a real one-node Slurm cluster")
+    config.addinivalue_line(
+        "markers",
+        "cuda: tests on a CUDA device, skipped without one (RHN_TEST_CUDA_ON=cpu runs them "
+        "on the CPU); select with -m cuda",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -51,6 +51,7 @@ from rhn_cli.data.batching import (
 from rhn_cli.data.corpus import Corpus
 from rhn_cli.engine import checkpoint
 from rhn_cli.engine.device import as_tensor, pick_device
+from rhn_cli.engine.device import describe as describe_device
 from rhn_cli.engine.distributed import SINGLE, Shard, batch_dims, rank_seed
 from rhn_cli.engine.evaluation import (
     evaluate,
@@ -619,6 +620,7 @@ class Trainer:
         if entropy is not None:
             reporter.set_info("source_entropy_bits", entropy)
         reporter.set_info("nr_parameters", self.model.num_parameters())
+        reporter.set_info("device", describe_device(self.device))
 
         while self.epoch_index < config["max_max_epoch"]:
             epoch = self.epoch_index + 1

@@ -232,8 +232,12 @@ def plan_evaluation(
     target: str, runs_dir: Path, mc_steps: int
 ) -> tuple[dict[str, Any], str | None]:
     """(config to evaluate with, evaluated run id or None) for ``rhn evaluate TARGET``
-    (TARGET as :func:`resolve_checkpoint` reads it)."""
+    (TARGET as :func:`resolve_checkpoint` reads it). It runs on the run's device where
+    this machine has it, else on 'auto' (:func:`~rhn_cli.engine.device.here_or_auto`)."""
+    from rhn_cli.engine.device import here_or_auto
+
     path, saved = resolve_checkpoint(target, runs_dir, "evaluate")
     evaluated_run = path.parent.name if (path.parent / "run.json").exists() else None
-    config = {**saved["config"], "load_model": str(path), "mc_steps": mc_steps}
-    return recorded_config(config), evaluated_run
+    config = recorded_config({**saved["config"], "load_model": str(path), "mc_steps": mc_steps})
+    config["device"] = here_or_auto(config["device"])
+    return config, evaluated_run

@@ -61,6 +61,7 @@ def sample_text(
     import torch
 
     from rhn_cli.data.registry import get_spec, load_corpus
+    from rhn_cli.engine.device import here_or_auto, pick_device
     from rhn_cli.engine.sampling import generate
     from rhn_cli.models import build_model
 
@@ -76,7 +77,9 @@ def sample_text(
         raise ConfigError(
             f"--prime has {len(unknown)} symbol(s) not in the {corpus.name} vocabulary: {shown}"
         )
-    model = build_model(config, corpus.vocab_size)
+    # On the run's device (its GPU) where this machine has it: the draws are made on the
+    # CPU from the seed, so a seed gives the same text wherever the logits agree.
+    model = build_model(config, corpus.vocab_size).to(pick_device(here_or_auto(config["device"])))
     model.load_state_dict(saved["model"])
     generator = torch.Generator()
     generator.manual_seed(seed if seed is not None else torch.seed())
