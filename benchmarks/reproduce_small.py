@@ -85,13 +85,30 @@ def _ppl(value: float | None) -> str:
 
 def _commit(record: RunRecord) -> str:
     """The checkout's commit as Sacred recorded it in the run (rhn's RunRecord keeps no
-    repository), with "+ changes" where the tree was dirty."""
+    repository), with "+ changes" where the tree was dirty; a resumed run names the
+    commit of every process that computed it, with the epochs each left complete."""
     try:
         run = json.loads((Path(record.location) / "run.json").read_text(encoding="utf-8"))
-        repository = run["experiment"]["repositories"][0]
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        last = _short(run["experiment"]["repositories"])
+    except (OSError, ValueError, KeyError, TypeError):
         return "commit unknown"
-    return f"commit {repository['commit'][:7]}" + (" + changes" if repository.get("dirty") else "")
+    earlier = record.info.get("earlier_processes") or []
+    if not earlier:
+        return f"commit {last}"
+    parts = [
+        f"{_short(process.get('repositories'))} to epoch {process.get('completed_epochs', '?')}"
+        for process in earlier
+    ]
+    return "commits " + ", ".join([*parts, f"{last} from there"])
+
+
+def _short(repositories) -> str:
+    """The first repository's commit, 7 digits, "+ changes" where dirty."""
+    try:
+        repository = repositories[0]
+        return repository["commit"][:7] + (" + changes" if repository.get("dirty") else "")
+    except (IndexError, KeyError, TypeError):
+        return "unknown"
 
 
 def _device(record: RunRecord) -> str:

@@ -169,3 +169,22 @@ def test_a_dataset_that_cannot_be_fetched_stops_it_before_any_training(tmp_path,
     assert "Error: ptb: --from" in captured.err and "no such file or directory" in captured.err
     assert "rhn train" not in captured.out
     assert not (tmp_path / RUNS).exists()
+
+
+def test_a_resumed_run_names_the_commit_of_each_process(ptb, capsys):
+    ptb(20)
+    base = ["train", "--name", "reproduce-small", "--runs-dir", RUNS]
+    stopped = _runner().invoke(
+        cli, [*base, "with", "ptb_lstm_small", "vocab_size=None", "max_time=0.001"], env=CLEAN_ENV
+    )
+    assert "TIMEOUT" in stopped.output, stopped.output
+    resumed = _runner().invoke(
+        cli, [*base, "--resume", "1", "with", "max_time=None"], env=CLEAN_ENV
+    )
+    assert "run 1 COMPLETED" in resumed.output, resumed.output
+    run = json.loads((Path(RUNS) / "1" / "run.json").read_text())
+    repository = (run["experiment"]["repositories"] or [None])[0]  # none outside a checkout
+    commit = "unknown" if repository is None else repository["commit"][:7]
+    commit += " + changes" if repository and repository["dirty"] else ""
+    code, lines = _report("1", capsys)
+    assert lines[1].startswith(f"  commits {commit} to epoch 0, {commit} from there, CPU (")

@@ -433,3 +433,33 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_beginning(tmp
         assert ours[name]["values"] == theirs[name]["values"], name
     info = json.loads((run_dir / "info.json").read_text())
     assert info["throughput"]["tokens_per_s"]["steps"] == [1, 2]  # each epoch once
+
+
+def test_a_resumed_run_keeps_what_computed_its_earlier_epochs(runner, tmp_path):
+    """Sacred rewrites run.json (code, host, library versions) for each process; the
+    processes before are kept in info, each with the epochs it left complete."""
+    assert runner.invoke(cli, ["train", "with", "tiny", "max_time=0.001"]).exit_code == 0
+    run_dir = tmp_path / "runs" / "1"
+    first = json.loads((run_dir / "run.json").read_text())
+    assert runner.invoke(cli, ["train", "--resume", "1"]).exit_code == 0  # TIMEOUT again
+    assert json.loads((run_dir / "info.json").read_text())["earlier_processes"][0]["status"] == (
+        "TIMEOUT"
+    )
+    done = runner.invoke(cli, ["train", "--resume", "1", "with", "max_time=None"])
+    assert done.exit_code == 0 and "COMPLETED" in done.output, done.output
+    last = json.loads((run_dir / "run.json").read_text())
+    earlier = json.loads((run_dir / "info.json").read_text())["earlier_processes"]
+    # run.json keeps the run's first start and one entry per resumption in meta.
+    second_start = last["meta"]["resumed_at"][0]
+    assert [p["start_time"] for p in earlier] == [first["start_time"], second_start]
+    assert [p["status"] for p in earlier] == ["TIMEOUT", "TIMEOUT"]
+    assert all(p["completed_epochs"] == 0 and p["step"] > 0 for p in earlier)
+    shown = runner.invoke(cli, ["runs", "show", "1"]).output
+    repository = (first["experiment"]["repositories"] or [None])[0]  # none outside a checkout
+    commit = "no commit" if repository is None else repository["commit"][:7]
+    commit += " + changes" if repository and repository["dirty"] else ""
+    assert f"{commit} to epoch 0, timeout; {commit} to epoch 0, timeout" in shown
+    for process in earlier:
+        assert process["repositories"] == first["experiment"]["repositories"]
+        assert process["dependencies"] == first["experiment"]["dependencies"]
+        assert process["host"]["cpu"] == first["host"]["cpu"]

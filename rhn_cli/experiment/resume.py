@@ -83,13 +83,39 @@ class ResumePlan:
 
     def recorded_info(self) -> dict[str, Any] | None:
         """The run's info as last recorded: a resumed run starts from it (a restarted
-        one from nothing)."""
+        one from nothing), with the process before added to ``earlier_processes``."""
         if self.state is None:
             return None
         try:
-            return json.loads((self.run_dir / "info.json").read_text())
+            info = json.loads((self.run_dir / "info.json").read_text())
+        except (OSError, ValueError):
+            info = {}
+        earlier = self._process_before()
+        if earlier is not None:
+            info["earlier_processes"] = [*info.get("earlier_processes", []), earlier]
+        return info or None
+
+    def _process_before(self) -> dict[str, Any] | None:
+        """What computed the run's epochs so far, as its run.json says: Sacred rewrites
+        run.json for each process (code, host, library versions), so a resumed run keeps
+        the earlier ones here, each with the epochs it left complete."""
+        try:
+            run = json.loads((self.run_dir / "run.json").read_text())
         except (OSError, ValueError):
             return None
+        experiment, host = run.get("experiment") or {}, run.get("host") or {}
+        # run.json keeps the run's first start; each resumption's is in meta.resumed_at.
+        starts = [run.get("start_time"), *(run.get("meta") or {}).get("resumed_at", [])]
+        return {
+            "start_time": starts[-1],
+            "stop_time": run.get("stop_time") or run.get("heartbeat"),
+            "status": self.previous_status,
+            "completed_epochs": self.completed_epochs,
+            "step": (self.state or {}).get("step"),
+            "repositories": experiment.get("repositories", []),
+            "dependencies": experiment.get("dependencies", []),
+            "host": {key: host.get(key) for key in ("hostname", "cpu", "python_version")},
+        }
 
 
 def plan_resume(

@@ -627,12 +627,30 @@ def _show_header(record: RunRecord) -> list[tuple[str, str]]:
     ]
     if record.resumed_at:
         header.append(("resumed at", ", ".join(format_time(t) for t in record.resumed_at)))
+    earlier = record.info.get("earlier_processes")
+    if isinstance(earlier, list) and earlier:
+        header.append(("earlier processes", "; ".join(map(_earlier_process, earlier))))
     header.append(("recorded in", where))
     if record.mongo is not None:
         header.append(("mongodb", json.dumps(json_clean(record.mongo), sort_keys=True)))
     if record.problem:
         header.append(("problem", record.problem))
     return header
+
+
+def _earlier_process(process) -> str:
+    """One process before a resumption: its commit, the epochs it left, how it ended."""
+    if not isinstance(process, dict):
+        return MISSING
+    repositories = process.get("repositories") or [{}]
+    repository = repositories[0] if isinstance(repositories[0], dict) else {}
+    commit = str(repository.get("commit") or "no commit")[:7]
+    if repository.get("dirty"):
+        commit += " + changes"
+    return (
+        f"{commit} to epoch {process.get('completed_epochs', '?')}, "
+        f"{str(process.get('status', '?')).lower()}"
+    )
 
 
 def _show_metrics(record: RunRecord, style: Style) -> list[str]:
