@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from click.testing import CliRunner
 
@@ -39,6 +41,28 @@ def isolated_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("RHN_CONFIG_FILE", raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / ".config"))
     return tmp_path
+
+
+# The switches between a model's fast path and its reference loop (each True by default):
+# resuming or evaluating a run pins them as the run recorded, in the process that does it,
+# which for a CliRunner test is pytest's own.
+COMPUTE_PATH_SWITCHES = (
+    ("rhn_cli.models.lstm", "USE_FUSED"),
+    ("rhn_cli.models.charrnn_lstm", "USE_FUSED"),
+    ("rhn_cli.models.grid_lstm", "USE_FUSED"),
+    ("rhn_cli.kernels.lstm_recurrence", "USE_RECURRENCE"),
+    ("rhn_cli.kernels.gru_recurrence", "USE_RECURRENCE"),
+)
+
+
+@pytest.fixture(autouse=True)
+def default_compute_paths():
+    """Every test starts on the default paths, whatever a test before it pinned."""
+    yield
+    for module_name, switch in COMPUTE_PATH_SWITCHES:
+        module = sys.modules.get(module_name)  # never imported here: nothing to restore
+        if module is not None:
+            setattr(module, switch, True)
 
 
 @pytest.fixture

@@ -56,25 +56,32 @@ class SacredReporter:
 def kernel_facts() -> dict[str, Any]:
     """What computed the run so far: the native RHN loop or the Python one, MKL or
     oneDNN for each weight-gradient product, and torch's fused LSTM kernel or the Python
-    loop for the ``lstm`` model's layers without drop_h and for the ``charrnn_lstm``
-    model's layers (they round differently)."""
-    from rhn_cli.kernels import native
+    loop for the ``lstm`` model's layers without drop_h, for the ``charrnn_lstm``
+    model's layers and for the ``grid_lstm`` model's temporal LSTMs, and the hand-written
+    recurrence or the autograd loop for the ``zoneout_lstm`` model and the ``lstm``
+    model's layers with drop_h and for the ``gru`` model's tutorial layers (they round
+    differently)."""
+    from rhn_cli.kernels import gru_recurrence, lstm_recurrence, native
     from rhn_cli.kernels.library_choice import library_decisions
-    from rhn_cli.models import charrnn_lstm, lstm
+    from rhn_cli.models import charrnn_lstm, grid_lstm, lstm
 
     return {
         "native_loop": native.loaded(),
         "library_decisions": library_decisions(),
         "lstm_fused": lstm.USE_FUSED,
         "charrnn_lstm_fused": charrnn_lstm.USE_FUSED,
+        "grid_lstm_fused": grid_lstm.USE_FUSED,
+        "lstm_recurrence": lstm_recurrence.USE_RECURRENCE,
+        "gru_recurrence": gru_recurrence.USE_RECURRENCE,
     }
 
 
 def pin_recorded_decisions(run_dir: Path) -> None:
     """Compute with the libraries and the LSTM paths the run in ``run_dir`` recorded,
     where it did."""
+    from rhn_cli.kernels import gru_recurrence, lstm_recurrence
     from rhn_cli.kernels.library_choice import pin_library_decisions
-    from rhn_cli.models import charrnn_lstm, lstm
+    from rhn_cli.models import charrnn_lstm, grid_lstm, lstm
 
     try:
         info = json.loads((run_dir / "info.json").read_text())
@@ -85,6 +92,11 @@ def pin_recorded_decisions(run_dir: Path) -> None:
     # A run recorded before the fused LSTM kernel (no such fact) was computed by the loop.
     lstm.USE_FUSED = kernels.get("lstm_fused") is True
     charrnn_lstm.USE_FUSED = kernels.get("charrnn_lstm_fused") is True
+    grid_lstm.USE_FUSED = kernels.get("grid_lstm_fused") is True
+    # Zoneout LSTM and Gal-masked layers: the hand-written recurrence, or (not recorded)
+    # the autograd loop.
+    lstm_recurrence.USE_RECURRENCE = kernels.get("lstm_recurrence") is True
+    gru_recurrence.USE_RECURRENCE = kernels.get("gru_recurrence") is True
     with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
         pin_library_decisions(kernels["library_decisions"])  # absent in older runs
 

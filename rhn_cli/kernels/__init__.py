@@ -4,6 +4,10 @@ rhn_cli but rhn_cli.atomic. Importing the package imports nothing (torch stays l
 
 * :mod:`~rhn_cli.kernels.rhn_recurrence`: an RHN layer's recurrence with a hand-written
   backward (RHNLayer's fast path), its Python loop and the driver of the C++ one.
+* :mod:`~rhn_cli.kernels.lstm_recurrence`: the Zoneout LSTM's and Gal-masked LSTM layers'
+  recurrence with a hand-written backward (their fast path; the models' autograd loops
+  stay the reference).
+* :mod:`~rhn_cli.kernels.gru_recurrence`: the tutorial GRU layer's, likewise.
 * :mod:`~rhn_cli.kernels.output_layer`: the RHN output layer's hand-written backward and
   the tied embedding's gradient hand-over.
 * :mod:`~rhn_cli.kernels.native`: builds and loads ``csrc/`` (one C++ extension: the

@@ -46,6 +46,15 @@ n=3, tied (the README's 3-layer grid on enwik8) and 412,993 for the tiny Shakesp
 default (V=65, H=128, n=2, tied).
 
 The state is the temporal (h, c), each [num_layers, B, H], zeros at the start.
+
+Each layer's temporal LSTM is char-rnn's standard LSTM layer (input weights W_DT^L,
+recurrent W_TT^L), so it runs torch's fused LSTM kernel (what ``nn.LSTM`` calls), the
+weights and both biases taken from the layer's own Linears at every forward pass, gate
+blocks reordered (:func:`rhn_cli.models.charrnn_lstm.fused_lstm_weights`): parameters,
+checkpoints and, in float64, results are the loop's. The Python loop stays the
+reference: ``USE_FUSED = False`` forces it. In float32 the two round differently, so a
+run records which one computed it, and a resumed or evaluated run computes with the same
+one (:mod:`rhn_cli.experiment.recording`).
 """
 
 from __future__ import annotations
@@ -58,8 +67,12 @@ import torch
 from torch import nn
 
 from rhn_cli.models.base import LanguageModel
-from rhn_cli.models.charrnn_lstm import lstm_update, set_forget_bias
+from rhn_cli.models.charrnn_lstm import fused_lstm_weights, lstm_update, set_forget_bias
 from rhn_cli.models.dropout import step_dropout
+
+# Off: every temporal LSTM runs the Python loop (the reference), as runs recorded before
+# the fused kernel did; recording.pin_recorded_decisions sets it as a run recorded.
+USE_FUSED = True
 
 
 @dataclass(frozen=True)
@@ -95,17 +108,46 @@ class GridLSTMLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Depth input h_d^{L-1}, c_d^{L-1} [B, T, H] (h already dropped) and temporal
         state h, c [B, H] -> (h_d^L, c_d^L [B, T, H], final temporal h, c [B, H])."""
-        from_below = self.depth_to_time(depth_h)  # no dependence on the state: all steps at once
-        temporal = []
-        for t in range(depth_h.shape[1]):
-            h, c = lstm_update(self.time_to_time(h) + from_below[:, t], c)
-            temporal.append(h)
-        temporal = torch.stack(temporal, dim=1)
+        if USE_FUSED:
+            temporal, h, c = self._fused_temporal(depth_h, h, c)
+        else:
+            temporal, h, c = self._loop_temporal(depth_h, h, c)
         # The depth LSTM has no recurrence in time: all steps at once.
         depth_h, depth_c = lstm_update(
             self.time_to_depth(temporal) + self.depth_to_depth(depth_h), depth_c
         )
         return depth_h, depth_c, h, c
+
+    def _fused_temporal(
+        self, depth_h: torch.Tensor, h: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # The temporal LSTM is char-rnn's layer with input weights W_DT and recurrent W_TT.
+        weights = fused_lstm_weights(self.depth_to_time, self.time_to_time)
+        # torch.lstm is looked up at each call (not bound at import): tests watch the calls.
+        outputs, h_n, c_n = torch.lstm(
+            depth_h,
+            (h.unsqueeze(0), c.unsqueeze(0)),
+            weights,
+            True,  # has biases
+            1,  # one layer
+            0.0,  # no dropout inside (the grid's own acts on the depth input)
+            self.training,  # as nn.LSTM passes it: cuDNN keeps its backward's needs only then
+            False,  # not bidirectional
+            True,  # batch first
+        )
+        # Left time-major in memory (charrnn copies its outputs: dropout draws in memory
+        # order): only the depth Linear reads these, and its result is batch-major.
+        return outputs, h_n[0], c_n[0]
+
+    def _loop_temporal(
+        self, depth_h: torch.Tensor, h: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from_below = self.depth_to_time(depth_h)  # no dependence on the state: all steps at once
+        temporal = []
+        for t in range(depth_h.shape[1]):
+            h, c = lstm_update(self.time_to_time(h) + from_below[:, t], c)
+            temporal.append(h)
+        return torch.stack(temporal, dim=1), h, c
 
 
 class GridLSTMLanguageModel(LanguageModel):

@@ -38,6 +38,11 @@ draw them from the same uniform).
 The embedding width is H, as in the reference: ``train.py`` reads ``EMBEDDING_DIM``
 (default 48) but only puts it in the output file name; E has H rows. For V=8000,
 H=128 and two layers the tutorial model has 2,253,376 parameters.
+
+The tutorial layer without zoneout runs :mod:`rhn_cli.kernels.gru_recurrence` (a time
+loop without autograd and a hand-written backward): the same parameters and, in float64,
+results as the step-by-step autograd loop here, the reference, which
+``gru_recurrence.USE_RECURRENCE = False`` forces (and zoneout needs).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rhn_cli.kernels import gru_recurrence
 from rhn_cli.models.base import LanguageModel
 from rhn_cli.models.gru_keys import GRU_VARIANTS
 from rhn_cli.models.zoneout import zoneout
@@ -98,10 +104,17 @@ class TutorialGRULayer(nn.Module):
         H = self.hidden_size
         # U x + b does not depend on the state: one product for all steps.
         projected = inputs @ self.U.reshape(3 * H, H).t() + self.b.reshape(3 * H)
+        if gru_recurrence.USE_RECURRENCE and self.z_states <= 0.0:
+            return gru_recurrence.recurrence(projected, s, self.W)
+        return self._loop(projected, s)
+
+    def _loop(self, projected: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The autograd loop: the reference, and the path with zoneout."""
+        H = self.hidden_size
         gates_weight = self.W[:2].reshape(2 * H, H).t()
         candidate_weight = self.W[2].t()
         outputs = []
-        for t in range(inputs.shape[1]):
+        for t in range(projected.shape[1]):
             gates = theano_hard_sigmoid(projected[:, t, : 2 * H] + s @ gates_weight)
             z, r = gates[:, :H], gates[:, H:]
             c = torch.tanh(projected[:, t, 2 * H :] + (s * r) @ candidate_weight)

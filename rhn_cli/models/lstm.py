@@ -51,10 +51,13 @@ second.
 A layer without a recurrent mask (no ``drop_h``) is a standard LSTM and runs torch's
 fused LSTM kernel (what ``nn.LSTM`` calls), its weights mapped in the forward pass from
 the layer's own W and b (:func:`fused_lstm_weights`): parameters, checkpoints and, in
-float64, results are the loop's. A layer with one runs the Python loop, which stays the
-reference: ``USE_FUSED = False`` forces it everywhere. In float32 the two round
-differently, so a run records which one computed it, and a run evaluated from its run
-directory computes with the same one (:mod:`rhn_cli.experiment.recording`).
+float64, results are the loop's. A layer with one runs the hand-written recurrence of
+:mod:`rhn_cli.kernels.lstm_recurrence` (the same math and results, in float64).
+The Python loop stays the reference: ``USE_FUSED = False`` forces it for the layers
+without a recurrent mask, ``lstm_recurrence.USE_RECURRENCE = False`` for those with
+one. In float32 the paths round differently, so a run records which ones computed it,
+and a run evaluated from its run directory computes with the same ones
+(:mod:`rhn_cli.experiment.recording`).
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rhn_cli.kernels import lstm_recurrence
 from rhn_cli.models.base import LanguageModel
 from rhn_cli.models.dropout import step_dropout, variational_mask, word_type_mask
 from rhn_cli.models.lstm_keys import LSTM_BIAS_INITS
@@ -120,7 +124,18 @@ class TFLSTMLayer(nn.Module):
         """
         if USE_FUSED and state_mask is None:
             return self._fused_forward(inputs, h, c)
+        if lstm_recurrence.USE_RECURRENCE and state_mask is not None:
+            return self._recurrence_forward(inputs, h, c, state_mask)
         return self._loop_forward(inputs, h, c, state_mask)
+
+    def _recurrence_forward(
+        self, inputs: torch.Tensor, h: torch.Tensor, c: torch.Tensor, state_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The loop's math with Gal's recurrent mask, on the hand-written recurrence."""
+        projected = inputs @ self.weight[: self.input_size] + self.bias
+        cell = lstm_recurrence.Cell(lstm_recurrence.TF_GATES, self.forget_bias)
+        recurrent_weight = self.weight[self.input_size :]
+        return lstm_recurrence.recurrence(projected, h, c, recurrent_weight, cell, state_mask)
 
     def _fused_forward(
         self, inputs: torch.Tensor, h: torch.Tensor, c: torch.Tensor

@@ -43,6 +43,10 @@ the vocabulary side is initialised as a block-orthogonal draw of the smallest fi
 width V' >= V, keeping its first V rows of W_in and first V columns of W_out (for V=27,
 H=1000: V'=40). A fitting V is initialised exactly as the reference.
 
+The layer's time loop runs on :mod:`rhn_cli.kernels.lstm_recurrence` (a hand-written
+backward; the same math, draws and, in float64, results); ``ZoneoutLSTMLayer._loop_forward``,
+the autograd loop, is the reference (``lstm_recurrence.USE_RECURRENCE = False``).
+
 Weight noise and the norm stabiliser of the paper's baselines are applied by the engine
 (:mod:`rhn_cli.engine.regularizers`) to any model; ``return_hidden=True`` gives it the
 zoned-out h sequence of the top layer.
@@ -59,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rhn_cli.kernels import lstm_recurrence
 from rhn_cli.models.base import LanguageModel
 from rhn_cli.models.zoneout import zoneout
 
@@ -155,6 +160,26 @@ class ZoneoutLSTMLayer(nn.Module):
         self, projected: torch.Tensor, h: torch.Tensor, c: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """projected [B, T, 4H], h, c [B, H] -> (outputs [B, T, H], final h, final c)."""
+        if lstm_recurrence.USE_RECURRENCE:
+            return lstm_recurrence.recurrence(projected, h, c, self.state_weight, self.cell())
+        return self._loop_forward(projected, h, c)
+
+    def cell(self) -> lstm_recurrence.Cell:
+        """The layer's math for :func:`lstm_recurrence.recurrence`."""
+        cfg = self.config
+        return lstm_recurrence.Cell(
+            lstm_recurrence.ZONEOUT_GATES,
+            cfg.forget_bias,
+            cfg.drop_igates,
+            cfg.z_cells,
+            cfg.z_states,
+            self.training,
+        )
+
+    def _loop_forward(
+        self, projected: torch.Tensor, h: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The autograd loop: the reference, and the path with the recurrence switched off."""
         cfg = self.config
         outputs = []
         for t in range(projected.shape[1]):
