@@ -4,7 +4,8 @@ One row per peer family, at its named config's shape (layers, hidden size, B, T)
 by rhn's own builder as ``rhn train`` builds it: one training step of the peer and one
 of an nn.LSTM language model of the same layers, hidden size, B and T (embedding ->
 nn.LSTM -> linear decoder), each with the config's optimizer and clipping, on random
-tokens. The two are measured in interleaved rounds, and the ratio is the median over
+tokens, on the suite's device (CUDA: the clock waits for the device's queued work). The
+two are measured in interleaved rounds, and the ratio is the median over
 rounds of nn.LSTM's step time over the peer's: a machine that speeds up or slows down
 during the run moves both sides alike. Targets (issue 21): >= 0.95x where the peer's
 math is a standard LSTM (``lstm`` without drop_h, ``charrnn_lstm``), >= 0.7x for the
@@ -15,13 +16,13 @@ PTB's mean sentence (21.1 words and the <eos>).
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from device_clock import clock  # benchmarks/, the script's own directory
 from torch import nn
 
 from rhn_cli.engine.objective import sequence_loss
@@ -84,7 +85,7 @@ class FusedLSTMLanguageModel(nn.Module):
         self.shape = (L, H)
 
     def initial_state(self, batch_size: int):
-        zeros = torch.zeros(self.shape[0], batch_size, self.shape[1])
+        zeros = self.decoder.bias.new_zeros(self.shape[0], batch_size, self.shape[1])
         return zeros, zeros.clone()
 
     def forward(self, tokens, state):
@@ -97,8 +98,8 @@ class PeerTrainee:
     optimizer, loss reduction and clipping; the state carried across steps, or each
     step from the initial one where the config's batching makes windows independent."""
 
-    def __init__(self, model: nn.Module, shape: PeerShape) -> None:
-        self.model, self.shape = model, shape
+    def __init__(self, model: nn.Module, shape: PeerShape, device: torch.device) -> None:
+        self.model, self.shape, self.device = model.to(device), shape, device
         self.parameters = list(model.parameters())
         self.optimizer = make_optimizer(shape.config, self.parameters)
         self.independent = shape.config["batching"] in ("chunks", "sentences")
@@ -111,7 +112,8 @@ class PeerTrainee:
         config, shape = self.shape.config, self.shape
         V = config["vocab_size"]
         tokens = torch.from_numpy(self.rng.integers(0, V, (shape.B, shape.T + 1)))
-        started = time.perf_counter()
+        tokens = tokens.to(self.device)
+        started = clock(self.device)
         start = self.model.initial_state(shape.B) if self.independent else self.state
         logits, state = self.model(tokens[:, :-1], start)
         cost = sequence_loss(logits, tokens[:, 1:], config["loss"])
@@ -125,13 +127,13 @@ class PeerTrainee:
             config["weight_decay"],
         )
         self.state = detach_state(state)
-        return time.perf_counter() - started
+        return clock(self.device) - started
 
 
-def _measure(shape: PeerShape, rounds: int) -> dict:
+def _measure(shape: PeerShape, rounds: int, device: torch.device) -> dict:
     torch.manual_seed(0)
-    peer = PeerTrainee(build_model(shape.config, shape.config["vocab_size"]), shape)
-    reference = PeerTrainee(FusedLSTMLanguageModel(shape), shape)
+    peer = PeerTrainee(build_model(shape.config, shape.config["vocab_size"]), shape, device)
+    reference = PeerTrainee(FusedLSTMLanguageModel(shape), shape, device)
     peer.step()  # warm-up: one-time costs out of the rounds
     reference.step()
     seconds = {"peer": [], "lstm": []}
@@ -150,9 +152,12 @@ def _measure(shape: PeerShape, rounds: int) -> dict:
     }
 
 
-def peer_rows(rounds: int, quick: bool, overrides: Mapping[str, Any] | None = None) -> list[dict]:
-    """Measure every peer beside nn.LSTM (``quick``: T at most 10), print the table and
-    return its rows. ``overrides`` are config updates for every peer (tests shrink them)."""
+def peer_rows(
+    rounds: int, quick: bool, device: torch.device, overrides: Mapping[str, Any] | None = None
+) -> list[dict]:
+    """Measure every peer beside nn.LSTM on ``device`` (``quick``: T at most 10), print the
+    table and return its rows. ``overrides`` are config updates for every peer (tests shrink
+    them)."""
     print(
         f"\nPeers beside nn.LSTM (one training step each, the config's optimizer and "
         f"clipping;\nratio: median over {rounds} round(s) of nn.LSTM's step time / the "
@@ -165,7 +170,7 @@ def peer_rows(rounds: int, quick: bool, overrides: Mapping[str, Any] | None = No
     rows = []
     for name, family, target in PEERS:
         shape = peer_shape(name, QUICK_STEPS if quick else None, overrides or {})
-        row = {"config": name, "model": family, "target": target, **_measure(shape, rounds)}
+        row = {"config": name, "model": family, "target": target, **_measure(shape, rounds, device)}
         row["pass"] = row["ratio"] >= target
         rows.append(row)
         print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import pytest
@@ -71,6 +72,11 @@ def runner():
 
 
 def pytest_configure(config):
+    # A shell without job control starts background commands with SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler; the tests that send Ctrl-C to
+    # rhn (and the processes they start, which inherit it) need the usual one.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config.addinivalue_line(
         "markers",
         "omniboard: end-to-end tests that start Omniboard (Node.js) on a local MongoDB server; "

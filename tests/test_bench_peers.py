@@ -8,9 +8,11 @@ import math
 import sys
 from pathlib import Path
 
-_spec = importlib.util.spec_from_file_location(
-    "peers", Path(__file__).resolve().parents[1] / "benchmarks" / "peers.py"
-)
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # peers.py imports its neighbours, as the suite runs it
+_spec = importlib.util.spec_from_file_location("peers", BENCHMARKS / "peers.py")
 peers = importlib.util.module_from_spec(_spec)
 sys.modules["peers"] = peers  # dataclasses look their module up there
 _spec.loader.exec_module(peers)
@@ -39,8 +41,13 @@ def test_each_peer_is_measured_at_its_named_config_shape():
     assert peers.peer_shape("wiki_stacked3", 10, {}).T == 10  # --quick
 
 
-def test_the_peer_table_prints_a_row_and_a_verdict_per_family(capsys):
-    rows = peers.peer_rows(rounds=2, quick=True, overrides={"hidden_size": 8})
+def test_the_peer_table_prints_a_row_and_a_verdict_per_family(capsys, monkeypatch):
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("a CUDA call while measuring on the CPU")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", no_cuda)
+    cpu = torch.device("cpu")
+    rows = peers.peer_rows(rounds=2, quick=True, device=cpu, overrides={"hidden_size": 8})
     printed = capsys.readouterr().out
     assert [row["config"] for row in rows] == list(TARGETS)
     lines = {line.split()[0]: line for line in printed.splitlines()[3:] if line.strip()}
