@@ -64,3 +64,17 @@ class LanguageModel(nn.Module):
         """The names of parameters that take part in some training steps only (none by
         default); data-parallel training averages their gradients apart."""
         return []
+
+
+def one_layer_lstm(inputs, h, c, weights, training: bool):
+    """torch's fused LSTM kernel (what nn.LSTM calls) over ``inputs`` [B, T, in] from
+    h, c [B, H], for one layer with both biases and no dropout inside (each model's own
+    dropout acts between its layers): (outputs [B, T, H] as the kernel lays them out,
+    time-major in memory; final h; final c). ``weights`` are [w_ih, w_hh, b_ih, b_hh]
+    in torch's gate order [i, f, g, o]. ``training`` as nn.LSTM passes it: cuDNN keeps
+    what its backward needs only then. torch.lstm is looked up at each call, so tests
+    can watch the calls."""
+    outputs, h_n, c_n = torch.lstm(
+        inputs, (h.unsqueeze(0), c.unsqueeze(0)), weights, True, 1, 0.0, training, False, True
+    )
+    return outputs, h_n[0], c_n[0]

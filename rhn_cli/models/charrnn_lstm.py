@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rhn_cli.models.base import LanguageModel
+from rhn_cli.models.base import LanguageModel, one_layer_lstm
 from rhn_cli.models.dropout import step_dropout
 
 # Off: every layer runs the Python loop (the reference), as runs recorded before the
@@ -100,22 +100,10 @@ class CharRNNLSTMLayer(nn.Module):
         self, inputs: torch.Tensor, h: torch.Tensor, c: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         weights = fused_lstm_weights(self.i2h, self.h2h)
-        # torch.lstm is looked up at each call (not bound at import): tests watch the calls.
-        # ``train`` as nn.LSTM passes it: cuDNN keeps what its backward needs only then.
-        outputs, h_n, c_n = torch.lstm(
-            inputs,
-            (h.unsqueeze(0), c.unsqueeze(0)),
-            weights,
-            True,  # has biases
-            1,  # one layer
-            0.0,  # no dropout inside (char-rnn's own stays between the layers)
-            self.training,
-            False,  # not bidirectional
-            True,  # batch first
-        )
+        outputs, h, c = one_layer_lstm(inputs, h, c, weights, self.training)
         # The kernel hands back a time-major layout; dropout draws its mask in memory
         # order, so only a batch-major copy, as the loop's, gets the loop's masks.
-        return outputs.contiguous(), h_n[0], c_n[0]
+        return outputs.contiguous(), h, c
 
     def _loop_forward(
         self, inputs: torch.Tensor, h: torch.Tensor, c: torch.Tensor

@@ -66,7 +66,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rhn_cli.models.base import LanguageModel
+from rhn_cli.models.base import LanguageModel, one_layer_lstm
 from rhn_cli.models.charrnn_lstm import fused_lstm_weights, lstm_update, set_forget_bias
 from rhn_cli.models.dropout import step_dropout
 
@@ -123,21 +123,9 @@ class GridLSTMLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # The temporal LSTM is char-rnn's layer with input weights W_DT and recurrent W_TT.
         weights = fused_lstm_weights(self.depth_to_time, self.time_to_time)
-        # torch.lstm is looked up at each call (not bound at import): tests watch the calls.
-        outputs, h_n, c_n = torch.lstm(
-            depth_h,
-            (h.unsqueeze(0), c.unsqueeze(0)),
-            weights,
-            True,  # has biases
-            1,  # one layer
-            0.0,  # no dropout inside (the grid's own acts on the depth input)
-            self.training,  # as nn.LSTM passes it: cuDNN keeps its backward's needs only then
-            False,  # not bidirectional
-            True,  # batch first
-        )
         # Left time-major in memory (charrnn copies its outputs: dropout draws in memory
         # order): only the depth Linear reads these, and its result is batch-major.
-        return outputs, h_n[0], c_n[0]
+        return one_layer_lstm(depth_h, h, c, weights, self.training)
 
     def _loop_temporal(
         self, depth_h: torch.Tensor, h: torch.Tensor, c: torch.Tensor
