@@ -16,7 +16,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 
 from rhn_cli.cli import cli
 from rhn_cli.engine import checkpoint
+from tests.test_resume import start_training
 
 MODELS = {
     # Variational dropout everywhere: a resume must restore the device's RNG to draw the
@@ -100,18 +100,6 @@ def test_a_run_trains_on_the_device_records_it_and_its_weights_load_back(
     valid = evaluate(net, corpus.valid, B, T, pick_device(device), "valid")
     # The loaded weights compute the best valid perplexity the run recorded.
     assert valid == pytest.approx(info["best_valid_perplexity"], rel=1e-6), result.output
-
-
-def start_training(cwd: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "rhn_cli", "train", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def wait_for_progress(process: subprocess.Popen, timeout: float = 120.0) -> None:
