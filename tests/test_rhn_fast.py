@@ -855,3 +855,58 @@ def test_a_killed_build_s_lock_does_not_hang_the_next_one(tmp_path, caplog):
     assert not lock.exists()
     assert "did not finish" in caplog.text
     native.remove_stale_lock(lock)  # no lock: nothing to do
+
+
+@pytest.mark.parametrize("masks_kind", ["none", "shared", "separate"])
+def test_large_weights_backward_products_run_on_onednn_as_packed_ones_do(monkeypatch, masks_kind):
+    """Recurrent weights too large for a packed copy (past ``TRANSPOSED_COPY_UP_TO``): the
+    backward's dp R^i products and the recomputed micro-layers' forward products go to
+    oneDNN on the weights as stored, and give the packed copies' numbers to the bit; with
+    ``LARGE_ON_ONEDNN`` off (a run recorded before this path, pinned) they are ATen's,
+    which round otherwise."""
+    if not onednn.applies(torch.float32):
+        pytest.skip("this torch build has no oneDNN products")
+    assert native.load() is not None, "the native kernels could not be built"
+    monkeypatch.setattr(native, "USE_NATIVE", True)
+    monkeypatch.setattr(rhn_recurrence, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
+    monkeypatch.setattr(rhn_recurrence, "RECOMPUTE_EVERY", 2)  # micro-layer 1 recomputed
+    inputs, mask = _recurrence_inputs(D=3, B=8, T=4, H=320, dtype=torch.float32)
+    mask = {"none": None, "shared": mask[:, 0], "separate": mask}[masks_kind]
+
+    def gradients(large: bool, on_onednn: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(rhn_recurrence, "TRANSPOSED_COPY_UP_TO", 0 if large else 2**40)
+        monkeypatch.setattr(rhn_recurrence, "LARGE_ON_ONEDNN", on_onednn)
+        for t in inputs:
+            t.grad = None
+        outputs, final = rhn_recurrence.recurrence(*inputs, mask, training=True)
+        (outputs.sin().sum() + final.sum()).backward()
+        return [t.grad.clone() for t in inputs]
+
+    packed = gradients(large=False, on_onednn=True)
+    as_stored = gradients(large=True, on_onednn=True)
+    aten = gradients(large=True, on_onednn=False)
+    assert all(torch.equal(got, want) for got, want in zip(as_stored, packed, strict=True))
+    assert not all(torch.equal(got, want) for got, want in zip(aten, packed, strict=True))
+    _assert_the_same_to_float32_rounding({True: aten, False: packed})
+
+
+@pytest.mark.parametrize(
+    ("kernels", "on_onednn"),
+    [
+        ({"native_loop": True, "rhn_large_on_onednn": True}, True),
+        ({"native_loop": True, "rhn_large_on_onednn": False}, False),
+        ({"native_loop": True, "gru_recurrence": True}, False),  # recorded before the path
+        (None, False),  # recorded before rhn kept any kernel facts
+    ],
+)
+def test_a_run_keeps_the_large_weights_products_it_recorded(
+    monkeypatch, tmp_path, kernels, on_onednn
+):
+    from rhn_cli.experiment import recording
+
+    assert recording.kernel_facts()["rhn_large_on_onednn"] is True  # a new run's
+    info = {"kernels": kernels} if kernels is not None else {"checkpoint": "x"}
+    (tmp_path / "info.json").write_text(json.dumps(info))
+    recording.pin_recorded_decisions(tmp_path)
+    assert rhn_recurrence.LARGE_ON_ONEDNN is on_onednn
+    assert recording.kernel_facts()["rhn_large_on_onednn"] is on_onednn

@@ -59,9 +59,10 @@ def kernel_facts() -> dict[str, Any]:
     loop for the ``lstm`` model's layers without drop_h, for the ``charrnn_lstm``
     model's layers and for the ``grid_lstm`` model's temporal LSTMs, and the hand-written
     recurrence or the autograd loop for the ``zoneout_lstm`` model and the ``lstm``
-    model's layers with drop_h and for the ``gru`` model's tutorial layers (they round
-    differently)."""
-    from rhn_cli.kernels import gru_recurrence, lstm_recurrence, native
+    model's layers with drop_h and for the ``gru`` model's tutorial layers, and oneDNN or
+    ATen for the backward products of RHN recurrent weights too large to copy (they
+    round differently)."""
+    from rhn_cli.kernels import gru_recurrence, lstm_recurrence, native, rhn_recurrence
     from rhn_cli.kernels.library_choice import library_decisions
     from rhn_cli.models import charrnn_lstm, grid_lstm, lstm
 
@@ -73,13 +74,14 @@ def kernel_facts() -> dict[str, Any]:
         "grid_lstm_fused": grid_lstm.USE_FUSED,
         "lstm_recurrence": lstm_recurrence.USE_RECURRENCE,
         "gru_recurrence": gru_recurrence.USE_RECURRENCE,
+        "rhn_large_on_onednn": rhn_recurrence.LARGE_ON_ONEDNN,
     }
 
 
 def pin_recorded_decisions(run_dir: Path) -> None:
     """Compute with the libraries and the LSTM paths the run in ``run_dir`` recorded,
     where it did."""
-    from rhn_cli.kernels import gru_recurrence, lstm_recurrence
+    from rhn_cli.kernels import gru_recurrence, lstm_recurrence, rhn_recurrence
     from rhn_cli.kernels.library_choice import pin_library_decisions
     from rhn_cli.models import charrnn_lstm, grid_lstm, lstm
 
@@ -97,6 +99,8 @@ def pin_recorded_decisions(run_dir: Path) -> None:
     # the autograd loop.
     lstm_recurrence.USE_RECURRENCE = kernels.get("lstm_recurrence") is True
     gru_recurrence.USE_RECURRENCE = kernels.get("gru_recurrence") is True
+    # Large RHN weights' backward products: oneDNN, or (not recorded) ATen's.
+    rhn_recurrence.LARGE_ON_ONEDNN = kernels.get("rhn_large_on_onednn") is True
     with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
         pin_library_decisions(kernels["library_decisions"])  # absent in older runs
 

@@ -110,6 +110,13 @@ RECOMPUTE_EVERY = 3
 # forward weights of its recomputed micro-layers) would cost more than the memory budget
 # allows: its backward runs ATen's products on the weights as they are.
 TRANSPOSED_COPY_UP_TO = 64 * 2**20
+# Larger recurrent weights: the backward's products through oneDNN on the weights as
+# stored (no packed copy: oneDNN packs panels as it goes). enwik8_sota's [128, 3000] x
+# [3000, 1500] product takes 2.8 ms this way against 2.7 ms packed and 7.2 ms in ATen's
+# mm (MKL) on the 2-core dev CPU (AMD EPYC, AVX-512), with results equal to the packed
+# product's to the bit. False: ATen's products, as runs recorded before this path (the
+# ``rhn_large_on_onednn`` fact, absent there) computed them.
+LARGE_ON_ONEDNN = True
 
 
 class Layer(NamedTuple):
@@ -480,18 +487,24 @@ def _backward_products(loop, layer, recomputed, B, scratch):
     """The native backward's weights. dL/ds^i needs dp @ R^i = dp (R^i^T)^T. Small weights
     get a second copy for it, transposed (into a reused buffer, added to ``scratch``: a new
     one would cost its page faults every step, ptb_sota: 55 MB) and packed for oneDNN in
-    float32, making it the forward's kind of product; larger ones go to ATen's products on
-    the weights as they are. The recomputed micro-layers' forward products are packed too."""
+    float32, making it the forward's kind of product. Larger ones (no memory for a copy)
+    go to oneDNN on the weights as they are, R^i^T as a view, where ``LARGE_ON_ONEDNN``
+    (else to ATen's products): the same numbers as packed weights, at nearly their
+    speed. The recomputed micro-layers' forward products go to oneDNN too."""
     weight, mask = layer.weight, layer.mask
-    operands, packed = weight, []
-    if weight.numel() * weight.element_size() <= TRANSPOSED_COPY_UP_TO:
-        D, width, H = weight.shape
-        transposed = buffers.spare((D, H, width), weight)  # R^i^T
-        loop.transpose_into(transposed, weight)
-        scratch.append(transposed)
-        packed = onednn.pack_all(_backward_weights(transposed, mask), B)
-        if not packed:
-            operands = transposed.transpose(1, 2)
+    operands = weight
+    if weight.numel() * weight.element_size() > TRANSPOSED_COPY_UP_TO:
+        if not (LARGE_ON_ONEDNN and onednn.applies(weight.dtype)):
+            return BackwardProducts(weight, [], [])
+        as_stored = _forward_weights(weight, mask, sorted(recomputed))
+        return BackwardProducts(weight, _backward_weights(weight.transpose(1, 2), mask), as_stored)
+    D, width, H = weight.shape
+    transposed = buffers.spare((D, H, width), weight)  # R^i^T
+    loop.transpose_into(transposed, weight)
+    scratch.append(transposed)
+    packed = onednn.pack_all(_backward_weights(transposed, mask), B)
+    if not packed:
+        operands = transposed.transpose(1, 2)
     recomputing = _forward_weights(weight, mask, sorted(recomputed)) if packed else []
     return BackwardProducts(operands, packed, onednn.pack_all(recomputing, B))
 
