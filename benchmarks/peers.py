@@ -40,6 +40,15 @@ PEERS = (
     ("wiki_grid3", "grid_lstm", 0.7),  # the same shape as wiki_stacked3: the README's pair
     ("gru_tutorial", "gru", 0.7),
 )
+# Where each model applies the config's ``dropout`` besides between its layers, so that the
+# nn.LSTM model beside it draws as many masks: Zaremba's ``lstm`` also on the embedding
+# and the last layer's output (as pytorch/examples' word_language_model does), char-rnn
+# and the Grid LSTM on the last layer's output (the others have ``dropout`` = 0).
+OUTER_DROPOUT = {
+    "lstm": ("embedding", "output"),
+    "charrnn_lstm": ("output",),
+    "grid_lstm": ("output",),
+}
 SENTENCE_TOKENS = 22  # PTB train: 929,589 tokens in 42,068 sentences, <eos> included
 QUICK_STEPS = 10  # --quick's T
 
@@ -72,25 +81,30 @@ def peer_shape(name: str, max_steps: int | None, overrides: Mapping[str, Any]) -
 
 
 class FusedLSTMLanguageModel(nn.Module):
-    """Embedding -> nn.LSTM (the peer's layers and width, its between-layer dropout) ->
-    linear decoder: what the peer's step is compared with."""
+    """Embedding -> nn.LSTM (the peer's layers and width) -> linear decoder, with the
+    peer's ``dropout`` where the peer applies it (between layers, and per
+    ``OUTER_DROPOUT`` on the embedding and the output): what the peer's step is compared
+    with."""
 
     def __init__(self, shape: PeerShape) -> None:
         super().__init__()
         V, H, L = shape.config["vocab_size"], shape.hidden, shape.layers
-        dropout = float(shape.config.get("dropout") or 0.0) if L > 1 else 0.0
+        dropout = float(shape.config.get("dropout") or 0.0)
+        outer = OUTER_DROPOUT.get(shape.config["model"], ())
         self.embedding = nn.Embedding(V, H)
-        self.lstm = nn.LSTM(H, H, L, batch_first=True, dropout=dropout)
+        self.lstm = nn.LSTM(H, H, L, batch_first=True, dropout=dropout if L > 1 else 0.0)
         self.decoder = nn.Linear(H, V)
         self.shape = (L, H)
+        self.drop_embedding = nn.Dropout(dropout if "embedding" in outer else 0.0)
+        self.drop_output = nn.Dropout(dropout if "output" in outer else 0.0)
 
     def initial_state(self, batch_size: int):
         zeros = self.decoder.bias.new_zeros(self.shape[0], batch_size, self.shape[1])
         return zeros, zeros.clone()
 
     def forward(self, tokens, state):
-        x, state = self.lstm(self.embedding(tokens), state)
-        return self.decoder(x), state
+        x, state = self.lstm(self.drop_embedding(self.embedding(tokens)), state)
+        return self.decoder(self.drop_output(x)), state
 
 
 class PeerTrainee:

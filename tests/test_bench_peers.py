@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from rhn_cli.models import build_model
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # peers.py imports its neighbours, as the suite runs it
@@ -63,3 +66,39 @@ def test_the_peer_table_prints_a_row_and_a_verdict_per_family(capsys, monkeypatc
     assert [(what, ok) for what, _, ok in checks] == [
         (f"peer {row['config']} >= {row['target']:g}x nn.LSTM", row["pass"]) for row in rows
     ]
+
+
+class _DroppedElements(TorchDispatchMode):
+    """Counts the elements that dropout masks are drawn for (aten's bernoulli_, also
+    inside nn.LSTM's C++ between its layers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "bernoulli" in str(func):
+            self.elements += args[0].numel()
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_nn_lstm_model_beside_a_peer_drops_what_the_peer_drops():
+    """The comparison is the LSTM's: the nn.LSTM model draws dropout masks for as many
+    elements per step as the peer does with its config's ``dropout`` (Zaremba's on the
+    embedding, between layers and on the output; char-rnn's and the grid's between
+    layers and on the output), and none beside the peers without it."""
+    cpu = torch.device("cpu")
+    for name in TARGETS:
+        shape = peers.peer_shape(name, 4, {"hidden_size": 8})
+        dropped = []
+        for model in (
+            build_model(shape.config, shape.config["vocab_size"]),
+            peers.FusedLSTMLanguageModel(shape),
+        ):
+            with _DroppedElements() as counted:
+                peers.PeerTrainee(model, shape, cpu).step()
+            dropped.append(counted.elements)
+        if shape.config["dropout"]:
+            assert dropped[0] == dropped[1] > 0, (name, dropped)
+        else:  # Gal's variational masks and zoneout are the peer's own work
+            assert dropped[1] == 0, (name, dropped)
