@@ -1,6 +1,6 @@
-"""The Grid LSTM's temporal LSTMs on torch's fused LSTM kernel: the same model as the Python
-loop (the reference), with the same parameters, and kept on the loop across a resume of a
-run the loop computed."""
+"""The Grid LSTM's temporal and depth LSTMs on torch's fused LSTM kernel: the same model as
+the Python loop and autograd's elementwise depth update (the reference), with the same
+parameters, and kept on the reference across a resume of a run it computed."""
 
 import json
 
@@ -25,9 +25,12 @@ def _model(**overrides) -> GridLSTMLanguageModel:
     return model
 
 
-def _run(model, fused: bool, monkeypatch, seed=1):
-    """Logits, final state and every parameter's gradient, with the path forced."""
-    monkeypatch.setattr(grid_lstm, "USE_FUSED", fused)
+def _run(model, fused, monkeypatch, seed=1):
+    """Logits, final state and every parameter's gradient, with the path forced: ``fused``
+    for both LSTMs, or (temporal, depth)."""
+    temporal, depth = fused if isinstance(fused, tuple) else (fused, fused)
+    monkeypatch.setattr(grid_lstm, "USE_FUSED", temporal)
+    monkeypatch.setattr(grid_lstm, "USE_FUSED_DEPTH", depth)
     model.zero_grad()
     generator = torch.Generator().manual_seed(123)
     tokens = torch.randint(0, V, (B, T), generator=generator)
@@ -55,6 +58,13 @@ def test_fused_equals_the_loop_in_eval_mode(monkeypatch, num_layers, tie_weights
     model = _model(num_layers=num_layers, tie_weights=tie_weights, dropout=0.5)
     model.eval()
     _assert_same(_run(model, True, monkeypatch), _run(model, False, monkeypatch))
+
+
+@pytest.mark.parametrize("fused", [(True, False), (False, True)], ids=["temporal", "depth"])
+def test_each_fused_lstm_alone_equals_the_reference(monkeypatch, fused):
+    model = _model(num_layers=2, dropout=0.4)
+    model.train()
+    _assert_same(_run(model, fused, monkeypatch), _run(model, False, monkeypatch))
 
 
 @pytest.mark.parametrize("tie_weights", [True, False])
@@ -88,6 +98,11 @@ def test_the_fused_kernel_runs_every_layer_and_the_switch_forces_the_loop(monkey
     model.train(training)
     calls = _watch_fused_calls(monkeypatch)
     _run(model, True, monkeypatch)
+    assert len(calls) == 6  # each layer's temporal LSTM and its depth LSTM
+    depth_rows = [args[0].shape[:2] for args in calls[1::2]]
+    assert depth_rows == [(B * T, 1)] * 3  # one step of B x T rows
+    calls.clear()
+    _run(model, (True, False), monkeypatch)
     assert len(calls) == 3
     calls.clear()
     _run(model, False, monkeypatch)
@@ -116,19 +131,24 @@ def test_parameters_and_their_names_are_unchanged(vocab, hidden, layers, count):
 
 
 def test_a_run_records_which_path_computed_it(monkeypatch):
-    monkeypatch.setattr(grid_lstm, "USE_FUSED", True)
-    assert recording.kernel_facts()["grid_lstm_fused"] is True
-    monkeypatch.setattr(grid_lstm, "USE_FUSED", False)
-    assert recording.kernel_facts()["grid_lstm_fused"] is False
+    for temporal, depth in ((True, True), (True, False), (False, True)):
+        monkeypatch.setattr(grid_lstm, "USE_FUSED", temporal)
+        monkeypatch.setattr(grid_lstm, "USE_FUSED_DEPTH", depth)
+        facts = recording.kernel_facts()
+        assert (facts["grid_lstm_fused"], facts["grid_lstm_depth_fused"]) == (temporal, depth)
+
+
+BOTH_FUSED = {"grid_lstm_fused": True, "grid_lstm_depth_fused": True}
 
 
 @pytest.mark.parametrize(
     ("kernels", "fused"),
     [
-        ({"native_loop": True, "charrnn_lstm_fused": True, "grid_lstm_fused": True}, True),
-        ({"native_loop": True, "charrnn_lstm_fused": True, "grid_lstm_fused": False}, False),
-        ({"native_loop": True, "charrnn_lstm_fused": True}, False),  # before the grid's kernel
-        (None, False),  # recorded before rhn kept any kernel facts
+        ({"native_loop": True, "charrnn_lstm_fused": True, **BOTH_FUSED}, (True, True)),
+        ({"native_loop": True, **BOTH_FUSED, "grid_lstm_fused": False}, (False, True)),
+        ({"native_loop": True, "grid_lstm_fused": True}, (True, False)),  # before the depth's
+        ({"native_loop": True, "charrnn_lstm_fused": True}, (False, False)),  # before both
+        (None, (False, False)),  # recorded before rhn kept any kernel facts
     ],
 )
 def test_pinning_a_run_directory_sets_the_path_its_run_recorded(
@@ -136,9 +156,10 @@ def test_pinning_a_run_directory_sets_the_path_its_run_recorded(
 ):
     info = {"kernels": kernels} if kernels is not None else {"checkpoint": "x"}
     (tmp_path / "info.json").write_text(json.dumps(info))
-    monkeypatch.setattr(grid_lstm, "USE_FUSED", not fused)
+    monkeypatch.setattr(grid_lstm, "USE_FUSED", not fused[0])
+    monkeypatch.setattr(grid_lstm, "USE_FUSED_DEPTH", not fused[1])
     recording.pin_recorded_decisions(tmp_path)
-    assert grid_lstm.USE_FUSED is fused
+    assert (grid_lstm.USE_FUSED, grid_lstm.USE_FUSED_DEPTH) == fused
 
 
 SMALL_GRID_RUN = [
@@ -163,14 +184,15 @@ def test_resuming_a_run_recorded_on_the_loop_trains_on_the_loop(monkeypatch, run
     assert stopped.exit_code == 0 and "TIMEOUT" in stopped.output, stopped.output
     info_path = tmp_path / "runs" / "1" / "info.json"
     info = json.loads(info_path.read_text())
-    assert info["kernels"]["grid_lstm_fused"] is True
-    del info["kernels"]["grid_lstm_fused"]
+    assert info["kernels"]["grid_lstm_fused"] is info["kernels"]["grid_lstm_depth_fused"] is True
+    del info["kernels"]["grid_lstm_fused"], info["kernels"]["grid_lstm_depth_fused"]
     info_path.write_text(json.dumps(info))
     calls = _watch_fused_calls(monkeypatch)
     resumed = runner.invoke(cli, ["train", "--resume", "1", "with", "max_time=None"])
     assert resumed.exit_code == 0 and "run 1 COMPLETED" in resumed.output, resumed.output
     assert calls == [], "the resumed run computed on the fused kernel"
-    assert json.loads(info_path.read_text())["kernels"]["grid_lstm_fused"] is False
+    kernels = json.loads(info_path.read_text())["kernels"]
+    assert kernels["grid_lstm_fused"] is kernels["grid_lstm_depth_fused"] is False
 
 
 def test_a_new_run_computes_on_the_fused_kernel(monkeypatch, runner, tmp_path):

@@ -57,8 +57,8 @@ def kernel_facts() -> dict[str, Any]:
     """What computed the run so far: the native RHN loop or the Python one, MKL or
     oneDNN for each weight-gradient product, and torch's fused LSTM kernel or the Python
     loop for the ``lstm`` model's layers without drop_h, for the ``charrnn_lstm``
-    model's layers and for the ``grid_lstm`` model's temporal LSTMs, and the hand-written
-    recurrence or the autograd loop for the ``zoneout_lstm`` model and the ``lstm``
+    model's layers and for the ``grid_lstm`` model's temporal and depth LSTMs, and the
+    hand-written recurrence or the autograd loop for the ``zoneout_lstm`` model and the ``lstm``
     model's layers with drop_h and for the ``gru`` model's tutorial layers, and oneDNN or
     ATen for the backward products of RHN recurrent weights too large to copy (they
     round differently)."""
@@ -72,6 +72,7 @@ def kernel_facts() -> dict[str, Any]:
         "lstm_fused": lstm.USE_FUSED,
         "charrnn_lstm_fused": charrnn_lstm.USE_FUSED,
         "grid_lstm_fused": grid_lstm.USE_FUSED,
+        "grid_lstm_depth_fused": grid_lstm.USE_FUSED_DEPTH,
         "lstm_recurrence": lstm_recurrence.USE_RECURRENCE,
         "gru_recurrence": gru_recurrence.USE_RECURRENCE,
         "rhn_large_on_onednn": rhn_recurrence.LARGE_ON_ONEDNN,
@@ -95,6 +96,7 @@ def pin_recorded_decisions(run_dir: Path) -> None:
     lstm.USE_FUSED = kernels.get("lstm_fused") is True
     charrnn_lstm.USE_FUSED = kernels.get("charrnn_lstm_fused") is True
     grid_lstm.USE_FUSED = kernels.get("grid_lstm_fused") is True
+    grid_lstm.USE_FUSED_DEPTH = kernels.get("grid_lstm_depth_fused") is True
     # Zoneout LSTM and Gal-masked layers: the hand-written recurrence, or (not recorded)
     # the autograd loop.
     lstm_recurrence.USE_RECURRENCE = kernels.get("lstm_recurrence") is True
