@@ -788,7 +788,7 @@ def main() -> None:
     print(f"  rhn --help                         {up['help_s']:6.2f} s")
     print(f"  rhn print-config with ptb_sota     {up['print_config_s']:6.2f} s")
 
-    peers = peer_rows(rounds=1 if quick else 2, quick=quick, device=device)
+    peers = peer_rows(rounds=1 if quick else 5, quick=quick, device=device)
     results["peers"] = peers
     checks = _checks(results, quick) + peer_checks(peers)
     print("\nTargets")
