@@ -103,6 +103,7 @@ TARGETS = {
     "ptb_speedup": 1.3,  # x the baseline's training tokens/s
     "ptb_roofline": 0.85,  # fraction of the same-run roofline
     "enwik8_speedup": 1.0,
+    "enwik8_roofline": 0.85,  # text8_sota has the same shape (issue 21)
     "enwik8_memory": 0.6,  # x the baseline's peak memory, at most
     "mc_speedup": 5.0,
     "help_s": 0.3,
@@ -709,12 +710,15 @@ def _evaluation_section(ptb: Shape, quick: bool, device: torch.device) -> dict:
     return ev
 
 
-def _roofline_check(row: dict) -> tuple[str, str, bool | None]:
-    what = f"ptb_sota training >= {TARGETS['ptb_roofline']:.0%} of roofline"
+def _roofline_check(name: str, row: dict, quick: bool = False) -> tuple[str, str, bool | None]:
+    target = TARGETS[f"{name.split('_')[0]}_roofline"]
+    what = f"{name} training >= {target:.0%} of roofline"
     if "roofline_fraction" not in row:  # not measured: the roofline is CPU-only
         return what, "n/a (CPU only)", None
     fraction = row["roofline_fraction"]
-    return what, f"{fraction:.0%}", fraction >= TARGETS["ptb_roofline"]
+    if quick:  # a shortened window (enwik8_sota at T=10): not the target's shape
+        return what, f"{fraction:.0%} (at T={row['T']}, not the target's shape)", None
+    return what, f"{fraction:.0%}", fraction >= target
 
 
 def _checks(results: dict, quick: bool) -> list[tuple[str, str, bool | None]]:
@@ -727,12 +731,13 @@ def _checks(results: dict, quick: bool) -> list[tuple[str, str, bool | None]]:
             f"{ptb_row['speedup']:.2f}x",
             ptb_row["speedup"] >= TARGETS["ptb_speedup"],
         ),
-        _roofline_check(ptb_row),
+        _roofline_check("ptb_sota", ptb_row),
         (
             f"enwik8_sota training >= {TARGETS['enwik8_speedup']}x baseline",
             f"{enwik8_row['speedup']:.2f}x",
             enwik8_row["speedup"] >= TARGETS["enwik8_speedup"],
         ),
+        _roofline_check("enwik8_sota", enwik8_row, quick),
         (
             f"enwik8_sota peak memory <= {TARGETS['enwik8_memory']}x baseline",
             f"{enwik8_row.get('memory_ratio', float('nan')):.2f}x"

@@ -84,8 +84,13 @@ def test_on_the_cpu_the_suite_measures_with_its_roofline_and_no_cuda_call(
 
     suite._print_roofline([shape], {shape.name: row}, CPU)
     assert "Roofline (the step's matrix products alone" in capsys.readouterr().out
-    what, figure, ok = suite._roofline_check(row)
+    what, figure, ok = suite._roofline_check("ptb_sota", row)
     assert figure == f"{row['roofline_fraction']:.0%}" and ok is not None
+    what, figure, ok = suite._roofline_check("enwik8_sota", row)
+    assert what == "enwik8_sota training >= 85% of roofline"
+    assert ok == (row["roofline_fraction"] >= 0.85)
+    what, figure, ok = suite._roofline_check("enwik8_sota", row, quick=True)
+    assert ok is None and f"at T={shape.T}, not the target's shape" in figure
 
 
 def measured_peak(peak: int | None, device: torch.device) -> bool:
@@ -104,8 +109,9 @@ def test_the_memory_subprocess_measures_on_the_device_it_is_given():
 def test_on_cuda_the_roofline_is_skipped_and_its_target_reads_n_a(capsys):
     suite._print_roofline([tiny_shape()], {}, torch.device("cuda"))
     assert capsys.readouterr().out.strip().startswith("roofline: CPU only")
-    what, figure, ok = suite._roofline_check({"speedup": 1.5})  # no roofline measured
-    assert (what, figure, ok) == ("ptb_sota training >= 85% of roofline", "n/a (CPU only)", None)
+    for name in ("ptb_sota", "enwik8_sota"):
+        what, figure, ok = suite._roofline_check(name, {"speedup": 1.5})  # none measured
+        assert (what, figure, ok) == (f"{name} training >= 85% of roofline", "n/a (CPU only)", None)
     assert suite.verdict(ok) == "n/a "
 
 
