@@ -53,6 +53,7 @@ COMPUTE_PATH_SWITCHES = (
     ("rhn_cli.models.grid_lstm", "USE_FUSED"),
     ("rhn_cli.models.grid_lstm", "USE_FUSED_DEPTH"),
     ("rhn_cli.kernels.lstm_recurrence", "USE_RECURRENCE"),
+    ("rhn_cli.kernels.lstm_recurrence", "ONEDNN_PRODUCTS"),
     ("rhn_cli.kernels.gru_recurrence", "USE_RECURRENCE"),
     ("rhn_cli.kernels.rhn_recurrence", "LARGE_ON_ONEDNN"),
 )

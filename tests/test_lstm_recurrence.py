@@ -255,3 +255,73 @@ def test_runs_on_other_devices_without_host_syncs(gal):
     assert outputs.shape == (B, T, H) and outputs.is_contiguous()
     assert projected.grad.shape == projected.shape and weight.grad.shape == weight.shape
     assert h.grad.device.type == "meta" and c.grad.shape == (B, H)
+
+
+@pytest.mark.parametrize("weight_gradients", ["mkl", "onednn"])
+def test_float32_input_projection_on_onednn_is_the_product_to_rounding(
+    monkeypatch, weight_gradients
+):
+    """``input_projection`` in float32 on the CPU: oneDNN's x W + b, and its gradients for x,
+    W (in the library the machine's decision names, both tried) and b, equal autograd's
+    ATen products to float32 rounding, also for a time-major incoming gradient."""
+    from rhn_cli.kernels import onednn, weight_gradient
+
+    if not onednn.applies(torch.float32):
+        pytest.skip("this torch build has no oneDNN products")
+    monkeypatch.setattr(weight_gradient, "through_onednn", lambda *a: weight_gradients == "onednn")
+    generator = torch.Generator().manual_seed(5)
+    inputs = torch.randn(4, 6, 512, generator=generator, requires_grad=True)
+    weight = torch.randn(640, 4 * 96, generator=generator)[:512].requires_grad_(True)
+    bias = torch.randn(4 * 96, generator=generator, requires_grad=True)
+    d_time_major = torch.randn(6, 4, 4 * 96, generator=generator).transpose(0, 1)
+    results = {}
+    for on in (True, False):
+        monkeypatch.setattr(lstm_recurrence, "ONEDNN_PRODUCTS", on)
+        for t in (inputs, weight, bias):
+            t.grad = None
+        projected = lstm_recurrence.input_projection(inputs, weight, bias)
+        assert (projected.grad_fn.name() == "_InputProjectionBackward") is on
+        projected.backward(d_time_major)
+        results[on] = [projected.detach(), inputs.grad, weight.grad, bias.grad]
+    assert not torch.equal(results[True][0], results[False][0])  # oneDNN's product was taken
+    for got, want in zip(results[True], results[False], strict=True):
+        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+def test_a_gal_model_in_float32_on_onednn_rounds_only(monkeypatch):
+    """The Gal layers' products through oneDNN (projection, dW): the model's logits, state
+    and gradients are the ATen products' to float32 rounding."""
+    from rhn_cli.kernels import onednn
+
+    if not onednn.applies(torch.float32):
+        pytest.skip("this torch build has no oneDNN products")
+    model = _gal_model(hidden_size=96, num_layers=2).float()
+    model.train()
+    projections = _count_calls(monkeypatch, lstm_recurrence._InputProjection, "apply")
+    runs = {}
+    for on in (True, False):
+        monkeypatch.setattr(lstm_recurrence, "ONEDNN_PRODUCTS", on)
+        runs[on] = _run(model, True, monkeypatch)
+        assert len(projections) == (2 if on else 0)  # each layer's, with the switch only
+        projections.clear()
+    for x, y in zip(runs[True][:3], runs[False][:3], strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+    for name in runs[False][3]:
+        torch.testing.assert_close(runs[True][3][name], runs[False][3][name], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kernels", "on_onednn"),
+    [
+        ({"lstm_recurrence": True, "lstm_recurrence_onednn": True}, True),
+        ({"lstm_recurrence": True, "lstm_recurrence_onednn": False}, False),
+        ({"lstm_recurrence": True}, False),  # recorded before the oneDNN products
+    ],
+)
+def test_a_run_keeps_the_products_it_recorded(tmp_path, monkeypatch, kernels, on_onednn):
+    _keep_switches(monkeypatch)
+    assert recording.kernel_facts()["lstm_recurrence_onednn"] is True  # a new run's
+    (tmp_path / "info.json").write_text(json.dumps({"kernels": kernels}))
+    recording.pin_recorded_decisions(tmp_path)
+    assert lstm_recurrence.ONEDNN_PRODUCTS is on_onednn
+    assert recording.kernel_facts()["lstm_recurrence_onednn"] is on_onednn

@@ -74,6 +74,7 @@ def kernel_facts() -> dict[str, Any]:
         "grid_lstm_fused": grid_lstm.USE_FUSED,
         "grid_lstm_depth_fused": grid_lstm.USE_FUSED_DEPTH,
         "lstm_recurrence": lstm_recurrence.USE_RECURRENCE,
+        "lstm_recurrence_onednn": lstm_recurrence.ONEDNN_PRODUCTS,
         "gru_recurrence": gru_recurrence.USE_RECURRENCE,
         "rhn_large_on_onednn": rhn_recurrence.LARGE_ON_ONEDNN,
     }
@@ -100,6 +101,7 @@ def pin_recorded_decisions(run_dir: Path) -> None:
     # Zoneout LSTM and Gal-masked layers: the hand-written recurrence, or (not recorded)
     # the autograd loop.
     lstm_recurrence.USE_RECURRENCE = kernels.get("lstm_recurrence") is True
+    lstm_recurrence.ONEDNN_PRODUCTS = kernels.get("lstm_recurrence_onednn") is True
     gru_recurrence.USE_RECURRENCE = kernels.get("gru_recurrence") is True
     # Large RHN weights' backward products: oneDNN, or (not recorded) ATen's.
     rhn_recurrence.LARGE_ON_ONEDNN = kernels.get("rhn_large_on_onednn") is True

@@ -34,6 +34,16 @@ by rounding (the sums run in another order), so a run records which path compute
 ``USE_RECURRENCE = False`` makes both models run their autograd loop, the reference and
 the fallback. Without gradients (``torch.no_grad()`` or no input requiring grad) the
 same loop runs and keeps nothing.
+
+The large products over all T x B rows go through oneDNN too in float32 on the CPU
+(``ONEDNN_PRODUCTS``): for the ``lstm`` model's Gal layers the input projection and its
+input gradient (:func:`input_projection`), where MKL, which ATen's ``mm`` calls, runs at
+well under half oneDNN's speed on the AVX-512 EPYC dev CPU (ptb_variational_lstm's
+[700, 1500] x [1500, 6000]: about 84 against 35 ms); and the weight gradients (dW after
+the loop, the input weight's) through whichever of the two the machine's recorded
+library decision picks for the shape (:mod:`rhn_cli.kernels.weight_gradient`). They round
+otherwise, so a run records it (``kernels.lstm_recurrence_onednn``); runs recorded
+before keep ATen's products.
 """
 
 from __future__ import annotations
@@ -43,11 +53,14 @@ from typing import NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from rhn_cli.kernels import onednn
+from rhn_cli.kernels import onednn, weight_gradient
 
 # Off: both models run their autograd loop (the reference), as runs recorded before this
 # recurrence did; recording.pin_recorded_decisions sets it as a run recorded.
 USE_RECURRENCE = True
+# Off: dW and the input projection through ATen's products (MKL), as runs recorded before
+# them did; pinned likewise.
+ONEDNN_PRODUCTS = True
 
 # Block positions of the input, forget, candidate and output gates in a_t's 4H columns.
 ZONEOUT_GATES = (0, 1, 2, 3)  # ZoneoutLSTMLayer: input, forget, candidate, output
@@ -283,4 +296,52 @@ def _weight_gradient(d_pre, h0, outputs, state_mask):
     previous_h = torch.cat((h0.unsqueeze(0), outputs[:, : T - 1].transpose(0, 1)))
     if state_mask is not None:
         previous_h.mul_(state_mask)
-    return previous_h.reshape(T * B, -1).t() @ d_pre.reshape(T * B, width)
+    rows = previous_h.reshape(T * B, -1), d_pre.reshape(T * B, width)
+    return weight_gradient.product(None, *rows, False, _weight_gradient_on_onednn(*rows))
+
+
+def _on_onednn(tensor: torch.Tensor) -> bool:
+    return ONEDNN_PRODUCTS and tensor.device.type == "cpu" and onednn.applies(tensor.dtype)
+
+
+def _weight_gradient_on_onednn(left: torch.Tensor, right: torch.Tensor) -> bool:
+    """Whether left^T right goes through oneDNN: where ``ONEDNN_PRODUCTS`` applies, as the
+    machine's recorded library decision for the shape says (neither library wins at every
+    shape: zoneout_char_ptb's dW runs faster in MKL on the dev CPU, the Gal layers' in
+    oneDNN), as the RHN's weight gradients do."""
+    return _on_onednn(left) and weight_gradient.through_onednn([left], [right])
+
+
+def input_projection(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+    """inputs [B, T, in] @ weight [in, 4H] + bias [4H], for all steps at once: through
+    oneDNN (forward and both gradients) where ``ONEDNN_PRODUCTS`` applies, else ATen's."""
+    if not _on_onednn(inputs):
+        return inputs @ weight + bias
+    return _InputProjection.apply(inputs, weight, bias)
+
+
+class _InputProjection(torch.autograd.Function):
+    """x W + b through oneDNN: W [in, 4H] read as the linear weight W^T (a view, no copy:
+    oneDNN takes weights as stored, with a packed copy's results)."""
+
+    @staticmethod
+    def forward(ctx, inputs, weight, bias):
+        ctx.save_for_backward(inputs, weight)
+        rows = inputs.reshape(-1, inputs.shape[-1])
+        return onednn.linear(rows, weight.t(), bias).view(*inputs.shape[:-1], -1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_projected):
+        inputs, weight = ctx.saved_tensors
+        rows = inputs.reshape(-1, inputs.shape[-1])
+        d_rows = d_projected.reshape(rows.shape[0], -1)  # a copy where d is time-major
+        d_inputs = d_weight = d_bias = None
+        if ctx.needs_input_grad[0]:
+            d_inputs = onednn.linear(d_rows, weight).view(inputs.shape)
+        if ctx.needs_input_grad[1]:
+            on_onednn = _weight_gradient_on_onednn(rows, d_rows)
+            d_weight = weight_gradient.product(None, rows, d_rows, False, on_onednn)
+        if ctx.needs_input_grad[2]:
+            d_bias = d_rows.sum(0)
+        return d_inputs, d_weight, d_bias
