@@ -56,6 +56,7 @@ COMPUTE_PATH_SWITCHES = (
     ("rhn_cli.kernels.lstm_recurrence", "ONEDNN_PRODUCTS"),
     ("rhn_cli.kernels.gru_recurrence", "USE_RECURRENCE"),
     ("rhn_cli.kernels.rhn_recurrence", "LARGE_ON_ONEDNN"),
+    ("rhn_cli.kernels.onednn", "DENSE_PRODUCTS"),
 )
 
 

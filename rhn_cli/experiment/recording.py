@@ -60,9 +60,9 @@ def kernel_facts() -> dict[str, Any]:
     model's layers and for the ``grid_lstm`` model's temporal and depth LSTMs, and the
     hand-written recurrence or the autograd loop for the ``zoneout_lstm`` model and the ``lstm``
     model's layers with drop_h and for the ``gru`` model's tutorial layers, and oneDNN or
-    ATen for the backward products of RHN recurrent weights too large to copy (they
-    round differently)."""
-    from rhn_cli.kernels import gru_recurrence, lstm_recurrence, native, rhn_recurrence
+    ATen for the backward products of RHN recurrent weights too large to copy and for the
+    RHN's input projection and output layer (they round differently)."""
+    from rhn_cli.kernels import gru_recurrence, lstm_recurrence, native, onednn, rhn_recurrence
     from rhn_cli.kernels.library_choice import library_decisions
     from rhn_cli.models import charrnn_lstm, grid_lstm, lstm
 
@@ -77,13 +77,14 @@ def kernel_facts() -> dict[str, Any]:
         "lstm_recurrence_onednn": lstm_recurrence.ONEDNN_PRODUCTS,
         "gru_recurrence": gru_recurrence.USE_RECURRENCE,
         "rhn_large_on_onednn": rhn_recurrence.LARGE_ON_ONEDNN,
+        "rhn_dense_onednn": onednn.DENSE_PRODUCTS,
     }
 
 
 def pin_recorded_decisions(run_dir: Path) -> None:
     """Compute with the libraries and the LSTM paths the run in ``run_dir`` recorded,
     where it did."""
-    from rhn_cli.kernels import gru_recurrence, lstm_recurrence, rhn_recurrence
+    from rhn_cli.kernels import gru_recurrence, lstm_recurrence, onednn, rhn_recurrence
     from rhn_cli.kernels.library_choice import pin_library_decisions
     from rhn_cli.models import charrnn_lstm, grid_lstm, lstm
 
@@ -105,6 +106,8 @@ def pin_recorded_decisions(run_dir: Path) -> None:
     gru_recurrence.USE_RECURRENCE = kernels.get("gru_recurrence") is True
     # Large RHN weights' backward products: oneDNN, or (not recorded) ATen's.
     rhn_recurrence.LARGE_ON_ONEDNN = kernels.get("rhn_large_on_onednn") is True
+    # The RHN's input projection and output layer: oneDNN, or (not recorded) ATen's.
+    onednn.DENSE_PRODUCTS = kernels.get("rhn_dense_onednn") is True
     with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
         pin_library_decisions(kernels["library_decisions"])  # absent in older runs
 

@@ -17,6 +17,10 @@ import torch
 
 # False: ATen's products everywhere (no packing), as without oneDNN.
 PACK = True
+# False: the RHN model's input projection and its output layer's forward and dx products
+# are ATen's (MKL), as runs recorded before they went to oneDNN computed them
+# (rhn_cli.kernels.projection, rhn_cli.kernels.output_layer).
+DENSE_PRODUCTS = True
 
 
 def applies(dtype) -> bool:

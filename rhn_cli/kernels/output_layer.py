@@ -9,8 +9,11 @@ machine and setup and kept on disk, as the recurrence's weight gradients are: se
 :mod:`rhn_cli.kernels.weight_gradient`): at ptb_sota's shape oneDNN takes about 63 ms
 where MKL (autograd's ``mm``) takes 88 ms on the 2-core dev CPU. oneDNN takes dlogits^T
 row-major, which the training loss's gradient already is (rhn_cli.engine.cross_entropy
-writes it column-major); any other gradient is copied. The forward and dx stay ATen's
-products, which MKL runs as fast as oneDNN there.
+writes it column-major); any other gradient is copied. The forward and dx go through
+oneDNN too, on W as stored (``onednn.DENSE_PRODUCTS``; recorded as
+``kernels.rhn_dense_onednn``, off for runs recorded before): on the AVX-512 EPYC dev CPU
+MKL takes 78 and 65 ms for ptb_sota's, oneDNN 33 and 37 (on the earlier dev CPU the two
+ran them alike).
 
 Used where :func:`applies` (CPU with the native kernels, float32 through oneDNN, a
 gradient wanted); everywhere else the layer is ``torch.nn.functional.linear``, and the
@@ -152,7 +155,10 @@ class _Logits(torch.autograd.Function):
     def forward(ctx, x, weight, bias, tied):
         rows = x.reshape(-1, x.shape[-1])
         ctx.save_for_backward(rows, weight)
-        ctx.shape, ctx.tied = x.shape, tied
+        dense = onednn.DENSE_PRODUCTS and onednn.applies(rows.dtype)
+        ctx.shape, ctx.tied, ctx.dense = x.shape, tied, dense
+        if ctx.dense:
+            return onednn.linear(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
         return torch.addmm(bias, rows, weight.t()).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -162,7 +168,8 @@ class _Logits(torch.autograd.Function):
         d_rows = d_logits.reshape(-1, weight.shape[0])
         d_x = d_weight = d_bias = None
         if ctx.needs_input_grad[0]:
-            d_x = (d_rows @ weight).view(ctx.shape)
+            d_x = onednn.linear(d_rows, weight.t()) if ctx.dense else d_rows @ weight
+            d_x = d_x.view(ctx.shape)
         if ctx.needs_input_grad[1]:
             # a new tensor: oneDNN's result itself, not a copy of it (33 MB at ptb_sota)
             onednn_library = weight_gradient.through_onednn([d_rows], [rows])

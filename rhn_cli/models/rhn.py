@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rhn_cli.kernels import output_layer, rhn_recurrence
+from rhn_cli.kernels import output_layer, projection, rhn_recurrence
 from rhn_cli.models.base import LanguageModel
 from rhn_cli.models.dropout import variational_mask, word_type_mask
 from rhn_cli.models.zoneout import zoneout
@@ -146,15 +146,16 @@ class RHNLayer(nn.Module):
 
     def _project(self, inputs: torch.Tensor, input_mask: torch.Tensor | None) -> torch.Tensor:
         """(x * m_i) W_x^T for all steps at once: the input only enters micro-layer 0."""
-        H = self.hidden_size
         if input_mask is None:
-            return inputs @ self.input_weight.t()
+            return projection.project(inputs, self.input_weight)
         if input_mask.dim() == 2:
-            return (inputs * input_mask.unsqueeze(1)) @ self.input_weight.t()
+            return projection.project(inputs * input_mask.unsqueeze(1), self.input_weight)
+        # Split, not sliced: autograd joins split's gradients in one copy.
+        W_H, W_T = self.input_weight.split(self.hidden_size)
         return torch.cat(
             [
-                (inputs * input_mask[:, 0].unsqueeze(1)) @ self.input_weight[:H].t(),
-                (inputs * input_mask[:, 1].unsqueeze(1)) @ self.input_weight[H:].t(),
+                projection.project(inputs * input_mask[:, 0].unsqueeze(1), W_H),
+                projection.project(inputs * input_mask[:, 1].unsqueeze(1), W_T),
             ],
             dim=-1,
         )
