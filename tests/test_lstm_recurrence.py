@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rhn_cli.experiment import recording
-from rhn_cli.kernels import lstm_recurrence
+from rhn_cli.kernels import lstm_recurrence, projection
 from rhn_cli.models import lstm
 from rhn_cli.models.lstm import LSTMConfig, LSTMLanguageModel
 from rhn_cli.models.zoneout_lstm import ZoneoutLSTMConfig, ZoneoutLSTMLanguageModel
@@ -280,7 +280,7 @@ def test_float32_input_projection_on_onednn_is_the_product_to_rounding(
         for t in (inputs, weight, bias):
             t.grad = None
         projected = lstm_recurrence.input_projection(inputs, weight, bias)
-        assert (projected.grad_fn.name() == "_InputProjectionBackward") is on
+        assert (projected.grad_fn.name() == "_LinearBackward") is on
         projected.backward(d_time_major)
         results[on] = [projected.detach(), inputs.grad, weight.grad, bias.grad]
     assert not torch.equal(results[True][0], results[False][0])  # oneDNN's product was taken
@@ -297,7 +297,7 @@ def test_a_gal_model_in_float32_on_onednn_rounds_only(monkeypatch):
         pytest.skip("this torch build has no oneDNN products")
     model = _gal_model(hidden_size=96, num_layers=2).float()
     model.train()
-    projections = _count_calls(monkeypatch, lstm_recurrence._InputProjection, "apply")
+    projections = _count_calls(monkeypatch, projection, "linear")
     runs = {}
     for on in (True, False):
         monkeypatch.setattr(lstm_recurrence, "ONEDNN_PRODUCTS", on)

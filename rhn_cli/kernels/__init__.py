@@ -10,8 +10,8 @@ rhn_cli but rhn_cli.atomic. Importing the package imports nothing (torch stays l
 * :mod:`~rhn_cli.kernels.gru_recurrence`: the tutorial GRU layer's, likewise.
 * :mod:`~rhn_cli.kernels.output_layer`: the RHN output layer's hand-written backward and
   the tied embedding's gradient hand-over.
-* :mod:`~rhn_cli.kernels.projection`: the RHN layer's input projection through oneDNN,
-  with a hand-written backward.
+* :mod:`~rhn_cli.kernels.projection`: the RHN layer's (and the Gal LSTM layers') input
+  projection through oneDNN, with a hand-written backward.
 * :mod:`~rhn_cli.kernels.native`: builds and loads ``csrc/`` (one C++ extension: the
   recurrence's forward and backward, the fused softmax cross-entropy, the fused
   penalised SGD step, transposes), each build announced with its reason (``rhn kernels

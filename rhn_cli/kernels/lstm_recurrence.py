@@ -53,7 +53,7 @@ from typing import NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from rhn_cli.kernels import onednn, weight_gradient
+from rhn_cli.kernels import onednn, projection, weight_gradient
 
 # Off: both models run their autograd loop (the reference), as runs recorded before this
 # recurrence did; recording.pin_recorded_decisions sets it as a run recorded.
@@ -314,34 +314,8 @@ def _weight_gradient_on_onednn(left: torch.Tensor, right: torch.Tensor) -> bool:
 
 def input_projection(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
     """inputs [B, T, in] @ weight [in, 4H] + bias [4H], for all steps at once: through
-    oneDNN (forward and both gradients) where ``ONEDNN_PRODUCTS`` applies, else ATen's."""
+    oneDNN (forward and gradients, :func:`rhn_cli.kernels.projection.linear`, W read as
+    the linear weight W^T, a view) where ``ONEDNN_PRODUCTS`` applies, else ATen's."""
     if not _on_onednn(inputs):
         return inputs @ weight + bias
-    return _InputProjection.apply(inputs, weight, bias)
-
-
-class _InputProjection(torch.autograd.Function):
-    """x W + b through oneDNN: W [in, 4H] read as the linear weight W^T (a view, no copy:
-    oneDNN takes weights as stored, with a packed copy's results)."""
-
-    @staticmethod
-    def forward(ctx, inputs, weight, bias):
-        ctx.save_for_backward(inputs, weight)
-        rows = inputs.reshape(-1, inputs.shape[-1])
-        return onednn.linear(rows, weight.t(), bias).view(*inputs.shape[:-1], -1)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, d_projected):
-        inputs, weight = ctx.saved_tensors
-        rows = inputs.reshape(-1, inputs.shape[-1])
-        d_rows = d_projected.reshape(rows.shape[0], -1)  # a copy where d is time-major
-        d_inputs = d_weight = d_bias = None
-        if ctx.needs_input_grad[0]:
-            d_inputs = onednn.linear(d_rows, weight).view(inputs.shape)
-        if ctx.needs_input_grad[1]:
-            on_onednn = _weight_gradient_on_onednn(rows, d_rows)
-            d_weight = weight_gradient.product(None, rows, d_rows, False, on_onednn)
-        if ctx.needs_input_grad[2]:
-            d_bias = d_rows.sum(0)
-        return d_inputs, d_weight, d_bias
+    return projection.linear(inputs, weight.t(), bias)

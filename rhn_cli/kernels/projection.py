@@ -1,5 +1,7 @@
 """The RHN layer's input projection, ``(x * m_i) W_x^T`` for all steps at once, through
-oneDNN with a hand-written backward (RHNLayer's fast path in training).
+oneDNN with a hand-written backward (RHNLayer's fast path in training); its
+:func:`linear` also runs the Gal LSTM layers' input projection
+(:func:`rhn_cli.kernels.lstm_recurrence.input_projection`, under that module's switch).
 
     y = x W^T,    dx = dy W,    dW = dy^T x
 
@@ -37,26 +39,38 @@ def project(inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """inputs [..., in] @ weight [out, in]^T -> [..., out]."""
     if not applies(inputs, weight):
         return inputs @ weight.t()
-    return _Projection.apply(inputs, weight)
+    return linear(inputs, weight)
 
 
-class _Projection(torch.autograd.Function):
+def linear(
+    inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """inputs [..., in] @ weight [out, in]^T (+ bias [out]) through oneDNN, forward and
+    backward, for float32 CPU tensors whose caller has decided that oneDNN applies (this
+    module's :func:`project`, the Gal LSTM layers' input projection). ``weight`` may be a
+    view (W^T of a [in, out] parameter): oneDNN reads it as stored."""
+    return _Linear.apply(inputs, weight, bias)
+
+
+class _Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, inputs, weight):
+    def forward(ctx, inputs, weight, bias):
         rows = inputs.reshape(-1, inputs.shape[-1])
         ctx.save_for_backward(rows, weight)
         ctx.shape = inputs.shape
-        return onednn.linear(rows, weight).view(*inputs.shape[:-1], weight.shape[0])
+        return onednn.linear(rows, weight, bias).view(*inputs.shape[:-1], weight.shape[0])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_projected):
         rows, weight = ctx.saved_tensors
-        d_rows = d_projected.reshape(-1, weight.shape[0])
-        d_inputs = d_weight = None
+        d_rows = d_projected.reshape(-1, weight.shape[0])  # a copy where d is time-major
+        d_inputs = d_weight = d_bias = None
         if ctx.needs_input_grad[0]:
             d_inputs = onednn.linear(d_rows, weight.t()).view(ctx.shape)
         if ctx.needs_input_grad[1]:
             on_onednn = weight_gradient.through_onednn([d_rows], [rows])
             d_weight = weight_gradient.product(None, d_rows, rows, False, on_onednn)
-        return d_inputs, d_weight
+        if ctx.needs_input_grad[2]:
+            d_bias = d_rows.sum(0)
+        return d_inputs, d_weight, d_bias
