@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -675,30 +676,79 @@ def test_native_weight_gradients_from_columns_equal_the_python_loop_s(
     _assert_the_same_to_float32_rounding(_both_loops(monkeypatch, inputs, mask))
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="madvise(MADV_DONTNEED) is Linux's")
-def test_a_large_window_gives_the_memory_of_finished_steps_p_back(monkeypatch):
-    """Where p is too large to keep whole (recomputed layers), the native backward hands
-    the pages of each finished chunk's p back to the system (they read as zeros after),
-    and the gradients are the Python loop's."""
+def _released_steps(pre):
+    """The time steps of ``pre`` [D', T, B, 2H] whose gates read mostly as zeros (their
+    whole pages went back to the system; a page across two chunks stays)."""
+    return {t for t in range(pre.shape[1]) if (pre[:, t] == 0).float().mean() > 0.5}
+
+
+def _large_window(monkeypatch, released):
+    """A window too large to keep all of p (every 2nd micro-layer recomputed), chunks of 2
+    steps (32 KB of p each at B=4, H=512), the native release calls' bytes in ``released``."""
     kernels = native.load()
     assert kernels is not None
     buffers.forget()
+    # (earlier tests' graphs that something still holds would count as layers to come)
+    monkeypatch.setattr(rhn_recurrence, "_AWAITING_BACKWARD", weakref.WeakValueDictionary())
     monkeypatch.setattr(rhn_recurrence, "KEEP_ALL_PREACTIVATIONS_UP_TO", 0)
     monkeypatch.setattr(rhn_recurrence, "RECOMPUTE_EVERY", 2)
-    monkeypatch.setattr(rhn_recurrence, "CHUNK_ROWS", 8)  # chunks of 2 steps, 32 KB of p each
-    released = []
+    monkeypatch.setattr(rhn_recurrence, "CHUNK_ROWS", 8)
     release = kernels.release
     monkeypatch.setattr(kernels, "release", lambda t: released.append(release(t)) or released[-1])
-    inputs, mask = _recurrence_inputs(D=3, B=4, T=6, H=512, dtype=torch.float32)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="madvise(MADV_DONTNEED) is Linux's")
+@pytest.mark.parametrize("keep_mapped", [True, False])
+def test_a_large_window_gives_back_the_memory_of_finished_steps_p_the_step_needs(
+    monkeypatch, keep_mapped
+):
+    """Where p is too large to keep whole (recomputed layers), the native backward hands
+    the pages of finished chunks' p back to the system (they read as zeros after): the
+    first chunks', room for [B, T, H] numbers here, the rest staying mapped for the next
+    forward; all of them with KEEP_GATES_MAPPED off. The gradients are the Python loop's."""
+    released = []
+    _large_window(monkeypatch, released)
+    monkeypatch.setattr(rhn_recurrence, "KEEP_GATES_MAPPED", keep_mapped)
+    monkeypatch.setattr(rhn_recurrence, "RELEASED_PER_TOKEN_AND_UNIT", 1)
+    T = 24
+    inputs, mask = _recurrence_inputs(D=3, B=4, T=T, H=512, dtype=torch.float32)
     with torch.no_grad():
         inputs[2].div_(512**0.5)
 
-    def given_back(pre):
-        assert len(released) == 3 * 2 and sum(released) > 0.8 * pre.nbytes
-        assert (pre == 0).float().mean() > 0.8
+    def given_back(pre):  # a release call per kept layer (2) and chunk of 2 steps
+        chunks = len(released) // 2
+        assert _released_steps(pre) == set(range(T - 2 * chunks, T))
+        if not keep_mapped:
+            assert chunks == T // 2
+            return
+        wanted, last_chunk = T * 4 * 512 * 4, sum(released[-2:])  # [B, T, H] numbers
+        assert sum(released) - last_chunk < wanted <= sum(released) < 0.5 * pre.nbytes
 
     runs = _both_loops(monkeypatch, inputs, mask[:, 0], after_native=given_back)
     _assert_the_same_to_float32_rounding(runs)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="madvise(MADV_DONTNEED) is Linux's")
+def test_a_layer_whose_backward_comes_before_another_s_gives_all_its_p_back(monkeypatch):
+    """Two large windows in one backward pass (two RHN layers): the one whose backward runs
+    first, while the other's is still to come, hands all its p back (else the second
+    backward's peak would hold it too); the last keeps most of its p mapped."""
+    released = []
+    _large_window(monkeypatch, released)
+    monkeypatch.setattr(rhn_recurrence, "RELEASED_PER_TOKEN_AND_UNIT", 1)
+    T = 24
+    inputs, mask = _recurrence_inputs(D=3, B=4, T=T, H=512, dtype=torch.float32)
+    with torch.no_grad():
+        inputs[2].div_(512**0.5)
+    lower, _ = rhn_recurrence.recurrence(*inputs, mask[:, 0], training=True)
+    upper, _ = rhn_recurrence.recurrence(
+        lower.repeat(1, 1, 2), *inputs[1:], mask[:, 0], training=True
+    )
+    pres = [outputs.grad_fn.saved_tensors[4] for outputs in (upper, lower)]
+    upper.sin().sum().backward()
+    first, last = (_released_steps(pre) for pre in pres)  # upper's backward runs first
+    assert first == set(range(T))
+    assert 0 < len(last) < T // 2 and last == set(range(T - len(last), T))
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the build directory follows XDG_CACHE_HOME")

@@ -41,7 +41,8 @@ in the code) would exceed ``KEEP_ALL_PREACTIVATIONS_UP_TO`` (256 MB; enwik8_sota
 window holds 768 MB), every third micro-layer's (2, 5, 8, ...) are not kept: the
 backward recomputes its p from the reconstructed s^i with the forward's product, and
 its gates, one [B, H] x [H, 2H] product more per such micro-step, for a third less
-memory; and it hands the memory of each chunk's gates, once done, back to the system.
+memory; and it hands the memory of finished chunks' gates back to the system, as much
+as the rest of the step needs (``KEEP_GATES_MAPPED``).
 Recurrent weights up to ``TRANSPOSED_COPY_UP_TO`` get a second copy for the backward's
 dp @ R^i products (packed for oneDNN, see below, or else transposed).
 
@@ -80,6 +81,7 @@ path to be correct and no faster than the autograd loop's kernels would allow.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -117,6 +119,22 @@ TRANSPOSED_COPY_UP_TO = 64 * 2**20
 # product's to the bit. False: ATen's products, as runs recorded before this path (the
 # ``rhn_large_on_onednn`` fact, absent there) computed them.
 LARGE_ON_ONEDNN = True
+# A window whose gates are too large to keep whole hands the memory of its finished
+# steps' gates back to the system during the backward, so that what the step allocates
+# afterwards finds room. All of it while another RHN layer's backward is still to come in
+# this pass (that backward's peak would otherwise hold this memory too); else only this
+# many numbers per token and unit, room for the layer's input-side gradients that the
+# step computes after the recurrence (enwik8_sota: its input projection's dx and weight
+# gradient and the input dropout's, about [B, T, 3H]). The rest stays mapped in the pool
+# for the next forward, which would otherwise fault it back in page by page: in the dev
+# VM (a 2-core EPYC whose freed pages go back to its host) that cost enwik8_sota's step
+# about 0.5 s, 0.9 s with other models' steps between, as in make bench; the peak is
+# the same. False: all of it, always (the policy before).
+KEEP_GATES_MAPPED = True
+RELEASED_PER_TOKEN_AND_UNIT = 3
+# The layers (their autograd nodes, by id) whose backward has not run yet (see
+# KEEP_GATES_MAPPED); a graph dropped without a backward drops its entry with it.
+_AWAITING_BACKWARD: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 class Layer(NamedTuple):
@@ -200,6 +218,7 @@ class _Recurrence(torch.autograd.Function):
             keep = torch.empty(B, T, width // 2, dtype=torch.bool, device=projected.device)
         layer = Layer(state, recurrent_weight, bias, state_mask, z_states, training)
         outputs, final = _forward(projected, layer, Kept(pre, keep, tuple(sorted(recomputed))))
+        _AWAITING_BACKWARD[id(ctx)] = ctx
         ctx.save_for_backward(state, recurrent_weight, bias, state_mask, pre, outputs, keep)
         ctx.z_states, ctx.training, ctx.recomputed = z_states, training, recomputed
         return outputs, final
@@ -208,6 +227,7 @@ class _Recurrence(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, d_outputs, d_final):
         state, weight, bias, mask, pre, outputs, keep = ctx.saved_tensors
+        _AWAITING_BACKWARD.pop(id(ctx), None)
         layer = Layer(state, weight, bias, mask, ctx.z_states, ctx.training)
         kept = Kept(pre, keep, tuple(sorted(ctx.recomputed)), outputs)
         need_weights = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
@@ -457,19 +477,31 @@ def _native_backward(loop, d_outputs, d_final, layer, kept, weights):
     work = Workspace(d_outputs, d_projected, dps, states, carry, None, None, dp_over_p)
     d_weight = d_bias = None
     ds = d_final + d_outputs[:, T - 1]  # dL/ds_t, always a fresh tensor
+    # A window too large to keep all of p: its done steps' p (and dp) go back to the
+    # system, as much as _to_release says.
+    to_release = _to_release(pre, H) if recomputed and dp_over_p else 0
     for end in range(T, 0, -K):
         start = max(0, end - K)
         if weights:
             work = _chunk_columns(work, columns, (end - start) * B)
         ds = loop.rhn_backward(layer, kept, products, work, start, end, ds)
-        if recomputed and dp_over_p:  # a window too large to keep all of p: its done
-            for kept_layer in pre.unbind(0):  # steps' p (and dp) go back to the system now
-                loop.release(kept_layer[start:end])
+        for kept_layer in pre.unbind(0) if to_release > 0 else ():
+            to_release -= loop.release(kept_layer[start:end])
         if weights:
             N = (end - start) * B
             d_weight, d_bias = _accumulate_column_gradients(d_weight, d_bias, work, mask, N)
     buffers.give_back(*scratch)  # nothing returned is a view of them
     return d_projected, ds, d_weight, d_bias
+
+
+def _to_release(pre, H):
+    """Bytes of the finished steps' gates ``pre`` [D', T, B, 2H] that the backward hands
+    back to the system (``KEEP_GATES_MAPPED``): all while another layer's backward is to
+    come, else room for [B, T, ``RELEASED_PER_TOKEN_AND_UNIT`` * H] numbers."""
+    if not KEEP_GATES_MAPPED or len(_AWAITING_BACKWARD) > 0:
+        return pre.nbytes
+    _, T, B, _ = pre.shape
+    return min(pre.nbytes, T * B * RELEASED_PER_TOKEN_AND_UNIT * H * pre.element_size())
 
 
 def _native_chunking(T, B, row_bytes, step_bytes):
