@@ -60,6 +60,10 @@ COMPUTE_PATH_SWITCHES = (
 )
 
 
+# Pinned values that are not switches: (module, name, the name of its default).
+COMPUTE_PATH_VALUES = (("rhn_cli.kernels.rhn_recurrence", "CHUNK_BYTES", "CHUNK_BYTES_NOW"),)
+
+
 @pytest.fixture(autouse=True)
 def default_compute_paths():
     """Every test starts on the default paths, whatever a test before it pinned."""
@@ -68,6 +72,10 @@ def default_compute_paths():
         module = sys.modules.get(module_name)  # never imported here: nothing to restore
         if module is not None:
             setattr(module, switch, True)
+    for module_name, name, default in COMPUTE_PATH_VALUES:
+        module = sys.modules.get(module_name)
+        if module is not None:
+            setattr(module, name, getattr(module, default))
 
 
 @pytest.fixture

@@ -751,6 +751,70 @@ def test_a_layer_whose_backward_comes_before_another_s_gives_all_its_p_back(monk
     assert 0 < len(last) < T // 2 and last == set(range(T - len(last), T))
 
 
+def test_enwik8_sota_sums_its_weight_gradients_in_chunks_of_5_steps_older_runs_in_2():
+    """The backward's chunks at enwik8_sota's window (B=128, T=50, H=1500, D=10, three
+    micro-layers recomputed): 5 steps (640 rows) within CHUNK_BYTES, 2 steps within a
+    run's recorded before the size changed; ptb_sota's window stays one chunk."""
+    B, T, H, D, staged, size = 128, 50, 1500, 10, 3, 4
+    row_bytes, step_bytes = (staged * 2 * H + D * H) * B * size, 3 * H * D * B * size
+
+    def steps_per_chunk(chunk_bytes, B=B, T=T, row_bytes=row_bytes, step_bytes=step_bytes):
+        rhn_recurrence.CHUNK_BYTES = chunk_bytes
+        return rhn_recurrence._native_chunking(T, B, row_bytes, step_bytes)[1]
+
+    assert rhn_recurrence.CHUNK_BYTES == 128 * 2**20
+    assert steps_per_chunk(rhn_recurrence.CHUNK_BYTES) == 5
+    assert steps_per_chunk(rhn_recurrence.CHUNK_BYTES_BEFORE) == 2
+    ptb = {"B": 20, "T": 35, "row_bytes": 0, "step_bytes": 3 * 830 * 10 * 20 * size}
+    for chunk_bytes in (rhn_recurrence.CHUNK_BYTES, rhn_recurrence.CHUNK_BYTES_BEFORE):
+        assert steps_per_chunk(chunk_bytes, **ptb) == 35
+
+
+@pytest.mark.parametrize(
+    ("kernels", "chunk_bytes"),
+    [
+        ({"native_loop": True, "rhn_chunk_bytes": 128 * 2**20}, 128 * 2**20),
+        ({"native_loop": True, "rhn_chunk_bytes": 96 * 2**20}, 96 * 2**20),
+        ({"native_loop": True, "rhn_large_on_onednn": True}, 72 * 2**20),  # recorded before
+        ({"native_loop": True, "rhn_chunk_bytes": "128"}, 72 * 2**20),  # not a size
+        (None, 72 * 2**20),  # recorded before rhn kept any kernel facts
+    ],
+)
+def test_a_run_keeps_the_backward_chunks_it_recorded(tmp_path, kernels, chunk_bytes):
+    """The chunks set the order in which dR sums (float32 rounding): a new run records
+    their size, a resumed one computes with the size it recorded, or the size before."""
+    from rhn_cli.experiment import recording
+
+    assert recording.kernel_facts()["rhn_chunk_bytes"] == 128 * 2**20  # a new run's
+    info = {"kernels": kernels} if kernels is not None else {"checkpoint": "x"}
+    (tmp_path / "info.json").write_text(json.dumps(info))
+    recording.pin_recorded_decisions(tmp_path)
+    assert rhn_recurrence.CHUNK_BYTES == chunk_bytes
+    assert recording.kernel_facts()["rhn_chunk_bytes"] == chunk_bytes
+
+
+def test_the_chunk_size_changes_the_weight_gradients_only_by_rounding():
+    """Fewer, larger chunks sum dR in another order: the same gradients to float32
+    rounding, not to the bit (hence the recorded fact)."""
+    assert native.load() is not None
+    inputs, mask = _recurrence_inputs(D=3, B=4, T=12, H=256, dtype=torch.float32)
+    with torch.no_grad():
+        inputs[2].div_(256**0.5)
+
+    def weight_gradient(chunk_bytes):
+        rhn_recurrence.CHUNK_BYTES = chunk_bytes
+        inputs[2].grad = None
+        outputs, final = rhn_recurrence.recurrence(*inputs, mask[:, 0], training=True)
+        (outputs.sin().sum() + final.sum()).backward()
+        return inputs[2].grad.clone()
+
+    one_chunk = weight_gradient(rhn_recurrence.CHUNK_BYTES)  # the whole window
+    step_bytes = 3 * 256 * 3 * 4 * 4  # 3H numbers per micro-layer and row, 4 rows a step
+    in_steps = weight_gradient(3 * step_bytes)  # chunks of 1 or 2 steps
+    assert not torch.equal(one_chunk, in_steps)
+    _assert_the_same_to_float32_rounding({True: in_steps, False: one_chunk})
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="the build directory follows XDG_CACHE_HOME")
 def test_a_native_build_failure_falls_back_to_the_python_loop(monkeypatch, tmp_path, caplog):
     """A machine whose compiler is missing (a build directory of its own, so the build

@@ -61,7 +61,8 @@ def kernel_facts() -> dict[str, Any]:
     hand-written recurrence or the autograd loop for the ``zoneout_lstm`` model and the ``lstm``
     model's layers with drop_h and for the ``gru`` model's tutorial layers, and oneDNN or
     ATen for the backward products of RHN recurrent weights too large to copy and for the
-    RHN's input projection and output layer (they round differently)."""
+    RHN's input projection and output layer (they round differently), and the size of
+    the RHN backward's chunks of steps (the order its weight gradients sum in)."""
     from rhn_cli.kernels import gru_recurrence, lstm_recurrence, native, onednn, rhn_recurrence
     from rhn_cli.kernels.library_choice import library_decisions
     from rhn_cli.models import charrnn_lstm, grid_lstm, lstm
@@ -78,6 +79,7 @@ def kernel_facts() -> dict[str, Any]:
         "gru_recurrence": gru_recurrence.USE_RECURRENCE,
         "rhn_large_on_onednn": rhn_recurrence.LARGE_ON_ONEDNN,
         "rhn_dense_onednn": onednn.DENSE_PRODUCTS,
+        "rhn_chunk_bytes": rhn_recurrence.CHUNK_BYTES,
     }
 
 
@@ -108,6 +110,11 @@ def pin_recorded_decisions(run_dir: Path) -> None:
     rhn_recurrence.LARGE_ON_ONEDNN = kernels.get("rhn_large_on_onednn") is True
     # The RHN's input projection and output layer: oneDNN, or (not recorded) ATen's.
     onednn.DENSE_PRODUCTS = kernels.get("rhn_dense_onednn") is True
+    # The RHN backward's chunks of steps (the order dR sums in): as recorded, or (not
+    # recorded) the size before.
+    chunk_bytes = kernels.get("rhn_chunk_bytes")
+    valid = isinstance(chunk_bytes, int) and not isinstance(chunk_bytes, bool) and chunk_bytes > 0
+    rhn_recurrence.CHUNK_BYTES = chunk_bytes if valid else rhn_recurrence.CHUNK_BYTES_BEFORE
     with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
         pin_library_decisions(kernels["library_decisions"])  # absent in older runs
 

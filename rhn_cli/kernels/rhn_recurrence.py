@@ -94,10 +94,16 @@ from rhn_cli.kernels import buffers, native, onednn, weight_gradient
 # 3 * H * D * K * B numbers (native loop: as columns, plus the rows of a group of
 # steps; Python loop: dp in a buffer, or H * D * K * B where dp overwrites p), against
 # 2 * H * D * T * B for all of p, at most CHUNK_BYTES: ptb_sota's window is one chunk
-# (72 MB), whose ten [1660, 700] x [700, 830] products take ~15% less time than two
-# chunks' twenty of half the rows; enwik8_sota's chunks are 2 steps (58 MB).
+# (70 MB), whose ten [1660, 700] x [700, 830] products take ~15% less time than two
+# chunks' twenty of half the rows; enwik8_sota's chunks are 5 steps (640 rows, 127 MB):
+# its ten [3000, 640] x [640, 1500] products per chunk take ~0.2 s a step less than
+# 2-step chunks' (1.58 to 1.75 s against 1.84 to 2.13 s on the 2-core dev CPU), for
+# 42 MB more peak memory (0.57x the baseline's). The chunks set the order in which dR
+# sums, so runs recorded before this size (the ``rhn_chunk_bytes`` fact, absent there)
+# keep CHUNK_BYTES_BEFORE.
 CHUNK_ROWS = 1024
-CHUNK_BYTES = 72 * 2**20
+CHUNK_BYTES = CHUNK_BYTES_NOW = 128 * 2**20  # CHUNK_BYTES: what this process uses
+CHUNK_BYTES_BEFORE = 72 * 2**20
 # The native backward turns a step's rows into columns a group of steps at a time: at
 # least this many columns per group.
 COLUMN_RUN = 64
