@@ -11,6 +11,11 @@ during the run moves both sides alike. Targets (issue 21): >= 0.95x where the pe
 math is a standard LSTM (``lstm`` without drop_h, ``charrnn_lstm``), >= 0.7x for the
 others. ``gru_tutorial`` trains one sentence per update: its row is B = 1 at T = 22,
 PTB's mean sentence (21.1 words and the <eos>).
+
+The Grid LSTM's row also prints its ceiling against nn.LSTM: its temporal LSTMs, embedding
+and decoder are nn.LSTM's model, on the same kernels, and its depth LSTMs add as many
+products again, so its step takes at least nn.LSTM's step plus those products timed alone
+(each round, the faster of ATen's mm and oneDNN), whatever else it does.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch import nn
 from rhn_cli.engine.objective import sequence_loss
 from rhn_cli.engine.optim import make_optimizer, penalised_step
 from rhn_cli.experiment.resolve import resolve
+from rhn_cli.kernels import onednn
 from rhn_cli.models import build_model
 from rhn_cli.models.base import detach_state
 
@@ -144,18 +150,62 @@ class PeerTrainee:
         return clock(self.device) - started
 
 
+class DepthProducts:
+    """The Grid LSTM's depth-LSTM products alone, as a training step makes them: per layer
+    the gates [h_T, h_d] [W_TD; W_DD]^T ([N, 2H] x [2H, 4H], N = B T rows), their input
+    gradient and their weight gradient, on random operands."""
+
+    def __init__(self, shape: PeerShape, device: torch.device) -> None:
+        N, H = shape.B * shape.T, shape.hidden
+        generator = torch.Generator().manual_seed(0)
+
+        def rand(*size):
+            return torch.rand(*size, generator=generator).to(device)
+
+        self.x, self.weight, self.dy = rand(N, 2 * H), rand(4 * H, 2 * H), rand(N, 4 * H)
+        self.layers, self.device = shape.layers, device
+        self.flops = shape.layers * 3 * 2 * N * 2 * H * 4 * H
+        self.onednn = device.type == "cpu" and onednn.applies(torch.float32)
+        if self.onednn:  # the left operands as oneDNN's products want them
+            self.dy_t, self.x_t = self.dy.t().contiguous(), self.x.t().contiguous()
+            self.weight_t = self.weight.t().contiguous()
+
+    def seconds(self) -> float:
+        """The products' seconds, the faster of ATen's mm and oneDNN (with its weights
+        packed in the call)."""
+        started = clock(self.device)
+        for _ in range(self.layers):
+            torch.mm(self.x, self.weight.t())
+            torch.mm(self.dy, self.weight)
+            torch.mm(self.dy.t(), self.x)
+        aten = clock(self.device) - started
+        if not self.onednn:
+            return aten
+        started = clock(self.device)
+        N = self.x.shape[0]
+        for _ in range(self.layers):
+            onednn.linear(self.x, onednn.pack(self.weight, N))
+            onednn.linear(self.dy, onednn.pack(self.weight_t, N))
+            onednn.linear(self.dy_t, onednn.pack(self.x_t, self.dy_t.shape[0]))
+        return min(aten, clock(self.device) - started)
+
+
 def _measure(shape: PeerShape, rounds: int, device: torch.device) -> dict:
     torch.manual_seed(0)
     peer = PeerTrainee(build_model(shape.config, shape.config["vocab_size"]), shape, device)
     reference = PeerTrainee(FusedLSTMLanguageModel(shape), shape, device)
+    depth = DepthProducts(shape, device) if shape.config["model"] == "grid_lstm" else None
     peer.step()  # warm-up: one-time costs out of the rounds
     reference.step()
-    seconds = {"peer": [], "lstm": []}
-    for _ in range(rounds):  # interleaved: a round's two steps see the same machine
+    seconds, depth_seconds = {"peer": [], "lstm": []}, []
+    for _ in range(rounds):  # interleaved: a round's steps see the same machine
         seconds["peer"].append(peer.step())
         seconds["lstm"].append(reference.step())
+        if depth is not None:
+            depth.seconds()  # the first call of each way builds its kernels
+            depth_seconds.append(depth.seconds())
     tokens = shape.B * shape.T
-    return {
+    row = {
         "shape": shape.describe,
         "peer_tokens_per_s": tokens / statistics.median(seconds["peer"]),
         "lstm_tokens_per_s": tokens / statistics.median(seconds["lstm"]),
@@ -164,6 +214,13 @@ def _measure(shape: PeerShape, rounds: int, device: torch.device) -> dict:
         ),
         "step_seconds": seconds,
     }
+    if depth is not None:  # the Grid LSTM's step is at least nn.LSTM's plus these
+        row["ceiling"] = statistics.median(
+            own / (own + extra) for own, extra in zip(seconds["lstm"], depth_seconds, strict=True)
+        )
+        row["depth_gflops"] = depth.flops / 1e9
+        row["depth_rate"] = depth.flops / 1e9 / statistics.median(depth_seconds)
+    return row
 
 
 def peer_rows(
@@ -193,6 +250,13 @@ def peer_rows(
             f"{'PASS' if row['pass'] else 'MISS'}",
             flush=True,
         )
+        if "ceiling" in row:
+            print(
+                f"  {'':<21} ceiling {row['ceiling']:.2f}x: nn.LSTM's step plus the depth "
+                f"LSTMs' products alone ({row['depth_gflops']:.0f} GFLOP at "
+                f"{row['depth_rate']:.0f} GFLOP/s)",
+                flush=True,
+            )
     return rows
 
 
@@ -201,7 +265,8 @@ def peer_checks(rows: list[dict]) -> list[tuple[str, str, bool]]:
     return [
         (
             f"peer {row['config']} >= {row['target']:g}x nn.LSTM",
-            f"{row['ratio']:.2f}x",
+            f"{row['ratio']:.2f}x"
+            + (f" (ceiling {row['ceiling']:.2f}x)" if "ceiling" in row else ""),
             row["pass"],
         )
         for row in rows

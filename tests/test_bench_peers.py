@@ -66,6 +66,25 @@ def test_the_peer_table_prints_a_row_and_a_verdict_per_family(capsys, monkeypatc
     assert [(what, ok) for what, _, ok in checks] == [
         (f"peer {row['config']} >= {row['target']:g}x nn.LSTM", row["pass"]) for row in rows
     ]
+    # The Grid LSTM's ceiling: nn.LSTM's step over that step plus the depth products.
+    grid = next(row for row in rows if row["config"] == "wiki_grid3")
+    assert [row["config"] for row in rows if "ceiling" in row] == ["wiki_grid3"]
+    assert 0 < grid["ceiling"] < 1 and grid["depth_gflops"] > 0
+    after_grid = printed.splitlines()[printed.splitlines().index(lines["wiki_grid3"]) + 1]
+    assert f"ceiling {grid['ceiling']:.2f}x" in after_grid
+    assert dict((what, figure) for what, figure, _ in checks)[
+        "peer wiki_grid3 >= 0.7x nn.LSTM"
+    ] == (f"{grid['ratio']:.2f}x (ceiling {grid['ceiling']:.2f}x)")
+
+
+def test_the_grid_ceiling_counts_the_depth_lstms_products():
+    """wiki_grid3's depth LSTMs: per layer a [2500, 2000] x [2000, 4000] product forward
+    and its input and weight gradients: 360 GFLOP a step."""
+    shape = peers.peer_shape("wiki_grid3", None, {"hidden_size": 8})
+    assert peers.DepthProducts(shape, torch.device("cpu")).flops == 3 * 3 * 2 * 2500 * 16 * 32
+    assert peers.DepthProducts(shape, torch.device("cpu")).seconds() > 0
+    full = peers.peer_shape("wiki_grid3", None, {})
+    assert peers.DepthProducts(full, torch.device("cpu")).flops == 360e9
 
 
 class _DroppedElements(TorchDispatchMode):
