@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 
@@ -76,6 +77,21 @@ def default_compute_paths():
         module = sys.modules.get(module_name)
         if module is not None:
             setattr(module, name, getattr(module, default))
+
+
+@pytest.fixture
+def pin_as_recorded(tmp_path):
+    """pin(kernels): pins this process's compute paths as a run directory whose info.json
+    holds the kernel facts ``kernels`` makes a resumed run pin them (None: a run recorded
+    before rhn kept any)."""
+    from rhn_cli.experiment import recording
+
+    def pin(kernels):
+        info = {"kernels": kernels} if kernels is not None else {"checkpoint": "x"}
+        (tmp_path / "info.json").write_text(json.dumps(info))
+        recording.pin_recorded_decisions(tmp_path)
+
+    return pin
 
 
 @pytest.fixture

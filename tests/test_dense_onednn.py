@@ -5,8 +5,6 @@ before them."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -84,10 +82,8 @@ def test_the_output_layer_s_forward_and_input_gradient_round_only(monkeypatch, w
         (None, False),  # recorded before rhn kept any kernel facts
     ],
 )
-def test_a_run_keeps_the_products_it_recorded(tmp_path, kernels, dense):
+def test_a_run_keeps_the_products_it_recorded(pin_as_recorded, kernels, dense):
     assert recording.kernel_facts()["rhn_dense_onednn"] is True  # a new run's
-    info = {"kernels": kernels} if kernels is not None else {"checkpoint": "x"}
-    (tmp_path / "info.json").write_text(json.dumps(info))
-    recording.pin_recorded_decisions(tmp_path)
+    pin_as_recorded(kernels)
     assert onednn.DENSE_PRODUCTS is dense
     assert recording.kernel_facts()["rhn_dense_onednn"] is dense

@@ -152,13 +152,11 @@ BOTH_FUSED = {"grid_lstm_fused": True, "grid_lstm_depth_fused": True}
     ],
 )
 def test_pinning_a_run_directory_sets_the_path_its_run_recorded(
-    monkeypatch, tmp_path, kernels, fused
+    monkeypatch, pin_as_recorded, kernels, fused
 ):
-    info = {"kernels": kernels} if kernels is not None else {"checkpoint": "x"}
-    (tmp_path / "info.json").write_text(json.dumps(info))
     monkeypatch.setattr(grid_lstm, "USE_FUSED", not fused[0])
     monkeypatch.setattr(grid_lstm, "USE_FUSED_DEPTH", not fused[1])
-    recording.pin_recorded_decisions(tmp_path)
+    pin_as_recorded(kernels)
     assert (grid_lstm.USE_FUSED, grid_lstm.USE_FUSED_DEPTH) == fused
 
 

@@ -107,12 +107,10 @@ def test_a_run_records_which_path_computed_it(monkeypatch):
     ],
 )
 def test_pinning_a_run_directory_sets_the_path_its_run_recorded(
-    monkeypatch, tmp_path, kernels, fast
+    monkeypatch, pin_as_recorded, kernels, fast
 ):
-    info = {"kernels": kernels} if kernels is not None else {"checkpoint": "x"}
-    (tmp_path / "info.json").write_text(json.dumps(info))
     monkeypatch.setattr(gru_recurrence, "USE_RECURRENCE", not fast)
-    recording.pin_recorded_decisions(tmp_path)
+    pin_as_recorded(kernels)
     assert gru_recurrence.USE_RECURRENCE is fast
 
 

@@ -318,10 +318,9 @@ def test_a_gal_model_in_float32_on_onednn_rounds_only(monkeypatch):
         ({"lstm_recurrence": True}, False),  # recorded before the oneDNN products
     ],
 )
-def test_a_run_keeps_the_products_it_recorded(tmp_path, monkeypatch, kernels, on_onednn):
+def test_a_run_keeps_the_products_it_recorded(pin_as_recorded, monkeypatch, kernels, on_onednn):
     _keep_switches(monkeypatch)
     assert recording.kernel_facts()["lstm_recurrence_onednn"] is True  # a new run's
-    (tmp_path / "info.json").write_text(json.dumps({"kernels": kernels}))
-    recording.pin_recorded_decisions(tmp_path)
+    pin_as_recorded(kernels)
     assert lstm_recurrence.ONEDNN_PRODUCTS is on_onednn
     assert recording.kernel_facts()["lstm_recurrence_onednn"] is on_onednn

@@ -780,15 +780,13 @@ def test_enwik8_sota_sums_its_weight_gradients_in_chunks_of_5_steps_older_runs_i
         (None, 72 * 2**20),  # recorded before rhn kept any kernel facts
     ],
 )
-def test_a_run_keeps_the_backward_chunks_it_recorded(tmp_path, kernels, chunk_bytes):
+def test_a_run_keeps_the_backward_chunks_it_recorded(pin_as_recorded, kernels, chunk_bytes):
     """The chunks set the order in which dR sums (float32 rounding): a new run records
     their size, a resumed one computes with the size it recorded, or the size before."""
     from rhn_cli.experiment import recording
 
     assert recording.kernel_facts()["rhn_chunk_bytes"] == 128 * 2**20  # a new run's
-    info = {"kernels": kernels} if kernels is not None else {"checkpoint": "x"}
-    (tmp_path / "info.json").write_text(json.dumps(info))
-    recording.pin_recorded_decisions(tmp_path)
+    pin_as_recorded(kernels)
     assert rhn_recurrence.CHUNK_BYTES == chunk_bytes
     assert recording.kernel_facts()["rhn_chunk_bytes"] == chunk_bytes
 
@@ -1013,14 +1011,10 @@ def test_large_weights_backward_products_run_on_onednn_as_packed_ones_do(monkeyp
         (None, False),  # recorded before rhn kept any kernel facts
     ],
 )
-def test_a_run_keeps_the_large_weights_products_it_recorded(
-    monkeypatch, tmp_path, kernels, on_onednn
-):
+def test_a_run_keeps_the_large_weights_products_it_recorded(pin_as_recorded, kernels, on_onednn):
     from rhn_cli.experiment import recording
 
     assert recording.kernel_facts()["rhn_large_on_onednn"] is True  # a new run's
-    info = {"kernels": kernels} if kernels is not None else {"checkpoint": "x"}
-    (tmp_path / "info.json").write_text(json.dumps(info))
-    recording.pin_recorded_decisions(tmp_path)
+    pin_as_recorded(kernels)
     assert rhn_recurrence.LARGE_ON_ONEDNN is on_onednn
     assert recording.kernel_facts()["rhn_large_on_onednn"] is on_onednn
